@@ -1,0 +1,166 @@
+//! MJPEG files: JPEG frames back to back, as `ffmpeg -f mjpeg` writes them and UVC cameras send them.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use image::RgbImage;
+
+use super::replay::{FrameStore, Replay};
+use super::SourceError;
+use crate::media::MediaRef;
+
+pub type MjpegReplay = Replay<MjpegFrames>;
+
+impl MjpegReplay {
+    pub fn open(media: &MediaRef, fps: f64, looping: bool) -> Result<Self, SourceError> {
+        Ok(Replay::new(MjpegFrames::open(media)?, fps, looping))
+    }
+}
+
+/// An MJPEG file read into memory, with the byte range of each frame.
+pub struct MjpegFrames {
+    name: String,
+    bytes: Cow<'static, [u8]>,
+    frames: Vec<Range<usize>>,
+}
+
+impl MjpegFrames {
+    pub fn open(media: &MediaRef) -> Result<Self, SourceError> {
+        let name = media.to_string();
+        let bytes = media.read().map_err(|source| SourceError::Read { media: name.clone(), source })?;
+        let frames = split_jpeg_frames(&bytes).map_err(|problem| SourceError::Format { media: name.clone(), problem })?;
+        let store = Self { name, bytes, frames };
+        // Decoding the first frame proves the file is what it claims before anything starts.
+        store.decode(0)?;
+        Ok(store)
+    }
+}
+
+impl FrameStore for MjpegFrames {
+    fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    fn decode(&self, index: usize) -> Result<RgbImage, SourceError> {
+        let jpeg = &self.bytes[self.frames[index].clone()];
+        image::load_from_memory_with_format(jpeg, image::ImageFormat::Jpeg)
+            .map(|image| image.to_rgb8())
+            .map_err(|e| SourceError::BadFrame { media: self.name.clone(), index, problem: e.to_string() })
+    }
+
+    fn describe(&self) -> String {
+        format!("mjpeg file {} ({} frames)", self.name, self.frames.len())
+    }
+}
+
+const SOI: u8 = 0xD8;
+const EOI: u8 = 0xD9;
+const SOS: u8 = 0xDA;
+
+/// Byte ranges of the JPEG images in an MJPEG stream.
+///
+/// Walks the marker segments of each image rather than searching for the end marker, because an
+/// embedded EXIF thumbnail carries markers of its own. No crate does this split; the format is
+/// small enough to follow here (ITU T.81, B.1).
+pub fn split_jpeg_frames(bytes: &[u8]) -> Result<Vec<Range<usize>>, String> {
+    let mut frames = Vec::new();
+    let mut pos = 0;
+    while pos < bytes.len() {
+        // Tolerate padding between frames, as some cameras write it.
+        let Some(offset) = bytes[pos..].windows(2).position(|w| w == [0xFF, SOI]) else { break };
+        let start = pos + offset;
+        let end = jpeg_end(bytes, start)
+            .ok_or_else(|| format!("frame {} (at byte {start}) is cut off before its end marker", frames.len() + 1))?;
+        frames.push(start..end);
+        pos = end;
+    }
+    if frames.is_empty() {
+        return Err("no JPEG frame found (an MJPEG file is JPEG images back to back)".into());
+    }
+    Ok(frames)
+}
+
+/// Offset just past the end-of-image marker of the JPEG that starts at `start`.
+fn jpeg_end(bytes: &[u8], start: usize) -> Option<usize> {
+    let mut pos = start + 2;
+    // Marker segments up to start-of-scan carry their own lengths.
+    loop {
+        while *bytes.get(pos)? == 0xFF && *bytes.get(pos + 1)? == 0xFF {
+            pos += 1; // fill bytes
+        }
+        if *bytes.get(pos)? != 0xFF {
+            return None;
+        }
+        let marker = *bytes.get(pos + 1)?;
+        match marker {
+            EOI => return Some(pos + 2),
+            0xD0..=0xD7 | 0x01 => pos += 2,
+            _ => {
+                let length = usize::from(u16::from_be_bytes([*bytes.get(pos + 2)?, *bytes.get(pos + 3)?]));
+                pos += 2 + length;
+                if marker == SOS {
+                    pos = scan_entropy_coded(bytes, pos)?;
+                }
+            }
+        }
+    }
+}
+
+/// Skips entropy-coded data, where 0xFF is always followed by a stuffed 0x00 or a restart marker,
+/// to the next real marker.
+fn scan_entropy_coded(bytes: &[u8], mut pos: usize) -> Option<usize> {
+    loop {
+        let offset = bytes.get(pos..)?.iter().position(|&b| b == 0xFF)?;
+        pos += offset;
+        match *bytes.get(pos + 1)? {
+            0x00 | 0xD0..=0xD7 => pos += 2,
+            _ => return Some(pos),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::{MediaRef, PEOPLE_MJPEG};
+
+    fn builtin_people() -> MediaRef {
+        MediaRef::parse(&format!("builtin:{PEOPLE_MJPEG}"), std::path::Path::new(".")).unwrap()
+    }
+
+    #[test]
+    fn sample_clip_splits_into_its_sixty_frames() {
+        let frames = MjpegFrames::open(&builtin_people()).unwrap();
+        assert_eq!(frames.len(), 60);
+        let image = frames.decode(59).unwrap();
+        assert_eq!((image.width(), image.height()), (320, 240));
+    }
+
+    #[test]
+    fn frames_are_split_exactly_at_their_markers() {
+        let bytes = builtin_people().read().unwrap();
+        let frames = split_jpeg_frames(&bytes).unwrap();
+        for pair in frames.windows(2) {
+            assert_eq!(pair[0].end, pair[1].start, "ffmpeg writes frames back to back");
+        }
+        assert_eq!(frames.last().unwrap().end, bytes.len());
+        for frame in &frames {
+            assert_eq!(&bytes[frame.start..frame.start + 2], &[0xFF, SOI]);
+            assert_eq!(&bytes[frame.end - 2..frame.end], &[0xFF, EOI]);
+        }
+    }
+
+    #[test]
+    fn cut_off_last_frame_is_named() {
+        let bytes = builtin_people().read().unwrap();
+        let frames = split_jpeg_frames(&bytes).unwrap();
+        let cut = &bytes[..frames[2].start + 100];
+        let err = split_jpeg_frames(cut).unwrap_err();
+        assert!(err.starts_with("frame 3 (at byte"), "{err}");
+    }
+
+    #[test]
+    fn bytes_that_are_not_jpeg_are_refused() {
+        assert!(split_jpeg_frames(b"RIFF....WAVEfmt ").unwrap_err().contains("no JPEG frame found"));
+    }
+}

@@ -1,0 +1,108 @@
+//! Sources: where frames and sound come from.
+//!
+//! A source is a blocking iterator, run on a thread of its own by the pipeline, the way a real
+//! camera or microphone hands over one buffer at a time. Replay sources pace themselves to the
+//! configured rate so that everything downstream sees what it would see from a live device.
+
+mod image_dir;
+mod mjpeg;
+mod pacing;
+mod replay;
+mod wav;
+mod yuyv;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use image::RgbImage;
+
+use crate::config::{CameraConfig, CameraSourceKind, MicrophoneConfig, MicrophoneSourceKind};
+use crate::media::MediaRef;
+
+pub use image_dir::ImageDirReplay;
+pub use mjpeg::{split_jpeg_frames, MjpegReplay};
+pub use wav::WavReplay;
+pub use replay::{FrameStore, Replay};
+pub use yuyv::{yuyv_to_rgb, YuyvReplay};
+
+/// The most samples one [`AudioChunk`] holds: 100 ms at 48 kHz.
+pub const MAX_CHUNK_SAMPLES: usize = 4800;
+
+/// One picture from a camera, in RGB.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// Counts frames from this source, from 0.
+    pub seq: u64,
+    pub captured_at: SystemTime,
+    pub image: Arc<RgbImage>,
+}
+
+/// A short run of mono 16-bit samples from a microphone; fixed capacity, so the hot path does
+/// not allocate.
+#[derive(Debug, Clone)]
+pub struct AudioChunk {
+    pub seq: u64,
+    pub captured_at: SystemTime,
+    pub sample_rate: u32,
+    pub samples: heapless::Vec<i16, MAX_CHUNK_SAMPLES>,
+}
+
+impl AudioChunk {
+    pub fn duration(&self) -> Duration {
+        Duration::from_secs_f64(self.samples.len() as f64 / f64::from(self.sample_rate))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot read {media}: {source}")]
+    Read { media: String, source: std::io::Error },
+    #[error("{media}: {problem}")]
+    Format { media: String, problem: String },
+    #[error("{media}: frame {index} cannot be decoded: {problem}")]
+    BadFrame { media: String, index: usize, problem: String },
+}
+
+/// Something that produces frames, one call at a time.
+pub trait FrameSource: Send {
+    /// Names the source in logs, e.g. `mjpeg replay of builtin:people.mjpeg at 10 fps`.
+    fn describe(&self) -> String;
+    /// Blocks until the next frame is due. `Ok(None)`: the source has ended for good.
+    fn next_frame(&mut self) -> Result<Option<Frame>, SourceError>;
+}
+
+/// Something that produces audio, one chunk at a time.
+pub trait AudioSource: Send {
+    fn describe(&self) -> String;
+    /// Blocks until the next chunk is due. `Ok(None)`: the source has ended for good.
+    fn next_chunk(&mut self) -> Result<Option<AudioChunk>, SourceError>;
+}
+
+/// Opens the camera a config describes. Replay sources read and check their media here, so a
+/// bad file is reported before anything starts.
+pub fn open_camera(config: &CameraConfig, base_dir: &std::path::Path) -> Result<Box<dyn FrameSource>, SourceError> {
+    let media = MediaRef::parse(&config.path, base_dir)
+        .map_err(|problem| SourceError::Format { media: config.path.clone(), problem })?;
+    Ok(match config.source {
+        CameraSourceKind::Mjpeg => Box::new(MjpegReplay::open(&media, config.fps, config.looping)?),
+        CameraSourceKind::Yuyv => {
+            let (Some(width), Some(height)) = (config.width, config.height) else {
+                return Err(SourceError::Format {
+                    media: media.to_string(),
+                    problem: "raw YUYV needs `width` and `height`".into(),
+                });
+            };
+            Box::new(YuyvReplay::open(&media, width, height, config.fps, config.looping)?)
+        }
+        CameraSourceKind::Images => Box::new(ImageDirReplay::open(&media, config.fps, config.looping)?),
+    })
+}
+
+/// Opens the microphone a config describes.
+pub fn open_microphone(config: &MicrophoneConfig, base_dir: &std::path::Path) -> Result<Box<dyn AudioSource>, SourceError> {
+    let media = MediaRef::parse(&config.path, base_dir)
+        .map_err(|problem| SourceError::Format { media: config.path.clone(), problem })?;
+    Ok(match config.source {
+        MicrophoneSourceKind::Wav => Box::new(WavReplay::open(&media, config.chunk_ms, config.looping)?),
+    })
+}

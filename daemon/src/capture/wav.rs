@@ -1,0 +1,167 @@
+//! WAV files played back in real time, chunk by chunk, as a microphone would deliver them.
+
+use std::io::Cursor;
+use std::time::{Duration, SystemTime};
+
+use super::pacing::Pacer;
+use super::{AudioChunk, AudioSource, SourceError, MAX_CHUNK_SAMPLES};
+use crate::media::MediaRef;
+
+pub struct WavReplay {
+    name: String,
+    sample_rate: u32,
+    /// Mono, 16-bit, the whole recording: replay files are short.
+    samples: Vec<i16>,
+    chunk_len: usize,
+    looping: bool,
+    pacer: Pacer,
+    next_sample: usize,
+    seq: u64,
+}
+
+impl WavReplay {
+    pub fn open(media: &MediaRef, chunk_ms: u32, looping: bool) -> Result<Self, SourceError> {
+        let name = media.to_string();
+        let format_error = |problem: String| SourceError::Format { media: name.clone(), problem };
+        let bytes = media.read().map_err(|source| SourceError::Read { media: name.clone(), source })?;
+        let reader = hound::WavReader::new(Cursor::new(bytes)).map_err(|e| format_error(format!("not a readable WAV file: {e}")))?;
+        let spec = reader.spec();
+        let chunk_len = (u64::from(spec.sample_rate) * u64::from(chunk_ms) / 1000) as usize;
+        if chunk_len == 0 || chunk_len > MAX_CHUNK_SAMPLES {
+            return Err(format_error(format!(
+                "{chunk_ms} ms at {} Hz is {chunk_len} samples a chunk; a chunk holds 1 to {MAX_CHUNK_SAMPLES}: use a shorter chunk_ms",
+                spec.sample_rate
+            )));
+        }
+        let samples = read_mono_i16(reader).map_err(format_error)?;
+        if samples.is_empty() {
+            return Err(format_error("the recording holds no samples".into()));
+        }
+        Ok(Self {
+            name,
+            sample_rate: spec.sample_rate,
+            samples,
+            chunk_len,
+            looping,
+            pacer: Pacer::new(Duration::from_secs_f64(chunk_len as f64 / f64::from(spec.sample_rate))),
+            next_sample: 0,
+            seq: 0,
+        })
+    }
+
+    pub fn sample_rate(&self) -> u32 {
+        self.sample_rate
+    }
+}
+
+/// Reads any integer or float WAV as mono 16-bit, averaging the channels.
+fn read_mono_i16<R: std::io::Read>(mut reader: hound::WavReader<R>) -> Result<Vec<i16>, String> {
+    let spec = reader.spec();
+    let to_16_bits: Vec<f32> = match spec.sample_format {
+        hound::SampleFormat::Float => reader
+            .samples::<f32>()
+            .map(|s| s.map(|s| s.clamp(-1.0, 1.0) * 32767.0))
+            .collect::<Result<_, _>>(),
+        hound::SampleFormat::Int => {
+            let scale = 2f32.powi(16 - i32::from(spec.bits_per_sample));
+            reader.samples::<i32>().map(|s| s.map(|s| s as f32 * scale)).collect::<Result<_, _>>()
+        }
+    }
+    .map_err(|e| format!("cannot read samples: {e}"))?;
+    let channels = usize::from(spec.channels.max(1));
+    Ok(to_16_bits
+        .chunks(channels)
+        .map(|frame| (frame.iter().sum::<f32>() / frame.len() as f32).round().clamp(-32768.0, 32767.0) as i16)
+        .collect())
+}
+
+impl AudioSource for WavReplay {
+    fn describe(&self) -> String {
+        let mode = if self.looping { ", looping" } else { "" };
+        format!(
+            "real-time replay of wav file {} ({} Hz, {:.1} s, {} ms chunks{mode})",
+            self.name,
+            self.sample_rate,
+            self.samples.len() as f64 / f64::from(self.sample_rate),
+            self.chunk_len as u64 * 1000 / u64::from(self.sample_rate)
+        )
+    }
+
+    fn next_chunk(&mut self) -> Result<Option<AudioChunk>, SourceError> {
+        if self.next_sample >= self.samples.len() {
+            if !self.looping {
+                return Ok(None);
+            }
+            self.next_sample = 0;
+        }
+        let end = (self.next_sample + self.chunk_len).min(self.samples.len());
+        let mut samples = heapless::Vec::new();
+        samples
+            .extend_from_slice(&self.samples[self.next_sample..end])
+            .map_err(|_| SourceError::Format { media: self.name.clone(), problem: "chunk larger than its buffer".into() })?;
+        self.next_sample = end;
+        self.pacer.wait();
+        let chunk = AudioChunk { seq: self.seq, captured_at: SystemTime::now(), sample_rate: self.sample_rate, samples };
+        self.seq += 1;
+        Ok(Some(chunk))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::SPEECH_WAV;
+
+    fn write_wav(spec: hound::WavSpec, samples: &[i32]) -> (tempfile::TempDir, MediaRef) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.wav");
+        let mut writer = hound::WavWriter::create(&path, spec).unwrap();
+        for &s in samples {
+            writer.write_sample(s).unwrap();
+        }
+        writer.finalize().unwrap();
+        (dir, MediaRef::Path(path))
+    }
+
+    #[test]
+    fn replays_every_sample_in_order_and_in_real_time() {
+        let spec = hound::WavSpec { channels: 1, sample_rate: 8000, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
+        let input: Vec<i32> = (0..2000).map(|i| i * 7 - 7000).collect();
+        let (_dir, media) = write_wav(spec, &input);
+        let mut replay = WavReplay::open(&media, 50, false).unwrap();
+        let start = std::time::Instant::now();
+        let mut out = Vec::new();
+        while let Some(chunk) = replay.next_chunk().unwrap() {
+            assert_eq!(chunk.seq as usize, out.len() / 400);
+            out.extend(chunk.samples.iter().map(|&s| i32::from(s)));
+        }
+        assert_eq!(out, input);
+        // Five 50 ms chunks: the last is released 200 ms after the first.
+        assert!(start.elapsed() >= Duration::from_millis(200), "{:?}", start.elapsed());
+    }
+
+    #[test]
+    fn stereo_24_bit_is_mixed_down_to_mono_16_bit() {
+        let spec = hound::WavSpec { channels: 2, sample_rate: 16000, bits_per_sample: 24, sample_format: hound::SampleFormat::Int };
+        let (_dir, media) = write_wav(spec, &[256 * 1000, 256 * 3000, -256 * 500, -256 * 1500]);
+        let mut replay = WavReplay::open(&media, 10, false).unwrap();
+        let chunk = replay.next_chunk().unwrap().unwrap();
+        assert_eq!(chunk.samples.as_slice(), &[2000, -1000]);
+    }
+
+    #[test]
+    fn builtin_speech_is_sixteen_khz() {
+        let media = MediaRef::parse(&format!("builtin:{SPEECH_WAV}"), std::path::Path::new(".")).unwrap();
+        let replay = WavReplay::open(&media, 100, false).unwrap();
+        assert_eq!(replay.sample_rate(), 16000);
+        assert!(replay.describe().contains("16000 Hz, 6.7 s"), "{}", replay.describe());
+    }
+
+    #[test]
+    fn chunk_too_long_for_the_rate_is_refused() {
+        let spec = hound::WavSpec { channels: 1, sample_rate: 48000, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
+        let (_dir, media) = write_wav(spec, &[0; 10]);
+        let err = WavReplay::open(&media, 200, false).err().unwrap().to_string();
+        assert!(err.ends_with("200 ms at 48000 Hz is 9600 samples a chunk; a chunk holds 1 to 4800: use a shorter chunk_ms"), "{err}");
+    }
+}

@@ -1,0 +1,257 @@
+//! The one TOML file that configures a station.
+//!
+//! `load` parses and validates in one go, so nothing starts on a config that is wrong in any
+//! place; every problem found is reported with the file, line and key (see [`ConfigError`]).
+//! The field-by-field reference with defaults lives in `configs/reference.toml`.
+
+mod load;
+mod validate;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use load::{load, parse, ConfigError, Problem};
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub station: StationConfig,
+    pub mqtt: MqttConfig,
+    /// No `[camera]` table: the station listens only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub camera: Option<CameraConfig>,
+    /// No `[microphone]` table: the station watches only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub microphone: Option<MicrophoneConfig>,
+    pub gates: GatesConfig,
+    pub queues: QueuesConfig,
+    pub log: LogConfig,
+    /// Where relative paths in this config are resolved from: the config file's directory.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StationConfig {
+    /// Names the station in every topic; letters, digits, `-` and `_`.
+    pub id: String,
+    /// First topic level(s); `outpost` gives `outpost/<id>/...`.
+    pub topic_prefix: String,
+}
+
+impl Default for StationConfig {
+    fn default() -> Self {
+        Self { id: default_station_id(), topic_prefix: "outpost".into() }
+    }
+}
+
+/// The machine's host name, cut down to the characters a topic level may hold here, so that two
+/// stations on one broker do not collide when neither sets an id.
+fn default_station_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let id: String = host
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+        .collect();
+    if id.is_empty() {
+        "outpost".into()
+    } else {
+        id
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    /// Defaults to `outpostd-<station id>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    pub keep_alive_secs: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// First wait after a lost connection; doubles on each failure up to `reconnect_max_secs`.
+    pub reconnect_min_secs: f64,
+    pub reconnect_max_secs: f64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: None,
+            keep_alive_secs: 30.0,
+            username: None,
+            password: None,
+            reconnect_min_secs: 1.0,
+            reconnect_max_secs: 30.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CameraSourceKind {
+    /// A file of concatenated JPEG frames (what `ffmpeg -f mjpeg` and UVC cameras produce).
+    Mjpeg,
+    /// Raw packed YUYV 4:2:2 frames of `width` x `height`, back to back.
+    Yuyv,
+    /// A directory of PNG/JPEG images, replayed in file-name order.
+    Images,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CameraConfig {
+    pub source: CameraSourceKind,
+    /// A file or directory, relative to the config file, or `builtin:<name>` for sample media.
+    pub path: String,
+    #[serde(default = "default_fps")]
+    pub fps: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    /// Start again from the first frame at the end instead of stopping.
+    #[serde(default, rename = "loop")]
+    pub looping: bool,
+}
+
+fn default_fps() -> f64 {
+    10.0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MicrophoneSourceKind {
+    /// A WAV file played back in real time (integer or float samples, any rate, mixed to mono).
+    Wav,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MicrophoneConfig {
+    pub source: MicrophoneSourceKind,
+    pub path: String,
+    /// Length of each chunk handed to the gates.
+    #[serde(default = "default_chunk_ms")]
+    pub chunk_ms: u32,
+    #[serde(default, rename = "loop")]
+    pub looping: bool,
+}
+
+fn default_chunk_ms() -> u32 {
+    100
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatesConfig {
+    pub motion: MotionGateConfig,
+    pub sound: SoundGateConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MotionGateConfig {
+    pub enabled: bool,
+    /// A pixel counts as changed when its brightness moved by more than this (0-255).
+    pub pixel_threshold: u8,
+    /// Motion is reported when at least this fraction of the frame changed (0-1).
+    pub min_area_fraction: f64,
+    /// Quiet time after an event before the next one.
+    pub cooldown_secs: f64,
+    /// Frames are shrunk to this width before comparing: less noise, less CPU.
+    pub analysis_width: u32,
+}
+
+impl Default for MotionGateConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            pixel_threshold: 25,
+            min_area_fraction: 0.005,
+            cooldown_secs: 5.0,
+            analysis_width: 160,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SoundGateConfig {
+    pub enabled: bool,
+    /// A chunk whose RMS level is at or above this fires the gate (dB relative to full scale).
+    pub threshold_dbfs: f64,
+    pub cooldown_secs: f64,
+}
+
+impl Default for SoundGateConfig {
+    fn default() -> Self {
+        Self { enabled: true, threshold_dbfs: -30.0, cooldown_secs: 2.0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueuesConfig {
+    /// Frames waiting for the motion gate; when full, the oldest is dropped and counted.
+    pub frames: usize,
+    /// Audio chunks waiting for the sound gate; when full, capture waits (audio is never dropped).
+    pub audio_chunks: usize,
+    /// Events waiting for the publisher.
+    pub events: usize,
+}
+
+impl Default for QueuesConfig {
+    fn default() -> Self {
+        Self { frames: 4, audio_chunks: 64, events: 256 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug` or `trace`, or a filter such as `info,outpost=debug`.
+    /// `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into() }
+    }
+}
+
+impl Config {
+    /// The client id sent to the broker.
+    pub fn client_id(&self) -> String {
+        self.mqtt.client_id.clone().unwrap_or_else(|| format!("outpostd-{}", self.station.id))
+    }
+
+    /// `<prefix>/<station>`, the root of every topic this station publishes.
+    pub fn topic_root(&self) -> String {
+        format!("{}/{}", self.station.topic_prefix, self.station.id)
+    }
+
+    /// The effective config as TOML, with the password masked so it can be shown or logged.
+    pub fn to_toml_redacted(&self) -> String {
+        let mut shown = self.clone();
+        if shown.mqtt.password.is_some() {
+            shown.mqtt.password = Some("********".into());
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// A path from the config, resolved against the config file's directory.
+    pub fn resolve_path(&self, path: &str) -> PathBuf {
+        self.base_dir.join(path)
+    }
+}

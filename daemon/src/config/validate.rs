@@ -1,0 +1,179 @@
+//! Checks of values that parse but cannot work. Every check runs, so one pass reports everything.
+
+use super::{CameraSourceKind, Config};
+use crate::capture;
+
+/// `(dotted key, what is wrong)` for every problem found.
+pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
+    let mut problems = Problems::default();
+    station(config, &mut problems);
+    mqtt(config, &mut problems);
+    sources(config, &mut problems);
+    gates(config, &mut problems);
+    queues(config, &mut problems);
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
+        problems.add("log.level", format!("`{}` is not a log level or filter: {e}", config.log.level));
+    }
+    problems.0
+}
+
+#[derive(Default)]
+struct Problems(Vec<(String, String)>);
+
+impl Problems {
+    fn add(&mut self, key: &str, message: impl Into<String>) {
+        self.0.push((key.to_owned(), message.into()));
+    }
+
+    /// A duration in seconds: finite, and not negative (or, with `positive`, above zero).
+    fn seconds(&mut self, key: &str, value: f64, positive: bool) {
+        if !value.is_finite() || value < 0.0 || (positive && value == 0.0) {
+            let wanted = if positive { "more than 0" } else { "0 or more" };
+            self.add(key, format!("must be a number of seconds, {wanted}, got {value}"));
+        }
+    }
+}
+
+fn station(config: &Config, problems: &mut Problems) {
+    let id = &config.station.id;
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        problems.add("station.id", format!("must be letters, digits, `-` or `_` (it becomes an MQTT topic level), got \"{id}\""));
+    }
+    if let Err(why) = check_topic_prefix(&config.station.topic_prefix) {
+        problems.add("station.topic_prefix", format!("{why}, got \"{}\"", config.station.topic_prefix));
+    }
+}
+
+/// A prefix is published to, so it must be a plain topic name.
+fn check_topic_prefix(prefix: &str) -> Result<(), &'static str> {
+    if prefix.is_empty() {
+        return Err("must not be empty");
+    }
+    if prefix.contains(['+', '#']) {
+        return Err("wildcards `+` and `#` cannot be published to");
+    }
+    if prefix.starts_with('$') {
+        return Err("topics starting with `$` are reserved for the broker");
+    }
+    if prefix.starts_with('/') || prefix.ends_with('/') || prefix.contains("//") {
+        return Err("must not start or end with `/` or have empty levels");
+    }
+    if prefix.contains('\0') {
+        return Err("must not contain a NUL character");
+    }
+    Ok(())
+}
+
+fn mqtt(config: &Config, problems: &mut Problems) {
+    let mqtt = &config.mqtt;
+    if mqtt.host.trim().is_empty() {
+        problems.add("mqtt.host", "must name the broker's host or address");
+    }
+    if mqtt.port == 0 {
+        problems.add("mqtt.port", "must be a port number from 1 to 65535");
+    }
+    if !(1.0..=65535.0).contains(&mqtt.keep_alive_secs) {
+        problems.add("mqtt.keep_alive_secs", format!("must be from 1 to 65535 seconds, got {}", mqtt.keep_alive_secs));
+    }
+    if mqtt.client_id.as_deref().is_some_and(|id| id.trim().is_empty()) {
+        problems.add("mqtt.client_id", "must not be empty (leave it out for `outpostd-<station id>`)");
+    }
+    if mqtt.password.is_some() && mqtt.username.is_none() {
+        problems.add("mqtt.password", "is set but mqtt.username is not: MQTT sends a password only with a user name");
+    }
+    problems.seconds("mqtt.reconnect_min_secs", mqtt.reconnect_min_secs, true);
+    problems.seconds("mqtt.reconnect_max_secs", mqtt.reconnect_max_secs, true);
+    if mqtt.reconnect_max_secs < mqtt.reconnect_min_secs {
+        problems.add(
+            "mqtt.reconnect_max_secs",
+            format!("must not be less than mqtt.reconnect_min_secs ({} < {})", mqtt.reconnect_max_secs, mqtt.reconnect_min_secs),
+        );
+    }
+}
+
+fn sources(config: &Config, problems: &mut Problems) {
+    if config.camera.is_none() && config.microphone.is_none() {
+        problems.add("", "there is neither a [camera] nor a [microphone]: configure at least one, or the station has nothing to watch");
+    }
+    if let Some(camera) = &config.camera {
+        let mut usable = true;
+        if !(camera.fps.is_finite() && camera.fps > 0.0 && camera.fps <= 120.0) {
+            problems.add("camera.fps", format!("must be more than 0 and at most 120 frames a second, got {}", camera.fps));
+            usable = false;
+        }
+        match camera.source {
+            CameraSourceKind::Yuyv => {
+                for (key, value) in [("camera.width", camera.width), ("camera.height", camera.height)] {
+                    if value.is_none() {
+                        problems.add(key, "is required for raw YUYV: the file does not say its frame size");
+                        usable = false;
+                    }
+                }
+            }
+            CameraSourceKind::Mjpeg | CameraSourceKind::Images => {
+                if camera.width.is_some() || camera.height.is_some() {
+                    let key = if camera.width.is_some() { "camera.width" } else { "camera.height" };
+                    problems.add(key, "only applies to `source = \"yuyv\"`: JPEG and PNG frames carry their own size");
+                }
+            }
+        }
+        // Opening a replay source reads and checks its media: what is wrong is reported now.
+        if usable {
+            if let Err(e) = capture::open_camera(camera, &config.base_dir) {
+                problems.add("camera.path", e.to_string());
+            }
+        }
+    }
+    if let Some(microphone) = &config.microphone {
+        if !(10..=100).contains(&microphone.chunk_ms) {
+            problems.add("microphone.chunk_ms", format!("must be from 10 to 100 milliseconds, got {}", microphone.chunk_ms));
+        } else if let Err(e) = capture::open_microphone(microphone, &config.base_dir) {
+            problems.add("microphone.path", e.to_string());
+        }
+    }
+}
+
+fn gates(config: &Config, problems: &mut Problems) {
+    let motion = &config.gates.motion;
+    if !(motion.min_area_fraction > 0.0 && motion.min_area_fraction <= 1.0) {
+        problems.add(
+            "gates.motion.min_area_fraction",
+            format!("must be a fraction of the frame, more than 0 and at most 1, got {}", motion.min_area_fraction),
+        );
+    }
+    problems.seconds("gates.motion.cooldown_secs", motion.cooldown_secs, false);
+    if !(16..=1920).contains(&motion.analysis_width) {
+        problems.add("gates.motion.analysis_width", format!("must be from 16 to 1920 pixels, got {}", motion.analysis_width));
+    }
+    let sound = &config.gates.sound;
+    if !(sound.threshold_dbfs.is_finite() && (-120.0..=0.0).contains(&sound.threshold_dbfs)) {
+        problems.add(
+            "gates.sound.threshold_dbfs",
+            format!("must be from -120 to 0 dBFS (0 is the loudest a sample can be), got {}", sound.threshold_dbfs),
+        );
+    }
+    problems.seconds("gates.sound.cooldown_secs", sound.cooldown_secs, false);
+}
+
+fn queues(config: &Config, problems: &mut Problems) {
+    let queues = &config.queues;
+    for (key, value) in [("queues.frames", queues.frames), ("queues.audio_chunks", queues.audio_chunks), ("queues.events", queues.events)] {
+        if !(1..=10_000).contains(&value) {
+            problems.add(key, format!("must hold from 1 to 10000 items, got {value}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_topic_prefix;
+
+    #[test]
+    fn topic_prefixes() {
+        assert!(check_topic_prefix("outpost").is_ok());
+        assert!(check_topic_prefix("site/north").is_ok());
+        for bad in ["", "a/+", "#", "$SYS", "/a", "a/", "a//b", "a\0b"] {
+            assert!(check_topic_prefix(bad).is_err(), "{bad:?}");
+        }
+    }
+}

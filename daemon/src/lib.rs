@@ -1,0 +1,14 @@
+//! `outpostd`: an offline sentinel. Sources (camera, microphone) feed gates (motion, sound level)
+//! whose events a sink publishes over MQTT. See ARCHITECTURE.md for the map.
+
+pub mod broker;
+pub mod capture;
+pub mod config;
+pub mod demo;
+pub mod event;
+pub mod gate;
+pub mod media;
+pub mod pipeline;
+pub mod publish;
+pub mod queue;
+pub mod service;

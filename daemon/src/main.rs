@@ -1,0 +1,116 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use outpost::config::{self, Config};
+use outpost::service::{self, ServiceOptions};
+use outpost::{broker, demo};
+use tracing_subscriber::EnvFilter;
+
+/// Exit status for a config that cannot be used (sysexits' EX_CONFIG); the systemd unit does not
+/// restart on it, so a bad config gives one clear message instead of a crash loop.
+const EXIT_BAD_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(name = "outpostd", version, about = "Offline multimodal sentinel: camera and microphone in, events out over MQTT")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the station described by a config file.
+    Run {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run the whole pipeline on built-in sample media, with a broker of its own unless
+    /// --broker is given, printing every message as the broker acknowledges it.
+    Demo {
+        /// Use this broker instead of starting one.
+        #[arg(long, value_name = "HOST:PORT")]
+        broker: Option<String>,
+    },
+    /// Check a config file: print the effective config, or every problem found.
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => match config::load(&config) {
+            Ok(loaded) => run(loaded, ServiceOptions { config_path: Some(config), echo: false }),
+            Err(e) => return config_error(&e),
+        },
+        Command::Demo { broker } => run_demo(broker),
+        Command::CheckConfig { file } => match config::load(&file) {
+            Ok(loaded) => {
+                print!("{}", loaded.to_toml_redacted());
+                eprintln!("{}: config is valid", file.display());
+                Ok(())
+            }
+            Err(e) => return config_error(&e),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outpostd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_error(error: &config::ConfigError) -> ExitCode {
+    eprintln!("{error}");
+    eprintln!("outpostd: the config has {} problem(s); nothing was started", error.problems.len());
+    ExitCode::from(EXIT_BAD_CONFIG)
+}
+
+fn run_demo(broker: Option<String>) -> anyhow::Result<()> {
+    let (host, port) = match &broker {
+        Some(address) => {
+            let (host, port) = address
+                .rsplit_once(':')
+                .with_context(|| format!("--broker wants HOST:PORT, got `{address}`"))?;
+            let port = port.parse::<u16>().with_context(|| format!("--broker: `{port}` is not a port number"))?;
+            (host.to_owned(), port)
+        }
+        None => {
+            let address = broker::start_embedded()?;
+            eprintln!(
+                "embedded MQTT broker on {address}; watch it with: mosquitto_sub -h {} -p {} -t 'outpost/#' -v",
+                address.ip(),
+                address.port()
+            );
+            (address.ip().to_string(), address.port())
+        }
+    };
+    let config = demo::config(&host, port).context("the built-in demo config is invalid")?;
+    run(config, ServiceOptions { config_path: None, echo: true })
+}
+
+/// Starts logging and the async runtime, then runs the service until it stops.
+fn run(config: Config, options: ServiceOptions) -> anyhow::Result<()> {
+    init_logging(&config.log.level);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(service::run(config, options))?;
+    Ok(())
+}
+
+fn init_logging(level: &str) {
+    // The embedded broker logs every connection, and an error for each clean disconnect: noise here.
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(format!("{level},rumqttd=off")))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}

@@ -1,0 +1,219 @@
+//! Wires sources to gates to the publisher's event channel, each stage on its own thread.
+//!
+//! ```text
+//! camera source ──DropOldestQueue<Frame>──▶ motion gate ──┐
+//!                                                          ├──mpsc<Event>──▶ publisher
+//! microphone ─────BoundedQueue<AudioChunk>──▶ sound gate ──┘
+//! ```
+//! Frames are dropped (oldest first, counted) when the motion gate falls behind; audio is never
+//! dropped: the microphone waits instead.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use crate::capture::{self, AudioChunk, AudioSource, Frame, FrameSource, SourceError};
+use crate::config::Config;
+use crate::event::{Event, EventDetail};
+use crate::gate::{MotionGate, SoundGate};
+use crate::queue::{BoundedQueue, Pop};
+
+/// A source that fails this many times in a row is given up on.
+const MAX_CONSECUTIVE_SOURCE_ERRORS: u32 = 10;
+/// How often an idle gate looks up from its queue.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Default)]
+pub struct PipelineStats {
+    pub frames_captured: AtomicU64,
+    pub audio_chunks_captured: AtomicU64,
+    pub events: AtomicU64,
+}
+
+/// The running sources and gates of one config.
+pub struct Pipeline {
+    frames: Option<Arc<BoundedQueue<Frame>>>,
+    audio: Option<Arc<BoundedQueue<AudioChunk>>>,
+    stats: Arc<PipelineStats>,
+    /// Never sent on: `recv` returns `None` once every gate thread has finished.
+    gates_done: mpsc::Receiver<()>,
+}
+
+impl Pipeline {
+    /// Opens the sources and starts every stage. Events go to `events`.
+    pub fn start(config: &Config, events: mpsc::Sender<Event>) -> Result<Self, SourceError> {
+        let stats = Arc::new(PipelineStats::default());
+        let (gate_alive, gates_done) = mpsc::channel(1);
+        let station = config.station.id.clone();
+
+        let frames = match &config.camera {
+            Some(camera) if config.gates.motion.enabled => {
+                let source = capture::open_camera(camera, &config.base_dir)?;
+                let queue = Arc::new(BoundedQueue::new(config.queues.frames));
+                info!("camera: {}", source.describe());
+                spawn_stage("camera", {
+                    let (queue, stats) = (Arc::clone(&queue), Arc::clone(&stats));
+                    move || run_frame_source(source, &queue, &stats)
+                });
+                let mut gate = MotionGate::new(&config.gates.motion);
+                spawn_stage("motion-gate", {
+                    let (queue, events, stats, station, alive) =
+                        (Arc::clone(&queue), events.clone(), Arc::clone(&stats), station.clone(), gate_alive.clone());
+                    move || {
+                        run_gate(&queue, &events, &stats, |frame| {
+                            gate.observe(frame, Instant::now()).map(|m| Event::new(&station, EventDetail::Motion(m)))
+                        });
+                        drop(alive);
+                    }
+                });
+                Some(queue)
+            }
+            Some(_) => {
+                info!("camera configured but the motion gate is off: not capturing frames");
+                None
+            }
+            None => None,
+        };
+
+        let audio = match &config.microphone {
+            Some(microphone) if config.gates.sound.enabled => {
+                let source = capture::open_microphone(microphone, &config.base_dir)?;
+                let queue = Arc::new(BoundedQueue::new(config.queues.audio_chunks));
+                info!("microphone: {}", source.describe());
+                spawn_stage("microphone", {
+                    let (queue, stats) = (Arc::clone(&queue), Arc::clone(&stats));
+                    move || run_audio_source(source, &queue, &stats)
+                });
+                let mut gate = SoundGate::new(&config.gates.sound);
+                spawn_stage("sound-gate", {
+                    let (queue, events, stats, alive) = (Arc::clone(&queue), events, Arc::clone(&stats), gate_alive);
+                    move || {
+                        run_gate(&queue, &events, &stats, |chunk| {
+                            gate.observe(chunk, Instant::now()).map(|s| Event::new(&station, EventDetail::Sound(s)))
+                        });
+                        drop(alive);
+                    }
+                });
+                Some(queue)
+            }
+            Some(_) => {
+                info!("microphone configured but the sound gate is off: not capturing audio");
+                None
+            }
+            None => None,
+        };
+        if frames.is_none() && audio.is_none() {
+            warn!("no gate is enabled: nothing will be published but the station's status");
+        }
+        Ok(Self { frames, audio, stats, gates_done })
+    }
+
+    /// Resolves once every gate has finished: all sources ended, or [`Pipeline::stop`] was called.
+    /// With no gate running, it never resolves (the station idles until told to stop).
+    pub async fn finished(&mut self) {
+        if self.frames.is_none() && self.audio.is_none() {
+            std::future::pending::<()>().await;
+        }
+        while self.gates_done.recv().await.is_some() {}
+    }
+
+    /// Stops capture. Gates still process what is queued, then finish; wait with `finished`.
+    pub fn stop(&self) {
+        if let Some(queue) = &self.frames {
+            queue.close();
+        }
+        if let Some(queue) = &self.audio {
+            queue.close();
+        }
+    }
+
+    /// One line for the log.
+    pub fn summary(&self) -> String {
+        let dropped = self.frames.as_ref().map_or(0, |q| q.dropped());
+        format!(
+            "{} frames captured ({dropped} dropped while the motion gate was busy), {} audio chunks, {} events",
+            self.stats.frames_captured.load(Ordering::Relaxed),
+            self.stats.audio_chunks_captured.load(Ordering::Relaxed),
+            self.stats.events.load(Ordering::Relaxed),
+        )
+    }
+}
+
+fn spawn_stage(name: &str, body: impl FnOnce() + Send + 'static) {
+    if let Err(e) = std::thread::Builder::new().name(name.to_owned()).spawn(body) {
+        error!("cannot start the {name} thread: {e}");
+    }
+}
+
+fn run_frame_source(mut source: Box<dyn FrameSource>, queue: &BoundedQueue<Frame>, stats: &PipelineStats) {
+    run_source(|| source.next_frame(), |frame| queue.push_drop_oldest(frame), queue, &stats.frames_captured, "camera");
+}
+
+fn run_audio_source(mut source: Box<dyn AudioSource>, queue: &BoundedQueue<AudioChunk>, stats: &PipelineStats) {
+    run_source(|| source.next_chunk(), |chunk| queue.push_wait(chunk), queue, &stats.audio_chunks_captured, "microphone");
+}
+
+/// Pulls from a source into a queue until the source ends, fails for good, or the queue closes.
+fn run_source<T>(
+    mut next: impl FnMut() -> Result<Option<T>, SourceError>,
+    mut push: impl FnMut(T) -> bool,
+    queue: &BoundedQueue<T>,
+    captured: &AtomicU64,
+    name: &str,
+) {
+    let mut consecutive_errors = 0;
+    while !queue.is_closed() {
+        match next() {
+            Ok(Some(item)) => {
+                consecutive_errors = 0;
+                captured.fetch_add(1, Ordering::Relaxed);
+                if !push(item) {
+                    break;
+                }
+            }
+            Ok(None) => {
+                info!("{name}: end of input");
+                break;
+            }
+            Err(e) => {
+                consecutive_errors += 1;
+                warn!("{name}: {e}");
+                if consecutive_errors >= MAX_CONSECUTIVE_SOURCE_ERRORS {
+                    error!("{name}: {consecutive_errors} failures in a row, giving up on this source");
+                    break;
+                }
+            }
+        }
+    }
+    queue.close();
+    debug!("{name} source stopped");
+}
+
+/// Feeds queued items to a gate and sends what it reports, until the queue is closed and drained.
+fn run_gate<T>(
+    queue: &BoundedQueue<T>,
+    events: &mpsc::Sender<Event>,
+    stats: &PipelineStats,
+    mut gate: impl FnMut(&T) -> Option<Event>,
+) {
+    loop {
+        match queue.pop_timeout(POLL_INTERVAL) {
+            Pop::Item(item) => {
+                if let Some(event) = gate(&item) {
+                    debug!("{} event {}", event.kind(), event.id);
+                    stats.events.fetch_add(1, Ordering::Relaxed);
+                    if events.blocking_send(event).is_err() {
+                        warn!("publisher has stopped; gate stopping");
+                        queue.close();
+                        return;
+                    }
+                }
+            }
+            Pop::TimedOut => {}
+            Pop::Closed => return,
+        }
+    }
+}
