@@ -92,21 +92,16 @@ fn problem_from_toml(text: &str, document: Option<&Spanned<DeTable<'_>>>, error:
     }
 }
 
-/// The innermost key whose name or value covers byte `offset`.
+/// The key whose name or value covers byte `offset`. A table's span is only its header, so
+/// every table is searched.
 fn key_at(table: &DeTable<'_>, offset: usize, prefix: &str) -> Option<String> {
-    for (key, value) in table {
+    table.iter().find_map(|(key, value)| {
         let path = if prefix.is_empty() { key.get_ref().to_string() } else { format!("{prefix}.{}", key.get_ref()) };
-        if covers(&key.span(), offset) {
-            return Some(path);
+        match value.get_ref() {
+            DeValue::Table(inner) => key_at(inner, offset, &path).or_else(|| covers(&key.span(), offset).then_some(path)),
+            _ => (covers(&key.span(), offset) || covers(&value.span(), offset)).then_some(path),
         }
-        if covers(&value.span(), offset) {
-            if let DeValue::Table(inner) = value.get_ref() {
-                return key_at(inner, offset, &path).or(Some(path));
-            }
-            return Some(path);
-        }
-    }
-    None
+    })
 }
 
 fn covers(span: &Range<usize>, offset: usize) -> bool {

@@ -11,8 +11,8 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
     sources(config, &mut problems);
     gates(config, &mut problems);
     queues(config, &mut problems);
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
-        problems.add("log.level", format!("`{}` is not a log level or filter: {e}", config.log.level));
+    if let Err(why) = check_log_level(&config.log.level) {
+        problems.add("log.level", format!("`{}` is not a log level or filter: {why}", config.log.level));
     }
     problems.0
 }
@@ -62,6 +62,20 @@ fn check_topic_prefix(prefix: &str) -> Result<(), &'static str> {
         return Err("must not contain a NUL character");
     }
     Ok(())
+}
+
+const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+
+/// A level, or comma-separated `level` and `target=level` directives. tracing alone would take
+/// a misspelt level as the name of a target and log nothing.
+fn check_log_level(filter: &str) -> Result<(), String> {
+    for directive in filter.split(',') {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level).trim();
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!("`{level}` is none of {}", LEVELS.join(", ")));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter).map(drop).map_err(|e| e.to_string())
 }
 
 fn mqtt(config: &Config, problems: &mut Problems) {
@@ -166,7 +180,7 @@ fn queues(config: &Config, problems: &mut Problems) {
 
 #[cfg(test)]
 mod tests {
-    use super::check_topic_prefix;
+    use super::{check_log_level, check_topic_prefix};
 
     #[test]
     fn topic_prefixes() {
@@ -175,5 +189,13 @@ mod tests {
         for bad in ["", "a/+", "#", "$SYS", "/a", "a/", "a//b", "a\0b"] {
             assert!(check_topic_prefix(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn log_levels() {
+        assert!(check_log_level("info").is_ok());
+        assert!(check_log_level("warn,outpost::publish=debug").is_ok());
+        assert_eq!(check_log_level("verbose").unwrap_err(), "`verbose` is none of off, error, warn, info, debug, trace");
+        assert!(check_log_level("info,outpost=loud").is_err());
     }
 }

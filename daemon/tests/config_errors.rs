@@ -1,0 +1,143 @@
+//! Broken config files, each with the exact message a person gets.
+
+use std::path::Path;
+
+use outpost::config;
+
+/// A valid station that some broken cases add to.
+const GOOD: &str = r#"
+[station]
+id = "north-gate"
+
+[camera]
+source = "mjpeg"
+path = "builtin:people.mjpeg"
+"#;
+
+#[test]
+fn good_config_is_accepted_with_defaults_filled_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config::parse(GOOD, Path::new("station.toml"), dir.path()).unwrap();
+    assert_eq!(config.topic_root(), "outpost/north-gate");
+    assert_eq!(config.client_id(), "outpostd-north-gate");
+    assert_eq!(config.mqtt.port, 1883);
+    assert_eq!(config.camera.unwrap().fps, 10.0);
+    assert!(config.microphone.is_none());
+}
+
+#[test]
+fn broken_files_name_file_line_key_and_problem() {
+    let cases: &[(&str, &str)] = &[
+        // Syntax.
+        ("[station\nid = 1", "station.toml:1:9: unclosed table, expected `]`"),
+        // Unknown keys, in any table.
+        (
+            "[station]\nid = \"a\"\ncolour = \"red\"\n[camera]\nsource = \"mjpeg\"\npath = \"builtin:people.mjpeg\"",
+            "station.toml:3:1: station.colour: unknown field `colour`, expected `id` or `topic_prefix`",
+        ),
+        (
+            "[station]\nid = \"a\"\n[gates.motion]\nthreshold = 3\n[camera]\nsource = \"mjpeg\"\npath = \"builtin:people.mjpeg\"",
+            "station.toml:4:1: gates.motion.threshold: unknown field `threshold`, expected one of `enabled`, `pixel_threshold`, `min_area_fraction`, `cooldown_secs`, `analysis_width`",
+        ),
+        // Wrong types.
+        (
+            "[station]\nid = \"a\"\n[mqtt]\nport = \"eighteen\"\n[camera]\nsource = \"mjpeg\"\npath = \"builtin:people.mjpeg\"",
+            "station.toml:4:8: mqtt.port: invalid type: string \"eighteen\", expected u16",
+        ),
+        (
+            "[station]\nid = \"a\"\n[camera]\nsource = \"h264\"\npath = \"x\"",
+            "station.toml:4:10: camera.source: unknown variant `h264`, expected one of `mjpeg`, `yuyv`, `images`",
+        ),
+        // Impossible values; every one is reported, not just the first.
+        (
+            &format!("{GOOD}\n[gates.motion]\ncooldown_secs = -5\nmin_area_fraction = 2.0\n[gates.sound]\nthreshold_dbfs = 6"),
+            "station.toml:11:1: gates.motion.min_area_fraction: must be a fraction of the frame, more than 0 and at most 1, got 2\n\
+             station.toml:10:1: gates.motion.cooldown_secs: must be a number of seconds, 0 or more, got -5\n\
+             station.toml:13:1: gates.sound.threshold_dbfs: must be from -120 to 0 dBFS (0 is the loudest a sample can be), got 6",
+        ),
+        (
+            "[station]\nid = \"a\"\ntopic_prefix = \"site/+/cams\"\n[camera]\nsource = \"mjpeg\"\npath = \"builtin:people.mjpeg\"",
+            "station.toml:3:1: station.topic_prefix: wildcards `+` and `#` cannot be published to, got \"site/+/cams\"",
+        ),
+        (
+            "[station]\nid = \"north/gate\"\n[camera]\nsource = \"mjpeg\"\npath = \"builtin:people.mjpeg\"",
+            "station.toml:2:1: station.id: must be letters, digits, `-` or `_` (it becomes an MQTT topic level), got \"north/gate\"",
+        ),
+        (
+            &format!("{GOOD}\n[mqtt]\npassword = \"hunter2\"\nreconnect_min_secs = 10\nreconnect_max_secs = 5"),
+            "station.toml:10:1: mqtt.password: is set but mqtt.username is not: MQTT sends a password only with a user name\n\
+             station.toml:12:1: mqtt.reconnect_max_secs: must not be less than mqtt.reconnect_min_secs (5 < 10)",
+        ),
+        // Media that is missing or not what it claims.
+        (
+            "[station]\nid = \"a\"\n[camera]\nsource = \"mjpeg\"\npath = \"clips/gate.mjpeg\"",
+            "station.toml:5:1: camera.path: cannot read {dir}/clips/gate.mjpeg: No such file or directory (os error 2)",
+        ),
+        (
+            "[station]\nid = \"a\"\n[microphone]\nsource = \"wav\"\npath = \"builtin:people.mjpeg\"",
+            "station.toml:5:1: microphone.path: builtin:people.mjpeg: not a readable WAV file: Ill-formed WAVE file: no RIFF tag found",
+        ),
+        (
+            "[station]\nid = \"a\"\n[camera]\nsource = \"yuyv\"\npath = \"builtin:people.mjpeg\"",
+            "station.toml:3:2: camera.width: is required for raw YUYV: the file does not say its frame size\n\
+             station.toml:3:2: camera.height: is required for raw YUYV: the file does not say its frame size",
+        ),
+        (
+            "[station]\nid = \"a\"\n[camera]\nsource = \"mjpeg\"\npath = \"builtin:nope.mjpeg\"",
+            "station.toml:5:1: camera.path: builtin:nope.mjpeg: no built-in media named `nope.mjpeg` (there are: builtin:people.mjpeg, builtin:speech.wav)",
+        ),
+        // Nothing to watch.
+        (
+            "[station]\nid = \"a\"",
+            "station.toml: there is neither a [camera] nor a [microphone]: configure at least one, or the station has nothing to watch",
+        ),
+        (
+            &format!("{GOOD}\n[log]\nlevel = \"loud\""),
+            "station.toml:10:1: log.level: `loud` is not a log level or filter: `loud` is none of off, error, warn, info, debug, trace",
+        ),
+    ];
+    let mut mismatches = Vec::new();
+    for (text, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let got = match config::parse(text, Path::new("station.toml"), dir.path()) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e.to_string(),
+        };
+        let expected = expected.replace("{dir}", &dir.path().display().to_string());
+        if got != expected {
+            mismatches.push(format!("config:\n{text}\nexpected:\n{expected}\ngot:\n{got}\n"));
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
+
+#[test]
+fn unreadable_file_is_named() {
+    let err = config::load(Path::new("/nonexistent/outpost.toml")).unwrap_err().to_string();
+    assert_eq!(err, "/nonexistent/outpost.toml: cannot read config file: No such file or directory (os error 2)");
+}
+
+#[test]
+fn every_example_config_is_valid() {
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&configs).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            if let Err(e) = config::load(&path) {
+                panic!("{e}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "demo, disaster kit, sensor station and the reference: found {checked}");
+}
+
+#[test]
+fn effective_config_masks_the_password() {
+    let text = format!("{GOOD}\n[mqtt]\nusername = \"station\"\npassword = \"hunter2\"");
+    let dir = tempfile::tempdir().unwrap();
+    let shown = config::parse(&text, Path::new("station.toml"), dir.path()).unwrap().to_toml_redacted();
+    assert!(shown.contains("username = \"station\""), "{shown}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+}
