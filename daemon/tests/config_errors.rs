@@ -39,6 +39,10 @@ fn broken_files_name_file_line_key_and_problem() {
             "[station]\nid = \"a\"\n[gates.motion]\nthreshold = 3\n[camera]\nsource = \"mjpeg\"\npath = \"builtin:people.mjpeg\"",
             "station.toml:4:1: gates.motion.threshold: unknown field `threshold`, expected one of `enabled`, `pixel_threshold`, `min_area_fraction`, `cooldown_secs`, `analysis_width`",
         ),
+        (
+            "[station]\nid = \"a\"\n[camera]\nsource = \"mjpeg\"",
+            "station.toml:3:1: camera: missing field `path`",
+        ),
         // Wrong types.
         (
             "[station]\nid = \"a\"\n[mqtt]\nport = \"eighteen\"\n[camera]\nsource = \"mjpeg\"\npath = \"builtin:people.mjpeg\"",

@@ -97,9 +97,10 @@ fn problem_from_toml(text: &str, document: Option<&Spanned<DeTable<'_>>>, error:
 fn key_at(table: &DeTable<'_>, offset: usize, prefix: &str) -> Option<String> {
     table.iter().find_map(|(key, value)| {
         let path = if prefix.is_empty() { key.get_ref().to_string() } else { format!("{prefix}.{}", key.get_ref()) };
+        let here = covers(&key.span(), offset) || covers(&value.span(), offset);
         match value.get_ref() {
-            DeValue::Table(inner) => key_at(inner, offset, &path).or_else(|| covers(&key.span(), offset).then_some(path)),
-            _ => (covers(&key.span(), offset) || covers(&value.span(), offset)).then_some(path),
+            DeValue::Table(inner) => key_at(inner, offset, &path).or_else(|| here.then_some(path)),
+            _ => here.then_some(path),
         }
     })
 }

@@ -1,0 +1,268 @@
+//! Real parts for the end-to-end tests: a mosquitto broker on a free loopback port, an MQTT
+//! subscriber, and the `outpostd` binary itself.
+#![allow(dead_code)] // each test file uses its own part of this
+
+use std::io::Write;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a free port");
+    listener.local_addr().unwrap().port()
+}
+
+/// A mosquitto process on 127.0.0.1, killed on drop. Persistence is on, in its own directory, so
+/// that a subscriber's session and queued messages survive a restart of the broker.
+pub struct Mosquitto {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    pub fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = Self { port, dir, child: None };
+        broker.launch();
+        broker
+    }
+
+    fn launch(&mut self) {
+        let config = self.dir.path().join("mosquitto.conf");
+        let mut file = std::fs::File::create(&config).unwrap();
+        // Started as root, mosquitto would switch to its own user and lose access to the tempdir.
+        writeln!(
+            file,
+            "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nuser root\nlog_dest stderr",
+            self.port,
+            self.dir.path().display()
+        )
+        .unwrap();
+        let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mosquitto is not installed: run deploy/dev-setup.sh (Debian package `mosquitto`)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not listen on port {}: {}", self.port, self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the broker the way an operator would (it saves its persistence file).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: String,
+    pub payload: String,
+    pub retained: bool,
+    pub received_at: std::time::SystemTime,
+}
+
+impl Message {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.payload).unwrap_or_else(|e| panic!("{} is not JSON ({e}): {}", self.topic, self.payload))
+    }
+}
+
+/// An MQTT client subscribed to `outpost/#` (QoS 1, persistent session), collecting everything.
+pub struct Subscriber {
+    messages: mpsc::Receiver<Message>,
+    seen: Vec<Message>,
+    client: Client,
+}
+
+impl Subscriber {
+    pub fn connect(port: u16, filter: &str) -> Self {
+        let mut options = MqttOptions::new(format!("test-subscriber-{port}"), "127.0.0.1", port);
+        options.set_clean_session(false).set_keep_alive(Duration::from_secs(5));
+        let (client, mut connection) = Client::new(options, 16);
+        let (tx, messages) = mpsc::channel();
+        let resubscribe = client.clone();
+        let filter = filter.to_owned();
+        std::thread::spawn(move || {
+            for notification in connection.iter() {
+                match notification {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = resubscribe.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let message = Message {
+                            topic: p.topic.clone(),
+                            payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                            retained: p.retain,
+                            received_at: std::time::SystemTime::now(),
+                        };
+                        if tx.send(message).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    // The broker is down: the iterator reconnects on the next call.
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        Self { messages, seen: Vec::new(), client }
+    }
+
+    /// Waits for a message that satisfies `wanted`, that was not returned before.
+    pub fn wait_for(&mut self, what: &str, timeout: Duration, wanted: impl Fn(&Message) -> bool) -> Message {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.messages.recv_timeout(left) {
+                Ok(message) => {
+                    self.seen.push(message.clone());
+                    if wanted(&message) {
+                        return message;
+                    }
+                }
+                Err(_) => panic!("no {what} within {timeout:?}; received:\n{}", self.transcript()),
+            }
+        }
+    }
+
+    pub fn wait_for_payload(&mut self, topic: &str, payload: &str, timeout: Duration) -> Message {
+        self.wait_for(&format!("`{payload}` on {topic}"), timeout, |m| m.topic == topic && m.payload == payload)
+    }
+
+    /// Everything received so far, including what is waiting now.
+    pub fn received(&mut self) -> &[Message] {
+        while let Ok(message) = self.messages.try_recv() {
+            self.seen.push(message);
+        }
+        &self.seen
+    }
+
+    pub fn transcript(&self) -> String {
+        self.seen.iter().map(|m| format!("  {} {}\n", m.topic, m.payload)).collect()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.client.disconnect();
+    }
+}
+
+/// An `outpostd` process, killed on drop; its stderr goes to a file for the failure messages.
+pub struct Daemon {
+    child: Child,
+    stderr_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    pub fn start(args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let stderr_path = dir.path().join("stderr.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_outpostd"))
+            .args(args)
+            .env("RUST_LOG", "info,outpost=debug")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .expect("start outpostd");
+        Self { child, stderr_path, _dir: dir }
+    }
+
+    pub fn run_config(config: &Path) -> Self {
+        Self::start(&["run", "--config", config.to_str().unwrap()])
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "outpostd still running after {timeout:?}; its log:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the log contains `text`.
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.stderr().contains(text) {
+            assert!(Instant::now() < deadline, "outpostd never logged `{text}`; its log:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stdout(&mut self) -> std::process::ChildStdout {
+        self.child.stdout.take().expect("stdout taken once")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a station config for a broker on `port`, with the given extra TOML, into `dir`.
+pub fn write_config(dir: &Path, station: &str, port: u16, extra: &str) -> PathBuf {
+    let path = dir.join(format!("{station}.toml"));
+    let text = format!(
+        "[station]\nid = \"{station}\"\n\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nkeep_alive_secs = 5\nreconnect_min_secs = 0.2\nreconnect_max_secs = 1\n\n{extra}\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub const CLIP_CAMERA: &str = "[camera]\nsource = \"mjpeg\"\npath = \"builtin:people.mjpeg\"\nfps = 20\n";
+pub const FAST_MOTION_GATE: &str = "[gates.motion]\ncooldown_secs = 0.3\n";
