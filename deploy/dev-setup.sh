@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what building and testing outpostd needs on Debian 12 (or a Pi OS based on it), once.
+# Rust itself comes from rustup (https://rustup.rs). Safe to run again: it installs only what is
+# missing.
+set -euo pipefail
+
+packages=(
+  mosquitto          # the broker the end-to-end tests start on loopback
+  mosquitto-clients  # mosquitto_sub, to watch a station
+)
+
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+
+if ((${#missing[@]})); then
+  echo "dev-setup: installing ${missing[*]}" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq -o DPkg::Lock::Timeout=600 "${missing[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null || {
+  echo "dev-setup: cargo not found: install Rust from https://rustup.rs, then run this again" >&2
+  exit 1
+}
