@@ -14,7 +14,11 @@ use tracing_subscriber::EnvFilter;
 const EXIT_BAD_CONFIG: u8 = 78;
 
 #[derive(Parser)]
-#[command(name = "outpostd", version, about = "Offline multimodal sentinel: camera and microphone in, events out over MQTT")]
+#[command(
+    name = "outpostd",
+    version,
+    about = "Offline multimodal sentinel: camera and microphone in, events out over MQTT"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -76,9 +80,8 @@ fn config_error(error: &config::ConfigError) -> ExitCode {
 fn run_demo(broker: Option<String>) -> anyhow::Result<()> {
     let (host, port) = match &broker {
         Some(address) => {
-            let (host, port) = address
-                .rsplit_once(':')
-                .with_context(|| format!("--broker wants HOST:PORT, got `{address}`"))?;
+            let (host, port) =
+                address.rsplit_once(':').with_context(|| format!("--broker wants HOST:PORT, got `{address}`"))?;
             let port = port.parse::<u16>().with_context(|| format!("--broker: `{port}` is not a port number"))?;
             (host.to_owned(), port)
         }

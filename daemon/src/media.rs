@@ -12,10 +12,8 @@ pub const PEOPLE_MJPEG: &str = "people.mjpeg";
 /// A spoken call for help between two seconds of silence, 16 kHz mono.
 pub const SPEECH_WAV: &str = "speech.wav";
 
-const BUILTINS: &[(&str, &[u8])] = &[
-    (PEOPLE_MJPEG, include_bytes!("../media/people.mjpeg")),
-    (SPEECH_WAV, include_bytes!("../media/speech.wav")),
-];
+const BUILTINS: &[(&str, &[u8])] =
+    &[(PEOPLE_MJPEG, include_bytes!("../media/people.mjpeg")), (SPEECH_WAV, include_bytes!("../media/speech.wav"))];
 
 /// Where a source's bytes come from.
 #[derive(Debug, Clone, PartialEq, Eq)]

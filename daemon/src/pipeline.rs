@@ -153,7 +153,13 @@ fn run_frame_source(mut source: Box<dyn FrameSource>, queue: &BoundedQueue<Frame
 }
 
 fn run_audio_source(mut source: Box<dyn AudioSource>, queue: &BoundedQueue<AudioChunk>, stats: &PipelineStats) {
-    run_source(|| source.next_chunk(), |chunk| queue.push_wait(chunk), queue, &stats.audio_chunks_captured, "microphone");
+    run_source(
+        || source.next_chunk(),
+        |chunk| queue.push_wait(chunk),
+        queue,
+        &stats.audio_chunks_captured,
+        "microphone",
+    );
 }
 
 /// Pulls from a source into a queue until the source ends, fails for good, or the queue closes.

@@ -79,7 +79,9 @@ enum Delivery {
     Queued,
     /// Given to the current connection's client; its packet id comes with `Outgoing::Publish`.
     Handed,
-    Sent { pkid: u16 },
+    Sent {
+        pkid: u16,
+    },
 }
 
 #[derive(Debug)]
@@ -212,27 +214,33 @@ impl Publisher {
     }
 
     fn enqueue_status(&mut self, status: &str) {
-        self.enqueue(Message { topic: self.topics.status.clone(), payload: status.into(), retain: true, kind: Kind::Status });
+        self.enqueue(Message {
+            topic: self.topics.status.clone(),
+            payload: status.into(),
+            retain: true,
+            kind: Kind::Status,
+        });
     }
 
     /// Gives queued messages to the connected client, oldest first, within the in-flight window.
     fn hand_over(&mut self) {
         let Some(session) = self.session.as_mut().filter(|s| s.connected) else { return };
-        let mut in_flight = self.unacked.iter().filter(|p| p.delivery != Delivery::Queued).count();
-        for pending in self.unacked.iter_mut().filter(|p| p.delivery == Delivery::Queued) {
-            if in_flight >= MAX_IN_FLIGHT {
-                break;
-            }
+        let in_flight = self.unacked.iter().filter(|p| p.delivery != Delivery::Queued).count();
+        let room = MAX_IN_FLIGHT.saturating_sub(in_flight);
+        for pending in self.unacked.iter_mut().filter(|p| p.delivery == Delivery::Queued).take(room) {
             let message = &pending.message;
-            let result =
-                session.client.try_publish(&message.topic, QoS::AtLeastOnce, message.retain, message.payload.as_bytes());
+            let result = session.client.try_publish(
+                &message.topic,
+                QoS::AtLeastOnce,
+                message.retain,
+                message.payload.as_bytes(),
+            );
             if let Err(e) = result {
                 debug!("client queue full, holding messages back: {e}");
                 break;
             }
             pending.delivery = Delivery::Handed;
             session.handed.push_back(pending.seq);
-            in_flight += 1;
         }
     }
 
@@ -259,8 +267,12 @@ impl Publisher {
                 self.unacked.retain(|p| !(p.message.kind == Kind::Status && p.message.payload == STATUS_ONLINE));
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                let message =
-                    Message { topic: self.topics.status.clone(), payload: STATUS_ONLINE.into(), retain: true, kind: Kind::Status };
+                let message = Message {
+                    topic: self.topics.status.clone(),
+                    payload: STATUS_ONLINE.into(),
+                    retain: true,
+                    kind: Kind::Status,
+                };
                 self.unacked.push_front(Pending { seq, message, delivery: Delivery::Queued });
             }
             SessionNotice::Sent { pkid } => {
@@ -271,7 +283,9 @@ impl Publisher {
                 }
             }
             SessionNotice::Acked { pkid } => {
-                let Some(index) = self.unacked.iter().position(|p| p.delivery == Delivery::Sent { pkid }) else { return };
+                let Some(index) = self.unacked.iter().position(|p| p.delivery == Delivery::Sent { pkid }) else {
+                    return;
+                };
                 if let Some(done) = self.unacked.remove(index) {
                     if done.message.kind == Kind::Event {
                         self.report.events_delivered += 1;
@@ -292,9 +306,15 @@ impl Publisher {
                 self.reconnect_at = Some(Instant::now() + wait);
                 let held = self.unacked.len();
                 if was_connected {
-                    warn!("lost connection to MQTT broker at {}: {why}; reconnecting in {wait:?} ({held} messages held)", self.broker);
+                    warn!(
+                        "lost connection to MQTT broker at {}: {why}; reconnecting in {wait:?} ({held} messages held)",
+                        self.broker
+                    );
                 } else {
-                    warn!("cannot connect to MQTT broker at {}: {why}; retrying in {wait:?} ({held} messages held)", self.broker);
+                    warn!(
+                        "cannot connect to MQTT broker at {}: {why}; retrying in {wait:?} ({held} messages held)",
+                        self.broker
+                    );
                 }
             }
             SessionNotice::Disconnected => self.session = None,

@@ -129,10 +129,7 @@ async fn finish_publisher(
 }
 
 fn log_report(report: PublisherReport) {
-    info!(
-        "publisher stopped: {} events delivered, {} undelivered",
-        report.events_delivered, report.events_undelivered
-    );
+    info!("publisher stopped: {} events delivered, {} undelivered", report.events_delivered, report.events_undelivered);
 }
 
 /// The connection, the topics and the publisher's queue are fixed for a publisher's life.

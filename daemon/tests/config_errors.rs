@@ -55,8 +55,8 @@ fn broken_files_name_file_line_key_and_problem() {
         // Impossible values; every one is reported, not just the first.
         (
             &format!("{GOOD}\n[gates.motion]\ncooldown_secs = -5\nmin_area_fraction = 2.0\n[gates.sound]\nthreshold_dbfs = 6"),
-            "station.toml:11:1: gates.motion.min_area_fraction: must be a fraction of the frame, more than 0 and at most 1, got 2\n\
-             station.toml:10:1: gates.motion.cooldown_secs: must be a number of seconds, 0 or more, got -5\n\
+            "station.toml:10:1: gates.motion.cooldown_secs: must be a number of seconds, 0 or more, got -5\n\
+             station.toml:11:1: gates.motion.min_area_fraction: must be a fraction of the frame, more than 0 and at most 1, got 2\n\
              station.toml:13:1: gates.sound.threshold_dbfs: must be from -120 to 0 dBFS (0 is the loudest a sample can be), got 6",
         ),
         (

@@ -73,7 +73,8 @@ fn broker_restart_loses_no_event() {
     let mut broker = Mosquitto::start();
     let mut subscriber = Subscriber::connect(broker.port, "outpost/#");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "outage", broker.port, &format!("{CLIP_CAMERA}loop = true\n{FAST_MOTION_GATE}"));
+    let config =
+        write_config(dir.path(), "outage", broker.port, &format!("{CLIP_CAMERA}loop = true\n{FAST_MOTION_GATE}"));
 
     let daemon = Daemon::run_config(&config);
     subscriber.wait_for_payload("outpost/outage/status", "online", WAIT);
@@ -99,7 +100,8 @@ fn broker_restart_loses_no_event() {
     // And the daemon carries on publishing new ones.
     let after = SystemTime::now();
     subscriber.wait_for("an event after the outage", WAIT, |m| {
-        m.topic == "outpost/outage/events" && humantime::parse_rfc3339(m.json()["timestamp"].as_str().unwrap()).unwrap() > after
+        m.topic == "outpost/outage/events"
+            && humantime::parse_rfc3339(m.json()["timestamp"].as_str().unwrap()).unwrap() > after
     });
     let log = daemon.stderr();
     assert!(log.contains("reconnecting in"), "{log}");
@@ -125,7 +127,9 @@ fn sighup_applies_a_good_config_keeps_the_old_after_a_bad_one_and_sigterm_stops(
     let log = daemon.stderr();
     assert!(log.contains("camera: missing field `path`"), "{log}");
     let after_bad_reload = SystemTime::now();
-    subscriber.wait_for("an event after the bad reload", WAIT, |m| m.topic == "outpost/first/events" && m.received_at > after_bad_reload);
+    subscriber.wait_for("an event after the bad reload", WAIT, |m| {
+        m.topic == "outpost/first/events" && m.received_at > after_bad_reload
+    });
 
     // A good one with a new station id: the old station says `stopped`, the new one comes online.
     let renamed = write_config(dir.path(), "second", broker.port, &station_config);

@@ -26,7 +26,10 @@ pub struct ImageFiles {
 impl ImageFiles {
     pub fn open(media: &MediaRef) -> Result<Self, SourceError> {
         let MediaRef::Path(dir) = media else {
-            return Err(SourceError::Format { media: media.to_string(), problem: "built-in media is a file, not a directory of images".into() });
+            return Err(SourceError::Format {
+                media: media.to_string(),
+                problem: "built-in media is a file, not a directory of images".into(),
+            });
         };
         let name = media.to_string();
         let entries = std::fs::read_dir(dir).map_err(|source| SourceError::Read { media: name.clone(), source })?;
@@ -39,7 +42,10 @@ impl ImageFiles {
             })
             .collect();
         if files.is_empty() {
-            return Err(SourceError::Format { media: name, problem: "no .png, .jpg or .jpeg images in this directory".into() });
+            return Err(SourceError::Format {
+                media: name,
+                problem: "no .png, .jpg or .jpeg images in this directory".into(),
+            });
         }
         files.sort();
         Ok(Self { dir: dir.clone(), files })
@@ -47,15 +53,17 @@ impl ImageFiles {
 }
 
 impl FrameStore for ImageFiles {
-    fn len(&self) -> usize {
+    fn frame_count(&self) -> usize {
         self.files.len()
     }
 
     fn decode(&self, index: usize) -> Result<RgbImage, SourceError> {
         let path = &self.files[index];
-        image::open(path)
-            .map(|image| image.to_rgb8())
-            .map_err(|e| SourceError::BadFrame { media: path.display().to_string(), index, problem: e.to_string() })
+        image::open(path).map(|image| image.to_rgb8()).map_err(|e| SourceError::BadFrame {
+            media: path.display().to_string(),
+            index,
+            problem: e.to_string(),
+        })
     }
 
     fn describe(&self) -> String {

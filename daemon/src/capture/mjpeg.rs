@@ -28,7 +28,8 @@ impl MjpegFrames {
     pub fn open(media: &MediaRef) -> Result<Self, SourceError> {
         let name = media.to_string();
         let bytes = media.read().map_err(|source| SourceError::Read { media: name.clone(), source })?;
-        let frames = split_jpeg_frames(&bytes).map_err(|problem| SourceError::Format { media: name.clone(), problem })?;
+        let frames =
+            split_jpeg_frames(&bytes).map_err(|problem| SourceError::Format { media: name.clone(), problem })?;
         let store = Self { name, bytes, frames };
         // Decoding the first frame proves the file is what it claims before anything starts.
         store.decode(0)?;
@@ -37,7 +38,7 @@ impl MjpegFrames {
 }
 
 impl FrameStore for MjpegFrames {
-    fn len(&self) -> usize {
+    fn frame_count(&self) -> usize {
         self.frames.len()
     }
 
@@ -131,7 +132,7 @@ mod tests {
     #[test]
     fn sample_clip_splits_into_its_sixty_frames() {
         let frames = MjpegFrames::open(&builtin_people()).unwrap();
-        assert_eq!(frames.len(), 60);
+        assert_eq!(frames.frame_count(), 60);
         let image = frames.decode(59).unwrap();
         assert_eq!((image.width(), image.height()), (320, 240));
     }

@@ -21,8 +21,8 @@ use crate::media::MediaRef;
 
 pub use image_dir::ImageDirReplay;
 pub use mjpeg::{split_jpeg_frames, MjpegReplay};
-pub use wav::WavReplay;
 pub use replay::{FrameStore, Replay};
+pub use wav::WavReplay;
 pub use yuyv::{yuyv_to_rgb, YuyvReplay};
 
 /// The most samples one [`AudioChunk`] holds: 100 ms at 48 kHz.
@@ -99,7 +99,10 @@ pub fn open_camera(config: &CameraConfig, base_dir: &std::path::Path) -> Result<
 }
 
 /// Opens the microphone a config describes.
-pub fn open_microphone(config: &MicrophoneConfig, base_dir: &std::path::Path) -> Result<Box<dyn AudioSource>, SourceError> {
+pub fn open_microphone(
+    config: &MicrophoneConfig,
+    base_dir: &std::path::Path,
+) -> Result<Box<dyn AudioSource>, SourceError> {
     let media = MediaRef::parse(&config.path, base_dir)
         .map_err(|problem| SourceError::Format { media: config.path.clone(), problem })?;
     Ok(match config.source {

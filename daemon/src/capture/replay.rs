@@ -10,7 +10,7 @@ use super::{Frame, FrameSource, SourceError};
 
 /// Recorded frames that can be decoded one at a time, by index.
 pub trait FrameStore: Send {
-    fn len(&self) -> usize;
+    fn frame_count(&self) -> usize;
     fn decode(&self, index: usize) -> Result<RgbImage, SourceError>;
     /// e.g. `mjpeg file builtin:people.mjpeg (60 frames)`.
     fn describe(&self) -> String;
@@ -39,8 +39,8 @@ impl<S: FrameStore> FrameSource for Replay<S> {
     }
 
     fn next_frame(&mut self) -> Result<Option<Frame>, SourceError> {
-        if self.next_index >= self.store.len() {
-            if !self.looping || self.store.len() == 0 {
+        if self.next_index >= self.store.frame_count() {
+            if !self.looping || self.store.frame_count() == 0 {
                 return Ok(None);
             }
             self.next_index = 0;

@@ -24,7 +24,8 @@ impl WavReplay {
         let name = media.to_string();
         let format_error = |problem: String| SourceError::Format { media: name.clone(), problem };
         let bytes = media.read().map_err(|source| SourceError::Read { media: name.clone(), source })?;
-        let reader = hound::WavReader::new(Cursor::new(bytes)).map_err(|e| format_error(format!("not a readable WAV file: {e}")))?;
+        let reader = hound::WavReader::new(Cursor::new(bytes))
+            .map_err(|e| format_error(format!("not a readable WAV file: {e}")))?;
         let spec = reader.spec();
         let chunk_len = (u64::from(spec.sample_rate) * u64::from(chunk_ms) / 1000) as usize;
         if chunk_len == 0 || chunk_len > MAX_CHUNK_SAMPLES {
@@ -58,10 +59,9 @@ impl WavReplay {
 fn read_mono_i16<R: std::io::Read>(mut reader: hound::WavReader<R>) -> Result<Vec<i16>, String> {
     let spec = reader.spec();
     let to_16_bits: Vec<f32> = match spec.sample_format {
-        hound::SampleFormat::Float => reader
-            .samples::<f32>()
-            .map(|s| s.map(|s| s.clamp(-1.0, 1.0) * 32767.0))
-            .collect::<Result<_, _>>(),
+        hound::SampleFormat::Float => {
+            reader.samples::<f32>().map(|s| s.map(|s| s.clamp(-1.0, 1.0) * 32767.0)).collect::<Result<_, _>>()
+        }
         hound::SampleFormat::Int => {
             let scale = 2f32.powi(16 - i32::from(spec.bits_per_sample));
             reader.samples::<i32>().map(|s| s.map(|s| s as f32 * scale)).collect::<Result<_, _>>()
@@ -96,12 +96,14 @@ impl AudioSource for WavReplay {
         }
         let end = (self.next_sample + self.chunk_len).min(self.samples.len());
         let mut samples = heapless::Vec::new();
-        samples
-            .extend_from_slice(&self.samples[self.next_sample..end])
-            .map_err(|_| SourceError::Format { media: self.name.clone(), problem: "chunk larger than its buffer".into() })?;
+        samples.extend_from_slice(&self.samples[self.next_sample..end]).map_err(|_| SourceError::Format {
+            media: self.name.clone(),
+            problem: "chunk larger than its buffer".into(),
+        })?;
         self.next_sample = end;
         self.pacer.wait();
-        let chunk = AudioChunk { seq: self.seq, captured_at: SystemTime::now(), sample_rate: self.sample_rate, samples };
+        let chunk =
+            AudioChunk { seq: self.seq, captured_at: SystemTime::now(), sample_rate: self.sample_rate, samples };
         self.seq += 1;
         Ok(Some(chunk))
     }
@@ -125,7 +127,12 @@ mod tests {
 
     #[test]
     fn replays_every_sample_in_order_and_in_real_time() {
-        let spec = hound::WavSpec { channels: 1, sample_rate: 8000, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: 8000,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
         let input: Vec<i32> = (0..2000).map(|i| i * 7 - 7000).collect();
         let (_dir, media) = write_wav(spec, &input);
         let mut replay = WavReplay::open(&media, 50, false).unwrap();
@@ -142,7 +149,12 @@ mod tests {
 
     #[test]
     fn stereo_24_bit_is_mixed_down_to_mono_16_bit() {
-        let spec = hound::WavSpec { channels: 2, sample_rate: 16000, bits_per_sample: 24, sample_format: hound::SampleFormat::Int };
+        let spec = hound::WavSpec {
+            channels: 2,
+            sample_rate: 16000,
+            bits_per_sample: 24,
+            sample_format: hound::SampleFormat::Int,
+        };
         let (_dir, media) = write_wav(spec, &[256 * 1000, 256 * 3000, -256 * 500, -256 * 1500]);
         let mut replay = WavReplay::open(&media, 10, false).unwrap();
         let chunk = replay.next_chunk().unwrap().unwrap();
@@ -159,9 +171,19 @@ mod tests {
 
     #[test]
     fn chunk_too_long_for_the_rate_is_refused() {
-        let spec = hound::WavSpec { channels: 1, sample_rate: 48000, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: 48000,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
         let (_dir, media) = write_wav(spec, &[0; 10]);
         let err = WavReplay::open(&media, 200, false).err().unwrap().to_string();
-        assert!(err.ends_with("200 ms at 48000 Hz is 9600 samples a chunk; a chunk holds 1 to 4800: use a shorter chunk_ms"), "{err}");
+        assert!(
+            err.ends_with(
+                "200 ms at 48000 Hz is 9600 samples a chunk; a chunk holds 1 to 4800: use a shorter chunk_ms"
+            ),
+            "{err}"
+        );
     }
 }

@@ -28,8 +28,10 @@ impl YuyvFrames {
     pub fn open(media: &MediaRef, width: u32, height: u32) -> Result<Self, SourceError> {
         let name = media.to_string();
         let format_error = |problem: String| SourceError::Format { media: name.clone(), problem };
-        if width == 0 || height == 0 || width % 2 != 0 {
-            return Err(format_error(format!("YUYV frames need an even, non-zero width and a non-zero height, got {width}x{height}")));
+        if width == 0 || height == 0 || !width.is_multiple_of(2) {
+            return Err(format_error(format!(
+                "YUYV frames need an even, non-zero width and a non-zero height, got {width}x{height}"
+            )));
         }
         let bytes = media.read().map_err(|source| SourceError::Read { media: name.clone(), source })?;
         let frame_len = frame_len(width, height);
@@ -48,7 +50,7 @@ fn frame_len(width: u32, height: u32) -> usize {
 }
 
 impl FrameStore for YuyvFrames {
-    fn len(&self) -> usize {
+    fn frame_count(&self) -> usize {
         self.bytes.len() / frame_len(self.width, self.height)
     }
 
@@ -59,7 +61,7 @@ impl FrameStore for YuyvFrames {
     }
 
     fn describe(&self) -> String {
-        format!("yuyv file {} ({}x{}, {} frames)", self.name, self.width, self.height, self.len())
+        format!("yuyv file {} ({}x{}, {} frames)", self.name, self.width, self.height, self.frame_count())
     }
 }
 
@@ -117,6 +119,9 @@ mod tests {
         let path = dir.path().join("cam.yuyv");
         std::fs::write(&path, vec![0u8; 4 * 2 * 2 * 3 + 1]).unwrap();
         let err = YuyvFrames::open(&MediaRef::Path(path), 4, 2).err().unwrap().to_string();
-        assert!(err.ends_with("49 bytes is not a whole number of 4x2 YUYV frames (16 bytes each): check width and height"), "{err}");
+        assert!(
+            err.ends_with("49 bytes is not a whole number of 4x2 YUYV frames (16 bytes each): check width and height"),
+            "{err}"
+        );
     }
 }

@@ -51,7 +51,11 @@ impl fmt::Display for ConfigError {
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: path.to_owned(),
-        problems: vec![Problem { position: None, key: String::new(), message: format!("cannot read config file: {e}") }],
+        problems: vec![Problem {
+            position: None,
+            key: String::new(),
+            message: format!("cannot read config file: {e}"),
+        }],
     })?;
     let base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
     parse(&text, path, &base_dir)
@@ -64,14 +68,17 @@ pub fn parse(text: &str, file: &Path, base_dir: &Path) -> Result<Config, ConfigE
         Ok(document) => document,
         Err(e) => return Err(fail(vec![problem_from_toml(text, None, &e)])),
     };
-    let mut config: Config = toml::from_str(text).map_err(|e| fail(vec![problem_from_toml(text, Some(&document), &e)]))?;
+    let mut config: Config =
+        toml::from_str(text).map_err(|e| fail(vec![problem_from_toml(text, Some(&document), &e)]))?;
     config.base_dir = base_dir.to_owned();
 
     let locator = Locator { text, document: &document };
-    let problems: Vec<Problem> = validate::validate(&config)
+    let mut problems: Vec<Problem> = validate::validate(&config)
         .into_iter()
         .map(|(key, message)| Problem { position: locator.position_of_key(&key), key, message })
         .collect();
+    // In file order, as a person reads the file.
+    problems.sort_by_key(|p| p.position);
     if problems.is_empty() {
         Ok(config)
     } else {

@@ -51,11 +51,8 @@ impl Default for StationConfig {
 /// stations on one broker do not collide when neither sets an id.
 fn default_station_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let id: String = host
-        .trim()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
-        .collect();
+    let id: String =
+        host.trim().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect();
     if id.is_empty() {
         "outpost".into()
     } else {
@@ -174,13 +171,7 @@ pub struct MotionGateConfig {
 
 impl Default for MotionGateConfig {
     fn default() -> Self {
-        Self {
-            enabled: true,
-            pixel_threshold: 25,
-            min_area_fraction: 0.005,
-            cooldown_secs: 5.0,
-            analysis_width: 160,
-        }
+        Self { enabled: true, pixel_threshold: 25, min_area_fraction: 0.005, cooldown_secs: 5.0, analysis_width: 160 }
     }
 }
 

@@ -37,7 +37,10 @@ impl Problems {
 fn station(config: &Config, problems: &mut Problems) {
     let id = &config.station.id;
     if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        problems.add("station.id", format!("must be letters, digits, `-` or `_` (it becomes an MQTT topic level), got \"{id}\""));
+        problems.add(
+            "station.id",
+            format!("must be letters, digits, `-` or `_` (it becomes an MQTT topic level), got \"{id}\""),
+        );
     }
     if let Err(why) = check_topic_prefix(&config.station.topic_prefix) {
         problems.add("station.topic_prefix", format!("{why}, got \"{}\"", config.station.topic_prefix));
@@ -100,7 +103,10 @@ fn mqtt(config: &Config, problems: &mut Problems) {
     if mqtt.reconnect_max_secs < mqtt.reconnect_min_secs {
         problems.add(
             "mqtt.reconnect_max_secs",
-            format!("must not be less than mqtt.reconnect_min_secs ({} < {})", mqtt.reconnect_max_secs, mqtt.reconnect_min_secs),
+            format!(
+                "must not be less than mqtt.reconnect_min_secs ({} < {})",
+                mqtt.reconnect_max_secs, mqtt.reconnect_min_secs
+            ),
         );
     }
 }
@@ -110,17 +116,19 @@ fn sources(config: &Config, problems: &mut Problems) {
         problems.add("", "there is neither a [camera] nor a [microphone]: configure at least one, or the station has nothing to watch");
     }
     if let Some(camera) = &config.camera {
-        let mut usable = true;
+        let mut probe = camera.clone();
         if !(camera.fps.is_finite() && camera.fps > 0.0 && camera.fps <= 120.0) {
             problems.add("camera.fps", format!("must be more than 0 and at most 120 frames a second, got {}", camera.fps));
-            usable = false;
+            // Still check the media, at a rate that works, so that its problems show too.
+            probe.fps = 1.0;
         }
+        let mut size_known = true;
         match camera.source {
             CameraSourceKind::Yuyv => {
                 for (key, value) in [("camera.width", camera.width), ("camera.height", camera.height)] {
                     if value.is_none() {
                         problems.add(key, "is required for raw YUYV: the file does not say its frame size");
-                        usable = false;
+                        size_known = false;
                     }
                 }
             }
@@ -132,15 +140,18 @@ fn sources(config: &Config, problems: &mut Problems) {
             }
         }
         // Opening a replay source reads and checks its media: what is wrong is reported now.
-        if usable {
-            if let Err(e) = capture::open_camera(camera, &config.base_dir) {
+        if size_known {
+            if let Err(e) = capture::open_camera(&probe, &config.base_dir) {
                 problems.add("camera.path", e.to_string());
             }
         }
     }
     if let Some(microphone) = &config.microphone {
         if !(10..=100).contains(&microphone.chunk_ms) {
-            problems.add("microphone.chunk_ms", format!("must be from 10 to 100 milliseconds, got {}", microphone.chunk_ms));
+            problems.add(
+                "microphone.chunk_ms",
+                format!("must be from 10 to 100 milliseconds, got {}", microphone.chunk_ms),
+            );
         } else if let Err(e) = capture::open_microphone(microphone, &config.base_dir) {
             problems.add("microphone.path", e.to_string());
         }
@@ -157,7 +168,10 @@ fn gates(config: &Config, problems: &mut Problems) {
     }
     problems.seconds("gates.motion.cooldown_secs", motion.cooldown_secs, false);
     if !(16..=1920).contains(&motion.analysis_width) {
-        problems.add("gates.motion.analysis_width", format!("must be from 16 to 1920 pixels, got {}", motion.analysis_width));
+        problems.add(
+            "gates.motion.analysis_width",
+            format!("must be from 16 to 1920 pixels, got {}", motion.analysis_width),
+        );
     }
     let sound = &config.gates.sound;
     if !(sound.threshold_dbfs.is_finite() && (-120.0..=0.0).contains(&sound.threshold_dbfs)) {
@@ -171,7 +185,11 @@ fn gates(config: &Config, problems: &mut Problems) {
 
 fn queues(config: &Config, problems: &mut Problems) {
     let queues = &config.queues;
-    for (key, value) in [("queues.frames", queues.frames), ("queues.audio_chunks", queues.audio_chunks), ("queues.events", queues.events)] {
+    for (key, value) in [
+        ("queues.frames", queues.frames),
+        ("queues.audio_chunks", queues.audio_chunks),
+        ("queues.events", queues.events),
+    ] {
         if !(1..=10_000).contains(&value) {
             problems.add(key, format!("must hold from 1 to 10000 items, got {value}"));
         }
@@ -195,7 +213,10 @@ mod tests {
     fn log_levels() {
         assert!(check_log_level("info").is_ok());
         assert!(check_log_level("warn,outpost::publish=debug").is_ok());
-        assert_eq!(check_log_level("verbose").unwrap_err(), "`verbose` is none of off, error, warn, info, debug, trace");
+        assert_eq!(
+            check_log_level("verbose").unwrap_err(),
+            "`verbose` is none of off, error, warn, info, debug, trace"
+        );
         assert!(check_log_level("info,outpost=loud").is_err());
     }
 }

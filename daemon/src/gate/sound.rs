@@ -31,7 +31,10 @@ pub struct SoundGate {
 
 impl SoundGate {
     pub fn new(config: &SoundGateConfig) -> Self {
-        Self { threshold_dbfs: config.threshold_dbfs, cooldown: Cooldown::new(Duration::from_secs_f64(config.cooldown_secs)) }
+        Self {
+            threshold_dbfs: config.threshold_dbfs,
+            cooldown: Cooldown::new(Duration::from_secs_f64(config.cooldown_secs)),
+        }
     }
 
     pub fn observe(&mut self, chunk: &AudioChunk, now: Instant) -> Option<SoundEvent> {
@@ -72,7 +75,8 @@ mod tests {
     use super::*;
 
     fn sine_chunk(seq: u64, amplitude: f64) -> AudioChunk {
-        let samples = (0..1600).map(|i| (amplitude * 32767.0 * (i as f64 * 2.0 * std::f64::consts::PI * 440.0 / 16000.0).sin()) as i16);
+        let samples = (0..1600)
+            .map(|i| (amplitude * 32767.0 * (i as f64 * 2.0 * std::f64::consts::PI * 440.0 / 16000.0).sin()) as i16);
         AudioChunk { seq, captured_at: SystemTime::now(), sample_rate: 16000, samples: samples.collect() }
     }
 

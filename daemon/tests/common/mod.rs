@@ -24,6 +24,7 @@ pub struct Mosquitto {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    password_file: Option<PathBuf>,
 }
 
 impl Mosquitto {
@@ -33,7 +34,23 @@ impl Mosquitto {
 
     pub fn start_on(port: u16) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut broker = Self { port, dir, child: None };
+        let mut broker = Self { port, dir, child: None, password_file: None };
+        broker.launch();
+        broker
+    }
+
+    /// A broker that admits only `user` with `password`.
+    pub fn start_with_password(user: &str, password: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let password_file = dir.path().join("passwords");
+        let status = Command::new("mosquitto_passwd")
+            .args(["-c", "-b"])
+            .arg(&password_file)
+            .args([user, password])
+            .status()
+            .expect("mosquitto_passwd (Debian package `mosquitto`)");
+        assert!(status.success());
+        let mut broker = Self { port: free_port(), dir, child: None, password_file: Some(password_file) };
         broker.launch();
         broker
     }
@@ -42,9 +59,13 @@ impl Mosquitto {
         let config = self.dir.path().join("mosquitto.conf");
         let mut file = std::fs::File::create(&config).unwrap();
         // Started as root, mosquitto would switch to its own user and lose access to the tempdir.
+        match &self.password_file {
+            Some(passwords) => writeln!(file, "allow_anonymous false\npassword_file {}", passwords.display()).unwrap(),
+            None => writeln!(file, "allow_anonymous true").unwrap(),
+        }
         writeln!(
             file,
-            "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nuser root\nlog_dest stderr",
+            "listener {} 127.0.0.1\npersistence true\npersistence_location {}/\nuser root\nlog_dest stderr",
             self.port,
             self.dir.path().display()
         )
@@ -103,7 +124,8 @@ pub struct Message {
 
 impl Message {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.payload).unwrap_or_else(|e| panic!("{} is not JSON ({e}): {}", self.topic, self.payload))
+        serde_json::from_str(&self.payload)
+            .unwrap_or_else(|e| panic!("{} is not JSON ({e}): {}", self.topic, self.payload))
     }
 }
 

@@ -1,0 +1,77 @@
+//! The command line as a person meets it: exit codes and what is printed.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{write_config, Daemon, Mosquitto, CLIP_CAMERA};
+
+fn outpostd(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_outpostd")).args(args).output().expect("run outpostd")
+}
+
+#[test]
+fn check_config_prints_the_effective_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "checked", 1883, CLIP_CAMERA);
+    let output = outpostd(&["check-config", config.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
+    let shown = String::from_utf8(output.stdout).unwrap();
+    // Defaults the file left out are shown too.
+    assert!(shown.contains("topic_prefix = \"outpost\""), "{shown}");
+    assert!(shown.contains("[gates.motion]") && shown.contains("cooldown_secs = 5.0"), "{shown}");
+    assert!(String::from_utf8_lossy(&output.stderr).ends_with("config is valid\n"));
+}
+
+#[test]
+fn bad_config_exits_78_with_every_problem_and_starts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "bad", 1883, "[camera]\nsource = \"mjpeg\"\npath = \"gone.mjpeg\"\nfps = 0");
+    for args in [vec!["check-config", config.to_str().unwrap()], vec!["run", "--config", config.to_str().unwrap()]] {
+        let output = outpostd(&args);
+        assert_eq!(output.status.code(), Some(78), "{args:?}: {output:?}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        let file = config.display();
+        assert_eq!(
+            stderr,
+            format!(
+                "{file}:13:1: camera.path: cannot read {dir}/gone.mjpeg: No such file or directory (os error 2)\n\
+                 {file}:14:1: camera.fps: must be more than 0 and at most 120 frames a second, got 0\n\
+                 outpostd: the config has 2 problem(s); nothing was started\n",
+                dir = dir.path().display()
+            ),
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn version_is_printed() {
+    let output = outpostd(&["--version"]);
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8(output.stdout).unwrap(), format!("outpostd {}\n", env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn credentials_reach_the_broker_and_a_wrong_password_is_reported() {
+    let broker = Mosquitto::start_with_password("station", "s3cret");
+    let dir = tempfile::tempdir().unwrap();
+    let station = |name: &str, password: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        let text = format!(
+            "[station]\nid = \"{name}\"\n[mqtt]\nport = {}\nusername = \"station\"\npassword = \"{password}\"\n{CLIP_CAMERA}loop = true\n",
+            broker.port
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let wait = Duration::from_secs(20);
+
+    let refused = Daemon::run_config(&station("intruder", "guess"));
+    refused.wait_for_log(&format!("cannot connect to MQTT broker at 127.0.0.1:{}", broker.port), wait);
+    assert!(refused.stderr().contains("Connection refused, return code: `NotAuthorized`"), "{}", refused.stderr());
+
+    let admitted = Daemon::run_config(&station("trusted", "s3cret"));
+    admitted.wait_for_log(&format!("connected to MQTT broker at 127.0.0.1:{} as outpostd-trusted", broker.port), wait);
+}
