@@ -25,6 +25,8 @@ use crate::queue::{BoundedQueue, Pop};
 const MAX_CONSECUTIVE_SOURCE_ERRORS: u32 = 10;
 /// How often an idle gate looks up from its queue.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How often a gate retries an event while the publisher's queue is full.
+const SEND_RETRY_INTERVAL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Default)]
 pub struct PipelineStats {
@@ -211,8 +213,7 @@ fn run_gate<T>(
                 if let Some(event) = gate(&item) {
                     debug!("{} event {}", event.kind(), event.id);
                     stats.events.fetch_add(1, Ordering::Relaxed);
-                    if events.blocking_send(event).is_err() {
-                        warn!("publisher has stopped; gate stopping");
+                    if !send_event(event, events, queue) {
                         queue.close();
                         return;
                     }
@@ -220,6 +221,32 @@ fn run_gate<T>(
             }
             Pop::TimedOut => {}
             Pop::Closed => return,
+        }
+    }
+}
+
+/// Waits for room in the publisher's queue (full while the broker is unreachable), but not past a
+/// stop: a gate that blocked there would hold the daemon up. False when the gate should end.
+fn send_event<T>(mut event: Event, events: &mpsc::Sender<Event>, queue: &BoundedQueue<T>) -> bool {
+    loop {
+        match events.try_send(event) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Full(held)) if !queue.is_closed() => {
+                event = held;
+                std::thread::sleep(SEND_RETRY_INTERVAL);
+            }
+            Err(mpsc::error::TrySendError::Full(held)) => {
+                warn!(
+                    "stopping with the event queue full (broker unreachable): {} event {} is lost",
+                    held.kind(),
+                    held.id
+                );
+                return true;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                warn!("publisher has stopped; gate stopping");
+                return false;
+            }
         }
     }
 }

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
@@ -52,12 +52,35 @@ pub struct PublisherReport {
     pub events_undelivered: usize,
 }
 
-/// Starts the publisher task. It takes events from the returned sender until every clone of it
-/// is dropped, then flushes, publishes `stopped` and disconnects.
-pub fn spawn(config: &Config, echo: bool) -> (mpsc::Sender<Event>, JoinHandle<PublisherReport>) {
-    let (events_tx, events_rx) = mpsc::channel(config.queues.events);
+/// The running publisher task.
+pub struct PublisherHandle {
+    events: mpsc::Sender<Event>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<PublisherReport>,
+}
+
+impl PublisherHandle {
+    /// Where the gates send events.
+    pub fn events(&self) -> mpsc::Sender<Event> {
+        self.events.clone()
+    }
+
+    /// Takes what is already in the event queue, flushes (at most `FLUSH_TIMEOUT` for the acks),
+    /// publishes `stopped` and disconnects. Does not wait on senders still open: a gate stuck
+    /// behind a full queue must not hold up a stop.
+    pub async fn stop(self) -> Result<PublisherReport, tokio::task::JoinError> {
+        let _ = self.stop.send(());
+        drop(self.events);
+        self.task.await
+    }
+}
+
+/// Starts the publisher task.
+pub fn spawn(config: &Config, echo: bool) -> PublisherHandle {
+    let (events, events_rx) = mpsc::channel(config.queues.events);
+    let (stop, stop_rx) = oneshot::channel();
     let publisher = Publisher::new(config, echo);
-    (events_tx, tokio::spawn(publisher.run(events_rx)))
+    PublisherHandle { events, stop, task: tokio::spawn(publisher.run(events_rx, stop_rx)) }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,12 +186,12 @@ impl Publisher {
         }
     }
 
-    async fn run(mut self, mut events: mpsc::Receiver<Event>) -> PublisherReport {
-        let mut events_open = true;
+    async fn run(mut self, mut events: mpsc::Receiver<Event>, mut stop: oneshot::Receiver<()>) -> PublisherReport {
+        let mut stopping = false;
         let mut flush_deadline: Option<Instant> = None;
         loop {
             self.hand_over();
-            if !events_open && flush_deadline.is_none() {
+            if stopping && flush_deadline.is_none() {
                 self.enqueue_status(STATUS_STOPPED);
                 self.hand_over();
                 flush_deadline = Some(Instant::now() + FLUSH_TIMEOUT);
@@ -178,15 +201,18 @@ impl Publisher {
             }
             let room = self.unacked.len() < self.capacity;
             tokio::select! {
-                event = events.recv(), if events_open && room => match event {
-                    Some(event) => self.enqueue(Message {
-                        topic: self.topics.events.clone(),
-                        payload: event.to_json(),
-                        retain: false,
-                        kind: Kind::Event,
-                    }),
-                    None => events_open = false,
+                event = events.recv(), if !stopping && room => match event {
+                    Some(event) => self.enqueue_event(&event),
+                    None => stopping = true,
                 },
+                _ = &mut stop, if !stopping => {
+                    stopping = true;
+                    // What the gates managed to queue is kept, past the capacity if need be.
+                    events.close();
+                    while let Ok(event) = events.try_recv() {
+                        self.enqueue_event(&event);
+                    }
+                }
                 Some((session, notice)) = self.notices_rx.recv() => self.on_notice(session, notice),
                 () = sleep_until(self.reconnect_at.unwrap_or_else(Instant::now)), if self.session.is_none() && self.reconnect_at.is_some() => {
                     self.start_session();
@@ -211,6 +237,15 @@ impl Publisher {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.unacked.push_back(Pending { seq, message, delivery: Delivery::Queued });
+    }
+
+    fn enqueue_event(&mut self, event: &Event) {
+        self.enqueue(Message {
+            topic: self.topics.events.clone(),
+            payload: event.to_json(),
+            retain: false,
+            kind: Kind::Event,
+        });
     }
 
     fn enqueue_status(&mut self, status: &str) {

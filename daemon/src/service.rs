@@ -3,13 +3,10 @@
 use std::path::PathBuf;
 
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::capture::SourceError;
 use crate::config::{self, Config};
-use crate::event::Event;
 use crate::pipeline::Pipeline;
 use crate::publish::{self, PublisherReport};
 
@@ -47,12 +44,11 @@ pub async fn run(mut config: Config, options: ServiceOptions) -> Result<Publishe
     let mut sighup = signal(SignalKind::hangup()).map_err(ServiceError::Signals)?;
 
     info!("station `{}` publishing under {}/", config.station.id, config.topic_root());
-    let (mut events, mut publisher) = publish::spawn(&config, options.echo);
-    let mut pipeline = match Pipeline::start(&config, events.clone()) {
+    let mut publisher = publish::spawn(&config, options.echo);
+    let mut pipeline = match Pipeline::start(&config, publisher.events()) {
         Ok(pipeline) => pipeline,
         Err(e) => {
-            drop(events);
-            publisher.await?;
+            publisher.stop().await?;
             return Err(e.into());
         }
     };
@@ -92,15 +88,14 @@ pub async fn run(mut config: Config, options: ServiceOptions) -> Result<Publishe
                 info!("SIGHUP: applying the new config from {}", path.display());
                 stop_pipeline(&mut pipeline).await;
                 if needs_new_publisher(&config, &new) {
-                    drop(events);
-                    log_report(publisher.await?);
-                    (events, publisher) = publish::spawn(&new, options.echo);
+                    log_report(&publisher.stop().await?);
+                    publisher = publish::spawn(&new, options.echo);
                 }
-                pipeline = match Pipeline::start(&new, events.clone()) {
+                pipeline = match Pipeline::start(&new, publisher.events()) {
                     Ok(pipeline) => pipeline,
                     Err(e) => {
                         error!("SIGHUP: cannot start the new config ({e}); going back to the previous one");
-                        Pipeline::start(&config, events.clone())?
+                        Pipeline::start(&config, publisher.events())?
                     }
                 };
                 config = new;
@@ -108,8 +103,9 @@ pub async fn run(mut config: Config, options: ServiceOptions) -> Result<Publishe
         }
     }
     stop_pipeline(&mut pipeline).await;
-    drop(pipeline);
-    finish_publisher(events, publisher).await
+    let report = publisher.stop().await?;
+    log_report(&report);
+    Ok(report)
 }
 
 async fn stop_pipeline(pipeline: &mut Pipeline) {
@@ -118,17 +114,7 @@ async fn stop_pipeline(pipeline: &mut Pipeline) {
     info!("capture stopped: {}", pipeline.summary());
 }
 
-async fn finish_publisher(
-    events: mpsc::Sender<Event>,
-    publisher: JoinHandle<PublisherReport>,
-) -> Result<PublisherReport, ServiceError> {
-    drop(events);
-    let report = publisher.await?;
-    log_report(report.clone());
-    Ok(report)
-}
-
-fn log_report(report: PublisherReport) {
+fn log_report(report: &PublisherReport) {
     info!("publisher stopped: {} events delivered, {} undelivered", report.events_delivered, report.events_undelivered);
 }
 

@@ -161,6 +161,23 @@ fn daemon_keeps_trying_when_no_broker_is_there() {
 }
 
 #[test]
+fn sigterm_stops_promptly_while_the_broker_is_down_and_the_queue_is_full() {
+    let port = common::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("{CLIP_CAMERA}loop = true\n[gates.motion]\ncooldown_secs = 0\n[queues]\nevents = 2\n");
+    let config = write_config(dir.path(), "stranded", port, &extra);
+    let mut daemon = Daemon::run_config(&config);
+    daemon.wait_for_log("cannot connect to MQTT broker", WAIT);
+    // With no cool-down every frame of the walking people is an event: the queue of 2 fills.
+    std::thread::sleep(Duration::from_secs(1));
+    daemon.signal(Signal::SIGTERM);
+    let status = daemon.wait(Duration::from_secs(15));
+    assert!(status.success(), "{status}; log:\n{}", daemon.stderr());
+    let log = daemon.stderr();
+    assert!(log.contains("events were not acknowledged by the broker at 127.0.0.1"), "{log}");
+}
+
+#[test]
 fn demo_runs_with_its_own_broker_and_stops_on_ctrl_c() {
     let mut daemon = Daemon::start(&["demo"]);
     let stdout = BufReader::new(daemon.stdout());

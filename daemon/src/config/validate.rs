@@ -118,7 +118,8 @@ fn sources(config: &Config, problems: &mut Problems) {
     if let Some(camera) = &config.camera {
         let mut probe = camera.clone();
         if !(camera.fps.is_finite() && camera.fps > 0.0 && camera.fps <= 120.0) {
-            problems.add("camera.fps", format!("must be more than 0 and at most 120 frames a second, got {}", camera.fps));
+            problems
+                .add("camera.fps", format!("must be more than 0 and at most 120 frames a second, got {}", camera.fps));
             // Still check the media, at a rate that works, so that its problems show too.
             probe.fps = 1.0;
         }
