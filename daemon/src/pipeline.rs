@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use crate::capture::{self, AudioChunk, AudioSource, Frame, FrameSource, SourceError};
+use crate::capture::{self, AudioChunk, Frame, SourceError};
 use crate::config::Config;
 use crate::event::{Event, EventDetail};
 use crate::gate::{MotionGate, SoundGate};
@@ -47,31 +47,25 @@ pub struct Pipeline {
 impl Pipeline {
     /// Opens the sources and starts every stage. Events go to `events`.
     pub fn start(config: &Config, events: mpsc::Sender<Event>) -> Result<Self, SourceError> {
-        let stats = Arc::new(PipelineStats::default());
         let (gate_alive, gates_done) = mpsc::channel(1);
-        let station = config.station.id.clone();
+        let lanes = Lanes { stats: Arc::new(PipelineStats::default()), events, gate_alive };
 
         let frames = match &config.camera {
             Some(camera) if config.gates.motion.enabled => {
-                let source = capture::open_camera(camera, &config.base_dir)?;
-                let queue = Arc::new(BoundedQueue::new(config.queues.frames));
+                let mut source = capture::open_camera(camera, &config.base_dir)?;
                 info!("camera: {}", source.describe());
-                spawn_stage("camera", {
-                    let (queue, stats) = (Arc::clone(&queue), Arc::clone(&stats));
-                    move || run_frame_source(source, &queue, &stats)
-                });
                 let mut gate = MotionGate::new(&config.gates.motion);
-                spawn_stage("motion-gate", {
-                    let (queue, events, stats, station, alive) =
-                        (Arc::clone(&queue), events.clone(), Arc::clone(&stats), station.clone(), gate_alive.clone());
-                    move || {
-                        run_gate(&queue, &events, &stats, |frame| {
-                            gate.observe(frame, Instant::now()).map(|m| Event::new(&station, EventDetail::Motion(m)))
-                        });
-                        drop(alive);
-                    }
-                });
-                Some(queue)
+                let station = config.station.id.clone();
+                Some(lanes.spawn(
+                    ["camera", "motion-gate"],
+                    config.queues.frames,
+                    move || source.next_frame(),
+                    WhenFull::DropOldest,
+                    |stats| &stats.frames_captured,
+                    move |frame| {
+                        gate.observe(frame, Instant::now()).map(|m| Event::new(&station, EventDetail::Motion(m)))
+                    },
+                ))
             }
             Some(_) => {
                 info!("camera configured but the motion gate is off: not capturing frames");
@@ -82,24 +76,20 @@ impl Pipeline {
 
         let audio = match &config.microphone {
             Some(microphone) if config.gates.sound.enabled => {
-                let source = capture::open_microphone(microphone, &config.base_dir)?;
-                let queue = Arc::new(BoundedQueue::new(config.queues.audio_chunks));
+                let mut source = capture::open_microphone(microphone, &config.base_dir)?;
                 info!("microphone: {}", source.describe());
-                spawn_stage("microphone", {
-                    let (queue, stats) = (Arc::clone(&queue), Arc::clone(&stats));
-                    move || run_audio_source(source, &queue, &stats)
-                });
                 let mut gate = SoundGate::new(&config.gates.sound);
-                spawn_stage("sound-gate", {
-                    let (queue, events, stats, alive) = (Arc::clone(&queue), events, Arc::clone(&stats), gate_alive);
-                    move || {
-                        run_gate(&queue, &events, &stats, |chunk| {
-                            gate.observe(chunk, Instant::now()).map(|s| Event::new(&station, EventDetail::Sound(s)))
-                        });
-                        drop(alive);
-                    }
-                });
-                Some(queue)
+                let station = config.station.id.clone();
+                Some(lanes.spawn(
+                    ["microphone", "sound-gate"],
+                    config.queues.audio_chunks,
+                    move || source.next_chunk(),
+                    WhenFull::Wait,
+                    |stats| &stats.audio_chunks_captured,
+                    move |chunk| {
+                        gate.observe(chunk, Instant::now()).map(|s| Event::new(&station, EventDetail::Sound(s)))
+                    },
+                ))
             }
             Some(_) => {
                 info!("microphone configured but the sound gate is off: not capturing audio");
@@ -110,7 +100,7 @@ impl Pipeline {
         if frames.is_none() && audio.is_none() {
             warn!("no gate is enabled: nothing will be published but the station's status");
         }
-        Ok(Self { frames, audio, stats, gates_done })
+        Ok(Self { frames, audio, stats: lanes.stats, gates_done })
     }
 
     /// Resolves once every gate has finished: all sources ended, or [`Pipeline::stop`] was called.
@@ -144,24 +134,59 @@ impl Pipeline {
     }
 }
 
-fn spawn_stage(name: &str, body: impl FnOnce() + Send + 'static) {
-    if let Err(e) = std::thread::Builder::new().name(name.to_owned()).spawn(body) {
-        error!("cannot start the {name} thread: {e}");
+/// What a source does when its queue is full.
+#[derive(Debug, Clone, Copy)]
+enum WhenFull {
+    DropOldest,
+    Wait,
+}
+
+/// What every lane (a source thread feeding a gate thread) shares.
+struct Lanes {
+    stats: Arc<PipelineStats>,
+    events: mpsc::Sender<Event>,
+    /// Each gate thread holds a clone; `gates_done` sees them all dropped.
+    gate_alive: mpsc::Sender<()>,
+}
+
+impl Lanes {
+    /// Starts a source thread and a gate thread joined by a queue of `capacity`.
+    fn spawn<T: Send + 'static>(
+        &self,
+        [source_name, gate_name]: [&'static str; 2],
+        capacity: usize,
+        mut next: impl FnMut() -> Result<Option<T>, SourceError> + Send + 'static,
+        when_full: WhenFull,
+        counter: fn(&PipelineStats) -> &AtomicU64,
+        mut gate: impl FnMut(&T) -> Option<Event> + Send + 'static,
+    ) -> Arc<BoundedQueue<T>> {
+        let queue = Arc::new(BoundedQueue::new(capacity));
+        spawn_thread(source_name, {
+            let (queue, stats) = (Arc::clone(&queue), Arc::clone(&self.stats));
+            move || {
+                let push = |item| match when_full {
+                    WhenFull::DropOldest => queue.push_drop_oldest(item),
+                    WhenFull::Wait => queue.push_wait(item),
+                };
+                run_source(&mut next, push, &queue, counter(&stats), source_name);
+            }
+        });
+        spawn_thread(gate_name, {
+            let (queue, events, stats, alive) =
+                (Arc::clone(&queue), self.events.clone(), Arc::clone(&self.stats), self.gate_alive.clone());
+            move || {
+                run_gate(&queue, &events, &stats, &mut gate);
+                drop(alive);
+            }
+        });
+        queue
     }
 }
 
-fn run_frame_source(mut source: Box<dyn FrameSource>, queue: &BoundedQueue<Frame>, stats: &PipelineStats) {
-    run_source(|| source.next_frame(), |frame| queue.push_drop_oldest(frame), queue, &stats.frames_captured, "camera");
-}
-
-fn run_audio_source(mut source: Box<dyn AudioSource>, queue: &BoundedQueue<AudioChunk>, stats: &PipelineStats) {
-    run_source(
-        || source.next_chunk(),
-        |chunk| queue.push_wait(chunk),
-        queue,
-        &stats.audio_chunks_captured,
-        "microphone",
-    );
+fn spawn_thread(name: &str, body: impl FnOnce() + Send + 'static) {
+    if let Err(e) = std::thread::Builder::new().name(name.to_owned()).spawn(body) {
+        error!("cannot start the {name} thread: {e}");
+    }
 }
 
 /// Pulls from a source into a queue until the source ends, fails for good, or the queue closes.
