@@ -8,6 +8,7 @@ pub mod demo;
 pub mod event;
 pub mod gate;
 pub mod media;
+pub mod model;
 pub mod pipeline;
 pub mod publish;
 pub mod queue;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outpost::config::{self, Config};
+use outpost::model::Bundle;
 use outpost::service::{self, ServiceOptions};
 use outpost::{broker, demo};
 use tracing_subscriber::EnvFilter;
@@ -43,6 +44,20 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Work with model bundles.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Check a bundle's files against its manifest and describe the model.
+    Inspect {
+        #[arg(value_name = "BUNDLE")]
+        bundle: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,6 +76,9 @@ fn main() -> ExitCode {
             }
             Err(e) => return config_error(&e),
         },
+        Command::Model { command: ModelCommand::Inspect { bundle } } => {
+            Bundle::open(&bundle).map(|bundle| print!("{bundle}")).map_err(anyhow::Error::from)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
