@@ -1,0 +1,328 @@
+//! Running a Gemma 4 ONNX bundle with tract: token embedding, the vision and audio encoders, and
+//! the decoder with its key/value cache, then greedy or sampled generation.
+//!
+//! The graph layout is the one `deploy/models/make_tiny_gemma4.py` exports (see the bundle's
+//! manifest, `graphs`): `embed` maps ids to `inputs_embeds` and `per_layer_inputs`; `decoder`
+//! takes those plus `past_key_i`/`past_value_i` for each layer that owns a cache and returns
+//! logits (already soft-capped) and the `present_*` caches; `vision` and `audio` return soft
+//! tokens with a validity mask.
+
+use std::path::Path;
+
+use tract_onnx::prelude::*;
+
+use super::{AudioFeatures, Bundle, Sampler};
+
+/// A loaded, optimised graph ready to run.
+type Plan = Arc<TypedRunnableModel>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("bundle has no `{0}` graph")]
+    MissingGraph(&'static str),
+    #[error("cannot load {path}: {source:#}")]
+    Load { path: String, source: TractError },
+    #[error("{graph} graph failed: {source:#}")]
+    Run { graph: &'static str, source: TractError },
+    #[error("decoder graph inputs are not the expected past_key_i/past_value_i pairs: {0}")]
+    CacheLayout(String),
+    #[error("prompt of {prompt} tokens plus {new} new ones exceeds the context of {max} tokens")]
+    ContextFull { prompt: usize, new: usize, max: usize },
+    #[error("{0} is not a contiguous tensor")]
+    NotContiguous(&'static str),
+    #[error("audio of {frames} feature frames is longer than the encoder's {max} (30 s)")]
+    AudioTooLong { frames: usize, max: usize },
+    #[error("audio encoder input is not a fixed [1, frames, mel_bins] shape: {0}")]
+    AudioLayout(String),
+    #[error("{what}: expected {expected} soft tokens in the prompt, the encoder gave {got}")]
+    SoftTokenCount { what: &'static str, expected: usize, got: usize },
+}
+
+/// Soft tokens from an encoder: `[tokens, hidden]` rows to place over the placeholders.
+#[derive(Debug, Clone)]
+pub struct SoftTokens {
+    pub rows: Vec<f32>,
+    pub hidden: usize,
+}
+
+impl SoftTokens {
+    pub fn count(&self) -> usize {
+        self.rows.len() / self.hidden.max(1)
+    }
+}
+
+/// Keys and values of every layer that owns a cache, `[1, kv_heads, positions, head_dim]` each.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<(TValue, TValue)>,
+}
+
+impl KvCache {
+    pub fn positions(&self) -> usize {
+        self.layers.first().map_or(0, |(k, _)| k.shape()[2])
+    }
+
+    pub fn layer(&self, index: usize) -> Option<(&Tensor, &Tensor)> {
+        self.layers.get(index).map(|(k, v)| (&**k, &**v))
+    }
+}
+
+pub struct Gemma4Runtime {
+    embed: Plan,
+    decoder: Plan,
+    vision: Option<Plan>,
+    audio: Option<Plan>,
+    /// `(kv_heads, head_dim)` of each cache-owning layer, in input order.
+    cache_shapes: Vec<(usize, usize)>,
+    /// The audio encoder is exported for a fixed number of feature frames (30 s).
+    audio_frames: usize,
+    image_token: Option<u32>,
+    audio_token: Option<u32>,
+    max_context: usize,
+}
+
+impl Gemma4Runtime {
+    pub fn load(bundle: &Bundle) -> Result<Self, RuntimeError> {
+        let graph = |role: &'static str| bundle.file(role).ok_or(RuntimeError::MissingGraph(role));
+        let decoder_model = load_typed(&graph("decoder")?)?;
+        let audio = match bundle.file("audio") {
+            Some(path) => {
+                let model = load_typed(&path)?;
+                let frames = fixed_frames(&model)?;
+                Some((optimise(model, "audio")?, frames))
+            }
+            None => None,
+        };
+        let audio_frames = audio.as_ref().map(|(_, frames)| *frames);
+        let cache_shapes = cache_shapes(&decoder_model)?;
+        let special = bundle.manifest.sections.get("special_tokens");
+        let token = |name: &str| special.and_then(|s| s.get(name)).and_then(|v| v.as_u64()).map(|v| v as u32);
+        let max_context = bundle
+            .manifest
+            .sections
+            .get("text")
+            .and_then(|t| t.get("max_context"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(8192) as usize;
+        Ok(Self {
+            embed: optimise(load_typed(&graph("embed")?)?, "embed")?,
+            decoder: optimise(decoder_model, "decoder")?,
+            // tract 0.23.9's optimiser mis-types the vision attention mask (a `Where` over a
+            // symbolic patch count): the decluttered graph runs, and matches PyTorch.
+            vision: bundle
+                .file("vision")
+                .map(|p| {
+                    load_typed(&p)
+                        .and_then(|m| m.into_runnable().map_err(|source| RuntimeError::Run { graph: "vision", source }))
+                })
+                .transpose()?,
+            audio: audio.map(|(plan, _)| plan),
+            audio_frames: audio_frames.unwrap_or(0),
+            cache_shapes,
+            image_token: token("image"),
+            audio_token: token("audio"),
+            max_context,
+        })
+    }
+
+    /// A cache holding nothing yet.
+    pub fn empty_cache(&self) -> KvCache {
+        let empty = |heads: usize, dim: usize| Tensor::zero::<f32>(&[1, heads, 0, dim]).map(IntoTValue::into_tvalue);
+        KvCache {
+            layers: self
+                .cache_shapes
+                .iter()
+                .map(|&(heads, dim)| Ok((empty(heads, dim)?, empty(heads, dim)?)))
+                .collect::<TractResult<_>>()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// `inputs_embeds` `[1, n, hidden]` and `per_layer_inputs` for `ids`.
+    pub fn embed(&self, ids: &[u32]) -> Result<(Tensor, TValue), RuntimeError> {
+        let ids: Vec<i64> = ids.iter().map(|&id| i64::from(id)).collect();
+        let input =
+            tensor1(&ids).into_shape(&[1, ids.len()]).map_err(|source| RuntimeError::Run { graph: "embed", source })?;
+        let mut outputs = run(&self.embed, "embed", tvec!(input.into_tvalue()))?;
+        let per_layer = outputs.remove(1);
+        let embeds = outputs.remove(0).into_tensor();
+        Ok((embeds, per_layer))
+    }
+
+    /// Runs the decoder over `embeds` after what `cache` holds; returns logits `[1, n, vocab]` and
+    /// replaces the cache with one that also holds these positions.
+    pub fn decode(&self, embeds: Tensor, per_layer: TValue, cache: &mut KvCache) -> Result<Tensor, RuntimeError> {
+        let mut inputs: TVec<TValue> = tvec!(embeds.into_tvalue(), per_layer);
+        for (k, v) in cache.layers.drain(..) {
+            inputs.push(k);
+            inputs.push(v);
+        }
+        let mut outputs = run(&self.decoder, "decoder", inputs)?;
+        let logits = outputs.remove(0).into_tensor();
+        let mut presents = outputs.into_iter();
+        while let (Some(k), Some(v)) = (presents.next(), presents.next()) {
+            cache.layers.push((k, v));
+        }
+        Ok(logits)
+    }
+
+    /// Soft tokens of one image: `pixel_values` `[1, patches, 3*16*16]` and `positions` `[1, patches, 2]`.
+    pub fn encode_image(&self, pixel_values: Tensor, positions: Tensor) -> Result<SoftTokens, RuntimeError> {
+        let plan = self.vision.as_ref().ok_or(RuntimeError::MissingGraph("vision"))?;
+        let outputs = run(plan, "vision", tvec!(pixel_values.into_tvalue(), positions.into_tvalue()))?;
+        soft_tokens(&outputs, "vision")
+    }
+
+    /// Soft tokens of one clip's log-mel features, padded to the encoder's fixed frame count.
+    pub fn encode_audio(&self, features: &AudioFeatures) -> Result<SoftTokens, RuntimeError> {
+        let plan = self.audio.as_ref().ok_or(RuntimeError::MissingGraph("audio"))?;
+        if features.frames > self.audio_frames {
+            return Err(RuntimeError::AudioTooLong { frames: features.frames, max: self.audio_frames });
+        }
+        let mut values = features.values.clone();
+        values.resize(self.audio_frames * features.mel_bins, 0.0);
+        let mut mask = features.mask.clone();
+        mask.resize(self.audio_frames, false);
+        let err = |source| RuntimeError::Run { graph: "audio", source };
+        let values = tensor1(&values).into_shape(&[1, self.audio_frames, features.mel_bins]).map_err(err)?;
+        let mask = tensor1(&mask).into_shape(&[1, self.audio_frames]).map_err(err)?;
+        let outputs = run(plan, "audio", tvec!(values.into_tvalue(), mask.into_tvalue()))?;
+        soft_tokens(&outputs, "audio")
+    }
+
+    /// Embeds the prompt and writes image and audio soft tokens over their placeholders.
+    pub fn embed_prompt(
+        &self,
+        ids: &[u32],
+        image: Option<&SoftTokens>,
+        audio: Option<&SoftTokens>,
+    ) -> Result<(Tensor, TValue), RuntimeError> {
+        let (mut embeds, per_layer) = self.embed(ids)?;
+        let hidden = *embeds.shape().last().unwrap_or(&0);
+        let mut view =
+            embeds.to_plain_array_view_mut::<f32>().map_err(|source| RuntimeError::Run { graph: "embed", source })?;
+        let rows = view.as_slice_mut().ok_or(RuntimeError::NotContiguous("inputs_embeds"))?;
+        for (what, token, soft) in [("image", self.image_token, image), ("audio", self.audio_token, audio)] {
+            let (Some(token), Some(soft)) = (token, soft) else { continue };
+            let positions: Vec<usize> = ids.iter().enumerate().filter(|(_, &id)| id == token).map(|(i, _)| i).collect();
+            if positions.len() != soft.count() {
+                return Err(RuntimeError::SoftTokenCount { what, expected: positions.len(), got: soft.count() });
+            }
+            for (n, position) in positions.into_iter().enumerate() {
+                rows[position * hidden..(position + 1) * hidden]
+                    .copy_from_slice(&soft.rows[n * hidden..(n + 1) * hidden]);
+            }
+        }
+        Ok((embeds, per_layer))
+    }
+
+    /// Prefills `ids` (with any soft tokens) and generates up to `max_new` tokens, stopping after
+    /// a token in `stop`. Each new token goes to `on_token` as soon as it is chosen; `on_logits`
+    /// sees the logits each token was chosen from.
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate(
+        &self,
+        ids: &[u32],
+        image: Option<&SoftTokens>,
+        audio: Option<&SoftTokens>,
+        max_new: usize,
+        sampler: &mut Sampler,
+        stop: &[u32],
+        mut on_token: impl FnMut(u32),
+        mut on_logits: impl FnMut(&[f32]),
+    ) -> Result<Vec<u32>, RuntimeError> {
+        if ids.len() + max_new > self.max_context {
+            return Err(RuntimeError::ContextFull { prompt: ids.len(), new: max_new, max: self.max_context });
+        }
+        let mut cache = self.empty_cache();
+        let (embeds, per_layer) = self.embed_prompt(ids, image, audio)?;
+        let mut logits = self.decode(embeds, per_layer, &mut cache)?;
+        let mut generated = Vec::with_capacity(max_new);
+        while generated.len() < max_new {
+            let last = last_row(&logits)?;
+            on_logits(last);
+            let token = sampler.sample(last);
+            generated.push(token);
+            on_token(token);
+            if stop.contains(&token) || generated.len() == max_new {
+                break;
+            }
+            let (embeds, per_layer) = self.embed(&[token])?;
+            logits = self.decode(embeds, per_layer, &mut cache)?;
+        }
+        Ok(generated)
+    }
+}
+
+fn load_typed(path: &Path) -> Result<TypedModel, RuntimeError> {
+    let load_error = |source| RuntimeError::Load { path: path.display().to_string(), source };
+    tract_onnx::onnx()
+        .with_ignore_output_shapes(true)
+        .with_ignore_value_info(true)
+        .model_for_path(path)
+        .and_then(|model| model.into_typed())
+        .map_err(load_error)
+}
+
+fn optimise(model: TypedModel, graph: &'static str) -> Result<Plan, RuntimeError> {
+    model.into_optimized().and_then(|m| m.into_runnable()).map_err(|source| RuntimeError::Run { graph, source })
+}
+
+fn run(plan: &Plan, graph: &'static str, inputs: TVec<TValue>) -> Result<TVec<TValue>, RuntimeError> {
+    plan.run(inputs).map_err(|source| RuntimeError::Run { graph, source })
+}
+
+/// Reads `(kv_heads, head_dim)` of each `past_key_i` input of the decoder.
+fn cache_shapes(decoder: &TypedModel) -> Result<Vec<(usize, usize)>, RuntimeError> {
+    let mut shapes = Vec::new();
+    for (index, outlet) in
+        decoder.input_outlets().map_err(|e| RuntimeError::CacheLayout(e.to_string()))?.iter().enumerate().skip(2)
+    {
+        let fact = decoder.outlet_fact(*outlet).map_err(|e| RuntimeError::CacheLayout(e.to_string()))?;
+        let dims: Vec<Option<usize>> = fact.shape.iter().map(|d| d.as_i64().map(|v| v as usize)).collect();
+        match dims.as_slice() {
+            [Some(1), Some(heads), _, Some(dim)] if index % 2 == 0 => shapes.push((*heads, *dim)),
+            [Some(1), Some(_), _, Some(_)] => {}
+            _ => return Err(RuntimeError::CacheLayout(format!("input {index} has shape {:?}", fact.shape))),
+        }
+    }
+    Ok(shapes)
+}
+
+/// The fixed frame count of the audio encoder's `input_features`.
+fn fixed_frames(audio: &TypedModel) -> Result<usize, RuntimeError> {
+    let layout = |e: TractError| RuntimeError::AudioLayout(e.to_string());
+    let outlet = audio.input_outlets().map_err(layout)?[0];
+    let fact = audio.outlet_fact(outlet).map_err(layout)?;
+    fact.shape
+        .get(1)
+        .and_then(|d| d.as_i64())
+        .map(|frames| frames as usize)
+        .ok_or_else(|| RuntimeError::AudioLayout(format!("{:?}", fact.shape)))
+}
+
+fn soft_tokens(outputs: &TVec<TValue>, graph: &'static str) -> Result<SoftTokens, RuntimeError> {
+    let err = |source| RuntimeError::Run { graph, source };
+    let embeds = values::<f32>(&outputs[0]).map_err(err)?;
+    let mask = values::<bool>(&outputs[1]).map_err(err)?;
+    let hidden = *outputs[0].shape().last().unwrap_or(&0);
+    let mut rows = Vec::with_capacity(embeds.len());
+    for (n, &valid) in mask.iter().enumerate() {
+        if valid {
+            rows.extend_from_slice(&embeds[n * hidden..(n + 1) * hidden]);
+        }
+    }
+    Ok(SoftTokens { rows, hidden })
+}
+
+/// Logits of the last position of `[1, n, vocab]`.
+fn last_row(logits: &Tensor) -> Result<&[f32], RuntimeError> {
+    let vocab = *logits.shape().last().unwrap_or(&0);
+    let all = values::<f32>(logits).map_err(|source| RuntimeError::Run { graph: "decoder", source })?;
+    Ok(&all[all.len() - vocab..])
+}
+
+/// The values of a tensor held in memory, in order.
+pub fn values<D: Datum>(tensor: &Tensor) -> TractResult<&[D]> {
+    tensor.try_as_plain_ram()?.as_slice::<D>()
+}

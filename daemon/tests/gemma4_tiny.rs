@@ -1,0 +1,158 @@
+//! The tiny random-weight Gemma 4 bundle through tract, against PyTorch's outputs saved by
+//! `deploy/models/make_tiny_gemma4.py`.
+
+#[path = "common/npy.rs"]
+mod npy;
+
+use std::path::{Path, PathBuf};
+
+use outpost::model::{values, AudioFeatures, Bundle, Gemma4Runtime, Sampler, Sampling};
+use serde_json::Value;
+use tract_onnx::prelude::*;
+
+const TOLERANCE: f64 = 1e-4;
+
+fn bundle_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4-tiny")
+}
+
+fn reference(name: &str) -> npy::Npy {
+    npy::read(&bundle_dir().join("reference").join(name))
+}
+
+fn reference_json() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(bundle_dir().join("reference/reference.json")).unwrap()).unwrap()
+}
+
+fn runtime() -> Gemma4Runtime {
+    Gemma4Runtime::load(&Bundle::open(&bundle_dir()).unwrap()).unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).fold(0.0, f64::max)
+}
+
+fn tensor(values: Vec<f32>, shape: &[usize]) -> Tensor {
+    tract_ndarray::ArrayD::from_shape_vec(shape, values).unwrap().into_tensor()
+}
+
+fn ids(value: &Value) -> Vec<u32> {
+    value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+/// The features PyTorch's audio encoder was given: the first second of `media/speech.wav`.
+fn reference_audio_features() -> AudioFeatures {
+    let features = reference("audio_input_features.npy");
+    let mask = reference("audio_input_features_mask.npy").bools();
+    AudioFeatures { frames: features.shape[1], mel_bins: features.shape[2], values: features.f32(), mask }
+}
+
+#[test]
+fn prefill_logits_match_pytorch() {
+    let runtime = runtime();
+    let prompt = ids(&reference_json()["greedy"]["text"]["prompt_ids"]);
+    let (embeds, per_layer) = runtime.embed(&prompt).unwrap();
+    let expected_embeds = reference("text_prefill_inputs_embeds.npy");
+    assert_eq!(embeds.shape(), expected_embeds.shape.as_slice());
+    assert!(max_abs_diff(values::<f32>(&embeds).unwrap(), &expected_embeds.f32()) <= TOLERANCE);
+
+    let mut cache = runtime.empty_cache();
+    let logits = runtime.decode(embeds, per_layer, &mut cache).unwrap();
+    let expected = reference("text_prefill_logits.npy");
+    assert_eq!(logits.shape(), expected.shape.as_slice());
+    let diff = max_abs_diff(values::<f32>(&logits).unwrap(), &expected.f32());
+    println!("prefill logits: max abs diff {diff:e}");
+    assert!(diff <= TOLERANCE, "prefill logits differ by {diff}");
+    assert_eq!(cache.positions(), prompt.len());
+}
+
+#[test]
+fn image_and_audio_encoders_match_pytorch() {
+    let runtime = runtime();
+    let pixels = reference("image_pixel_values_u8.npy");
+    let pixel_values = tensor(pixels.values.iter().map(|&v| v as f32 * (1.0f32 / 255.0)).collect(), &pixels.shape);
+    let positions = reference("image_pixel_position_ids.npy");
+    let positions =
+        tract_ndarray::ArrayD::from_shape_vec(positions.shape.clone(), positions.i64()).unwrap().into_tensor();
+    let image = runtime.encode_image(pixel_values, positions).unwrap();
+    let expected = reference("image_embeds.npy");
+    let expected_mask = reference("image_mask.npy").bools();
+    let hidden = *expected.shape.last().unwrap();
+    let expected_rows: Vec<f32> = expected
+        .f32()
+        .chunks(hidden)
+        .zip(&expected_mask)
+        .filter(|(_, &valid)| valid)
+        .flat_map(|(row, _)| row.to_vec())
+        .collect();
+    let diff = max_abs_diff(&image.rows, &expected_rows);
+    println!("vision: {} soft tokens, max abs diff {diff:e}", image.count());
+    assert!(diff <= TOLERANCE);
+
+    let audio = runtime.encode_audio(&reference_audio_features()).unwrap();
+    let expected = reference("audio_embeds.npy");
+    let diff = max_abs_diff(&audio.rows, &expected.f32()[..audio.rows.len()]);
+    println!("audio: {} soft tokens, max abs diff {diff:e}", audio.count());
+    assert_eq!(audio.count(), reference_json()["inputs"]["audio"]["soft_tokens"].as_u64().unwrap() as usize);
+    assert!(diff <= TOLERANCE);
+}
+
+#[test]
+fn greedy_generation_matches_pytorch_for_text_image_and_audio_prompts() {
+    let runtime = runtime();
+    let reference_json = reference_json();
+    for prompt_kind in ["text", "image", "audio"] {
+        let case = &reference_json["greedy"][prompt_kind];
+        let prompt = ids(&case["prompt_ids"]);
+        let expected_ids = ids(&case["hf_ids"]);
+        let image = (prompt_kind == "image").then(|| {
+            let pixels = reference("image_pixel_values_u8.npy");
+            let positions = reference("image_pixel_position_ids.npy");
+            runtime
+                .encode_image(
+                    tensor(pixels.values.iter().map(|&v| v as f32 * (1.0f32 / 255.0)).collect(), &pixels.shape),
+                    tract_ndarray::ArrayD::from_shape_vec(positions.shape.clone(), positions.i64())
+                        .unwrap()
+                        .into_tensor(),
+                )
+                .unwrap()
+        });
+        let audio = (prompt_kind == "audio").then(|| runtime.encode_audio(&reference_audio_features()).unwrap());
+        let expected_logits = reference(&format!("greedy_{prompt_kind}_logits.npy")).f32();
+        let vocab = expected_logits.len() / expected_ids.len();
+        let mut step = 0;
+        let mut worst: f64 = 0.0;
+        let mut sampler = Sampler::new(Sampling::Greedy);
+        // The references ignore end-of-turn to produce all 32 tokens: no stop ids here.
+        let got = runtime
+            .generate(
+                &prompt,
+                image.as_ref(),
+                audio.as_ref(),
+                expected_ids.len(),
+                &mut sampler,
+                &[],
+                |_| {},
+                |logits| {
+                    worst = worst.max(max_abs_diff(logits, &expected_logits[step * vocab..(step + 1) * vocab]));
+                    step += 1;
+                },
+            )
+            .unwrap();
+        println!("{prompt_kind}: {} tokens, logits max abs diff {worst:e}", got.len());
+        assert_eq!(got, expected_ids, "{prompt_kind} prompt");
+        assert!(worst <= TOLERANCE, "{prompt_kind}: logits differ by {worst}");
+    }
+}
+
+#[test]
+fn context_cap_is_a_clear_error() {
+    let runtime = runtime();
+    let err = runtime
+        .generate(&[2; 10], None, None, 1_000_000, &mut Sampler::new(Sampling::Greedy), &[], |_| {}, |_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.starts_with("prompt of 10 tokens plus 1000000 new ones exceeds the context of"), "{err}");
+}
