@@ -161,9 +161,9 @@ mod tests {
     #[test]
     fn frame_count_and_mask_follow_the_padding() {
         let extractor = LogMelExtractor::new(AudioFeatureParams::gemma4());
-        // 1 s: 16000 samples, already a multiple of 128; 160 in front.
-        let features = extractor.extract(&tone(440.0, 1.0));
-        assert_eq!(features.frames, (16_160 - 321) / 160 + 1);
+        // 0.99 s: 15840 samples, padded to 15872 (a multiple of 128), 160 zeros in front.
+        let features = extractor.extract(&tone(440.0, 0.99));
+        assert_eq!(features.frames, (160 + 15_872 - 321) / 160 + 1);
         assert_eq!(features.values.len(), features.frames * 128);
         // The last frames reach past the clip's end.
         assert!(features.mask[..98].iter().all(|&v| v));
