@@ -58,6 +58,33 @@ enum ModelCommand {
         #[arg(value_name = "BUNDLE")]
         bundle: PathBuf,
     },
+    /// Ask the model one question and stream its answer to stdout.
+    Run(ModelRunArgs),
+}
+
+#[derive(clap::Args)]
+struct ModelRunArgs {
+    #[arg(value_name = "BUNDLE")]
+    bundle: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    /// A WAV file for the model to hear (16 kHz; mixed to mono).
+    #[arg(long, value_name = "FILE")]
+    audio: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Matrix-multiplication threads; all cores by default.
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -79,6 +106,7 @@ fn main() -> ExitCode {
         Command::Model { command: ModelCommand::Inspect { bundle } } => {
             Bundle::open(&bundle).map(|bundle| print!("{bundle}")).map_err(anyhow::Error::from)
         }
+        Command::Model { command: ModelCommand::Run(args) } => model_run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -87,6 +115,64 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn model_run(args: &ModelRunArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+
+    use outpost::model::{Model, Question, Sampling};
+    use tract_linalg::multithread::{set_default_executor, Executor};
+
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    set_default_executor(if threads > 1 { Executor::multithread(threads) } else { Executor::SingleThread });
+    let audio = args.audio.as_deref().map(read_speech).transpose()?;
+    let loading = std::time::Instant::now();
+    let model = Model::load(&args.bundle)?;
+    eprintln!("loaded {} in {:.2?} ({threads} threads)", model.bundle.manifest.name, loading.elapsed());
+    let question = Question {
+        prompt: args.prompt.clone(),
+        audio,
+        max_tokens: args.max_tokens,
+        sampling: Sampling::from_temperature(args.temperature, args.top_k, args.top_p, args.seed),
+    };
+    let mut stdout = std::io::stdout();
+    let answer = model.answer(&question, |text| {
+        let _ = write!(stdout, "{text}");
+        let _ = stdout.flush();
+    })?;
+    println!();
+    let generated = answer.token_ids.len();
+    let decode = answer.total_time.saturating_sub(answer.first_token_time);
+    eprintln!(
+        "{} prompt tokens, {generated} generated; first token after {:.2?} (encoders {:.2?}), {:.1} tokens/s after it",
+        answer.prompt_tokens,
+        answer.first_token_time,
+        answer.encode_time,
+        generated.saturating_sub(1) as f64 / decode.as_secs_f64().max(1e-9)
+    );
+    Ok(())
+}
+
+/// A WAV file as 16 kHz mono samples in [-1, 1].
+fn read_speech(path: &std::path::Path) -> anyhow::Result<Vec<f32>> {
+    let mut reader =
+        hound::WavReader::open(path).with_context(|| format!("{}: not a readable WAV file", path.display()))?;
+    let spec = reader.spec();
+    anyhow::ensure!(
+        spec.sample_rate == 16_000,
+        "{}: the model hears 16 kHz audio, this file is {} Hz (convert it: sox IN -r 16000 -c 1 OUT.wav)",
+        path.display(),
+        spec.sample_rate
+    );
+    let channels = usize::from(spec.channels.max(1));
+    let samples: Vec<f32> = match spec.sample_format {
+        hound::SampleFormat::Float => reader.samples::<f32>().collect::<Result<_, _>>()?,
+        hound::SampleFormat::Int => {
+            let scale = 2f32.powi(i32::from(spec.bits_per_sample) - 1);
+            reader.samples::<i32>().map(|s| s.map(|s| s as f32 / scale)).collect::<Result<_, _>>()?
+        }
+    };
+    Ok(samples.chunks(channels).map(|frame| frame.iter().sum::<f32>() / frame.len() as f32).collect())
 }
 
 fn config_error(error: &config::ConfigError) -> ExitCode {

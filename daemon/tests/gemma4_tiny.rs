@@ -156,3 +156,37 @@ fn context_cap_is_a_clear_error() {
         .to_string();
     assert!(err.starts_with("prompt of 10 tokens plus 1000000 new ones exceeds the context of"), "{err}");
 }
+
+#[test]
+fn tokenizer_gives_the_reference_prompt_ids() {
+    use outpost::model::{render_chat, Architecture, Role, Tokenizer, Turn};
+    let tokenizer = Tokenizer::load(&bundle_dir().join("tokenizer.json")).unwrap();
+    let case = &reference_json()["greedy"]["text"];
+    let expected = ids(&case["prompt_ids"]);
+    // The reference prompt decodes to a user turn; rendering that turn again gives the same ids.
+    let user_text = tokenizer.decode(&expected[6..expected.len() - 8]);
+    let prompt = render_chat(Architecture::Gemma4, &[Turn::text(Role::User, user_text.clone())], true);
+    assert_eq!(tokenizer.encode(&prompt).unwrap(), expected, "prompt {prompt:?}");
+    assert_eq!(tokenizer.token_id("<bos>").unwrap(), 2);
+}
+
+#[test]
+fn model_run_streams_pytorchs_greedy_answer() {
+    let case = &reference_json()["greedy"]["text"];
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_outpostd"))
+        .args([
+            "model",
+            "run",
+            bundle_dir().to_str().unwrap(),
+            "--prompt",
+            "Hello sentinel, is anyone at the front door?",
+        ])
+        .args(["--max-tokens", "32", "--temperature", "0", "--threads", "1"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(stdout.trim_end_matches('\n'), case["text"].as_str().unwrap());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("27 prompt tokens, 32 generated"), "{stderr}");
+}

@@ -1,14 +1,18 @@
 //! The model stage: a bundle of graphs, tokenizer and settings on disk, and (to come) the tract
 //! runtime that runs it. See ARCHITECTURE.md, "Model bundle".
 
+mod answer;
 mod audio_features;
 mod bundle;
 mod chat;
 mod runtime;
 mod sampling;
+mod tokenizer;
 
+pub use answer::{Answer, Model, ModelError, Question};
 pub use audio_features::{AudioFeatureParams, AudioFeatures, LogMelExtractor};
 pub use bundle::{sha256_file, Architecture, Bundle, BundleError, BundleFile, Manifest, FORMAT, FORMAT_VERSION};
 pub use chat::{render as render_chat, Part, Role, Turn};
 pub use runtime::{values, Gemma4Runtime, KvCache, RuntimeError, SoftTokens};
 pub use sampling::{argmax, Sampler, Sampling};
+pub use tokenizer::{TextStream, Tokenizer, TokenizerError};
