@@ -1,5 +1,5 @@
-//! The model stage: a bundle of graphs, tokenizer and settings on disk, and (to come) the tract
-//! runtime that runs it. See ARCHITECTURE.md, "Model bundle".
+//! The model stage: a bundle of graphs, tokenizer and settings on disk, and the tract runtime
+//! that answers questions with it. See ARCHITECTURE.md, "Model bundle".
 
 mod answer;
 mod audio_features;
