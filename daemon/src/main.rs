@@ -155,24 +155,14 @@ fn model_run(args: &ModelRunArgs) -> anyhow::Result<()> {
 
 /// A WAV file as 16 kHz mono samples in [-1, 1].
 fn read_speech(path: &std::path::Path) -> anyhow::Result<Vec<f32>> {
-    let mut reader =
-        hound::WavReader::open(path).with_context(|| format!("{}: not a readable WAV file", path.display()))?;
-    let spec = reader.spec();
+    let recording = outpost::capture::read_wav(&outpost::media::MediaRef::Path(path.into()))?;
     anyhow::ensure!(
-        spec.sample_rate == 16_000,
+        recording.sample_rate == 16_000,
         "{}: the model hears 16 kHz audio, this file is {} Hz (convert it: sox IN -r 16000 -c 1 OUT.wav)",
         path.display(),
-        spec.sample_rate
+        recording.sample_rate
     );
-    let channels = usize::from(spec.channels.max(1));
-    let samples: Vec<f32> = match spec.sample_format {
-        hound::SampleFormat::Float => reader.samples::<f32>().collect::<Result<_, _>>()?,
-        hound::SampleFormat::Int => {
-            let scale = 2f32.powi(i32::from(spec.bits_per_sample) - 1);
-            reader.samples::<i32>().map(|s| s.map(|s| s as f32 / scale)).collect::<Result<_, _>>()?
-        }
-    };
-    Ok(samples.chunks(channels).map(|frame| frame.iter().sum::<f32>() / frame.len() as f32).collect())
+    Ok(recording.samples)
 }
 
 fn config_error(error: &config::ConfigError) -> ExitCode {

@@ -41,6 +41,17 @@ fn ids(value: &Value) -> Vec<u32> {
     value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
 }
 
+/// The patches PyTorch's vision encoder was given, and their positions.
+fn reference_image() -> (Tensor, Tensor) {
+    let pixels = reference("image_pixel_values_u8.npy");
+    // Stored as bytes: f32(u8) * f32(1/255) gives exactly the values PyTorch saw.
+    let pixel_values = tensor(pixels.values.iter().map(|&v| v as f32 * (1.0f32 / 255.0)).collect(), &pixels.shape);
+    let positions = reference("image_pixel_position_ids.npy");
+    let positions =
+        tract_ndarray::ArrayD::from_shape_vec(positions.shape.clone(), positions.i64()).unwrap().into_tensor();
+    (pixel_values, positions)
+}
+
 /// The features PyTorch's audio encoder was given: the first second of `media/speech.wav`.
 fn reference_audio_features() -> AudioFeatures {
     let features = reference("audio_input_features.npy");
@@ -57,7 +68,7 @@ fn prefill_logits_match_pytorch() {
     assert_eq!(embeds.shape(), expected_embeds.shape.as_slice());
     assert!(max_abs_diff(values::<f32>(&embeds).unwrap(), &expected_embeds.f32()) <= TOLERANCE);
 
-    let mut cache = runtime.empty_cache();
+    let mut cache = runtime.empty_cache().unwrap();
     let logits = runtime.decode(embeds, per_layer, &mut cache).unwrap();
     let expected = reference("text_prefill_logits.npy");
     assert_eq!(logits.shape(), expected.shape.as_slice());

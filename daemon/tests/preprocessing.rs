@@ -6,17 +6,20 @@ mod npy;
 
 use std::path::{Path, PathBuf};
 
+use outpost::capture::read_wav;
+use outpost::media::MediaRef;
 use outpost::model::{AudioFeatureParams, LogMelExtractor};
 
 fn reference_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4-tiny/reference")
 }
 
-/// `media/speech.wav` as the processor got it: 16-bit samples over 32768.
+/// `media/speech.wav` as the processor got it: 16-bit samples over 32768, read the daemon's way.
 fn speech() -> Vec<f32> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("media/speech.wav");
-    let mut reader = hound::WavReader::open(path).unwrap();
-    reader.samples::<i16>().map(|s| f32::from(s.unwrap()) / 32768.0).collect()
+    let recording = read_wav(&MediaRef::Path(path)).unwrap();
+    assert_eq!(recording.sample_rate, 16_000);
+    recording.samples
 }
 
 fn compare(name: &str, got: &[f32], got_mask: &[bool], expected: &npy::Npy, expected_mask: &[bool]) {

@@ -22,7 +22,7 @@ use crate::media::MediaRef;
 pub use image_dir::ImageDirReplay;
 pub use mjpeg::{split_jpeg_frames, MjpegReplay};
 pub use replay::{FrameStore, Replay};
-pub use wav::WavReplay;
+pub use wav::{read_wav, Recording, WavReplay};
 pub use yuyv::{yuyv_to_rgb, YuyvReplay};
 
 /// The most samples one [`AudioChunk`] holds: 100 ms at 48 kHz.

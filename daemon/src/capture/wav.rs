@@ -21,30 +21,27 @@ pub struct WavReplay {
 
 impl WavReplay {
     pub fn open(media: &MediaRef, chunk_ms: u32, looping: bool) -> Result<Self, SourceError> {
+        let recording = read_wav(media)?;
         let name = media.to_string();
-        let format_error = |problem: String| SourceError::Format { media: name.clone(), problem };
-        let bytes = media.read().map_err(|source| SourceError::Read { media: name.clone(), source })?;
-        let reader = hound::WavReader::new(Cursor::new(bytes))
-            .map_err(|e| format_error(format!("not a readable WAV file: {e}")))?;
-        let spec = reader.spec();
-        let chunk_len = (u64::from(spec.sample_rate) * u64::from(chunk_ms) / 1000) as usize;
+        let sample_rate = recording.sample_rate;
+        let chunk_len = (u64::from(sample_rate) * u64::from(chunk_ms) / 1000) as usize;
         if chunk_len == 0 || chunk_len > MAX_CHUNK_SAMPLES {
-            return Err(format_error(format!(
-                "{chunk_ms} ms at {} Hz is {chunk_len} samples a chunk; a chunk holds 1 to {MAX_CHUNK_SAMPLES}: use a shorter chunk_ms",
-                spec.sample_rate
-            )));
+            return Err(SourceError::Format {
+                media: name,
+                problem: format!(
+                    "{chunk_ms} ms at {sample_rate} Hz is {chunk_len} samples a chunk; a chunk holds 1 to {MAX_CHUNK_SAMPLES}: use a shorter chunk_ms"
+                ),
+            });
         }
-        let samples = read_mono_i16(reader).map_err(format_error)?;
-        if samples.is_empty() {
-            return Err(format_error("the recording holds no samples".into()));
-        }
+        let samples =
+            recording.samples.iter().map(|&x| (x * 32768.0).round().clamp(-32768.0, 32767.0) as i16).collect();
         Ok(Self {
             name,
-            sample_rate: spec.sample_rate,
+            sample_rate,
             samples,
             chunk_len,
             looping,
-            pacer: Pacer::new(Duration::from_secs_f64(chunk_len as f64 / f64::from(spec.sample_rate))),
+            pacer: Pacer::new(Duration::from_secs_f64(chunk_len as f64 / f64::from(sample_rate))),
             next_sample: 0,
             seq: 0,
         })
@@ -55,24 +52,38 @@ impl WavReplay {
     }
 }
 
-/// Reads any integer or float WAV as mono 16-bit, averaging the channels.
-fn read_mono_i16<R: std::io::Read>(mut reader: hound::WavReader<R>) -> Result<Vec<i16>, String> {
+/// A whole WAV file, mono, samples in [-1, 1].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recording {
+    pub sample_rate: u32,
+    pub samples: Vec<f32>,
+}
+
+/// Reads any integer or float WAV, averaging the channels to mono.
+pub fn read_wav(media: &MediaRef) -> Result<Recording, SourceError> {
+    let name = media.to_string();
+    let format_error = |problem: String| SourceError::Format { media: name.clone(), problem };
+    let bytes = media.read().map_err(|source| SourceError::Read { media: name.clone(), source })?;
+    let mut reader =
+        hound::WavReader::new(Cursor::new(bytes)).map_err(|e| format_error(format!("not a readable WAV file: {e}")))?;
     let spec = reader.spec();
-    let to_16_bits: Vec<f32> = match spec.sample_format {
+    let interleaved: Vec<f32> = match spec.sample_format {
         hound::SampleFormat::Float => {
-            reader.samples::<f32>().map(|s| s.map(|s| s.clamp(-1.0, 1.0) * 32767.0)).collect::<Result<_, _>>()
+            reader.samples::<f32>().map(|s| s.map(|s| s.clamp(-1.0, 1.0))).collect::<Result<_, _>>()
         }
         hound::SampleFormat::Int => {
-            let scale = 2f32.powi(16 - i32::from(spec.bits_per_sample));
-            reader.samples::<i32>().map(|s| s.map(|s| s as f32 * scale)).collect::<Result<_, _>>()
+            let full_scale = 2f32.powi(i32::from(spec.bits_per_sample) - 1);
+            reader.samples::<i32>().map(|s| s.map(|s| s as f32 / full_scale)).collect::<Result<_, _>>()
         }
     }
-    .map_err(|e| format!("cannot read samples: {e}"))?;
+    .map_err(|e| format_error(format!("cannot read samples: {e}")))?;
     let channels = usize::from(spec.channels.max(1));
-    Ok(to_16_bits
-        .chunks(channels)
-        .map(|frame| (frame.iter().sum::<f32>() / frame.len() as f32).round().clamp(-32768.0, 32767.0) as i16)
-        .collect())
+    let samples: Vec<f32> =
+        interleaved.chunks(channels).map(|frame| frame.iter().sum::<f32>() / frame.len() as f32).collect();
+    if samples.is_empty() {
+        return Err(format_error("the recording holds no samples".into()));
+    }
+    Ok(Recording { sample_rate: spec.sample_rate, samples })
 }
 
 impl AudioSource for WavReplay {

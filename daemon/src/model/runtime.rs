@@ -126,16 +126,18 @@ impl Gemma4Runtime {
     }
 
     /// A cache holding nothing yet.
-    pub fn empty_cache(&self) -> KvCache {
-        let empty = |heads: usize, dim: usize| Tensor::zero::<f32>(&[1, heads, 0, dim]).map(IntoTValue::into_tvalue);
-        KvCache {
-            layers: self
-                .cache_shapes
-                .iter()
-                .map(|&(heads, dim)| Ok((empty(heads, dim)?, empty(heads, dim)?)))
-                .collect::<TractResult<_>>()
-                .unwrap_or_default(),
-        }
+    pub fn empty_cache(&self) -> Result<KvCache, RuntimeError> {
+        let empty = |heads: usize, dim: usize| {
+            Tensor::zero::<f32>(&[1, heads, 0, dim])
+                .map(IntoTValue::into_tvalue)
+                .map_err(|source| RuntimeError::Run { graph: "decoder", source })
+        };
+        let layers = self
+            .cache_shapes
+            .iter()
+            .map(|&(heads, dim)| Ok((empty(heads, dim)?, empty(heads, dim)?)))
+            .collect::<Result<_, RuntimeError>>()?;
+        Ok(KvCache { layers })
     }
 
     /// `inputs_embeds` `[1, n, hidden]` and `per_layer_inputs` for `ids`.
@@ -234,7 +236,7 @@ impl Gemma4Runtime {
         if ids.len() + max_new > self.max_context {
             return Err(RuntimeError::ContextFull { prompt: ids.len(), new: max_new, max: self.max_context });
         }
-        let mut cache = self.empty_cache();
+        let mut cache = self.empty_cache()?;
         let (embeds, per_layer) = self.embed_prompt(ids, image, audio)?;
         let mut logits = self.decode(embeds, per_layer, &mut cache)?;
         let mut generated = Vec::with_capacity(max_new);
