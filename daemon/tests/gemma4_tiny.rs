@@ -81,11 +81,7 @@ fn prefill_logits_match_pytorch() {
 #[test]
 fn image_and_audio_encoders_match_pytorch() {
     let runtime = runtime();
-    let pixels = reference("image_pixel_values_u8.npy");
-    let pixel_values = tensor(pixels.values.iter().map(|&v| v as f32 * (1.0f32 / 255.0)).collect(), &pixels.shape);
-    let positions = reference("image_pixel_position_ids.npy");
-    let positions =
-        tract_ndarray::ArrayD::from_shape_vec(positions.shape.clone(), positions.i64()).unwrap().into_tensor();
+    let (pixel_values, positions) = reference_image();
     let image = runtime.encode_image(pixel_values, positions).unwrap();
     let expected = reference("image_embeds.npy");
     let expected_mask = reference("image_mask.npy").bools();
@@ -118,16 +114,8 @@ fn greedy_generation_matches_pytorch_for_text_image_and_audio_prompts() {
         let prompt = ids(&case["prompt_ids"]);
         let expected_ids = ids(&case["hf_ids"]);
         let image = (prompt_kind == "image").then(|| {
-            let pixels = reference("image_pixel_values_u8.npy");
-            let positions = reference("image_pixel_position_ids.npy");
-            runtime
-                .encode_image(
-                    tensor(pixels.values.iter().map(|&v| v as f32 * (1.0f32 / 255.0)).collect(), &pixels.shape),
-                    tract_ndarray::ArrayD::from_shape_vec(positions.shape.clone(), positions.i64())
-                        .unwrap()
-                        .into_tensor(),
-                )
-                .unwrap()
+            let (pixel_values, positions) = reference_image();
+            runtime.encode_image(pixel_values, positions).unwrap()
         });
         let audio = (prompt_kind == "audio").then(|| runtime.encode_audio(&reference_audio_features()).unwrap());
         let expected_logits = reference(&format!("greedy_{prompt_kind}_logits.npy")).f32();
