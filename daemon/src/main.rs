@@ -64,10 +64,20 @@ enum ModelCommand {
 
 #[derive(clap::Args)]
 struct ModelRunArgs {
-    #[arg(value_name = "BUNDLE")]
-    bundle: PathBuf,
+    /// The model bundle; by default the one the `--config` file's `[model]` names.
+    #[arg(value_name = "BUNDLE", required_unless_present = "config")]
+    bundle: Option<PathBuf>,
+    /// A station config whose `[model]` table gives the bundle and the thread count.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[arg(long)]
     prompt: String,
+    /// A picture for the model to look at (PNG or JPEG).
+    #[arg(long, value_name = "FILE")]
+    image: Option<PathBuf>,
+    /// Soft tokens the picture may use: 70, 140, 280, 560 or 1120.
+    #[arg(long, default_value_t = 280)]
+    image_budget: usize,
     /// A WAV file for the model to hear (16 kHz; mixed to mono).
     #[arg(long, value_name = "FILE")]
     audio: Option<PathBuf>,
@@ -82,7 +92,8 @@ struct ModelRunArgs {
     top_p: Option<f32>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Matrix-multiplication threads; all cores by default.
+    /// Matrix-multiplication threads; by default `[model] threads` of the --config file, else
+    /// one per core.
     #[arg(long)]
     threads: Option<usize>,
 }
@@ -120,17 +131,42 @@ fn main() -> ExitCode {
 fn model_run(args: &ModelRunArgs) -> anyhow::Result<()> {
     use std::io::Write;
 
-    use outpost::model::{Model, Question, Sampling};
-    use tract_linalg::multithread::{set_default_executor, Executor};
+    use outpost::model::{use_threads, Model, Question, Sampling};
 
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    set_default_executor(if threads > 1 { Executor::multithread(threads) } else { Executor::SingleThread });
+    let model_config =
+        match &args.config {
+            Some(path) => match config::load(path) {
+                Ok(loaded) => Some(loaded.model.clone().map(|model| (loaded, model)).with_context(|| {
+                    format!("{}: has no [model] table to name the bundle and threads", path.display())
+                })?),
+                Err(e) => anyhow::bail!("{e}"),
+            },
+            None => None,
+        };
+    let bundle = match (&args.bundle, &model_config) {
+        (Some(bundle), _) => bundle.clone(),
+        (None, Some((loaded, model))) => loaded.resolve_path(&model.bundle),
+        (None, None) => anyhow::bail!("name a BUNDLE, or a --config whose [model] table names one"),
+    };
+    let threads = args.threads.unwrap_or_else(|| match &model_config {
+        Some((_, model)) => model.thread_count(),
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    });
+    use_threads(threads);
     let audio = args.audio.as_deref().map(read_speech).transpose()?;
+    let image = match &args.image {
+        Some(path) => Some((
+            image::open(path).with_context(|| format!("{}: not a readable picture", path.display()))?.to_rgb8(),
+            args.image_budget,
+        )),
+        None => None,
+    };
     let loading = std::time::Instant::now();
-    let model = Model::load(&args.bundle)?;
+    let model = Model::load(&bundle)?;
     eprintln!("loaded {} in {:.2?} ({threads} threads)", model.bundle.manifest.name, loading.elapsed());
     let question = Question {
         prompt: args.prompt.clone(),
+        image,
         audio,
         max_tokens: args.max_tokens,
         sampling: Sampling::from_temperature(args.temperature, args.top_k, args.top_p, args.seed),

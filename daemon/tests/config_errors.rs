@@ -95,6 +95,16 @@ fn broken_files_name_file_line_key_and_problem() {
             "[station]\nid = \"a\"",
             "station.toml: there is neither a [camera] nor a [microphone]: configure at least one, or the station has nothing to watch",
         ),
+        // A model directory that is not a bundle, and too many threads.
+        (
+            &format!("{GOOD}\n[model]\nbundle = \"models/none\"\nthreads = 65"),
+            "station.toml:10:1: model.bundle: {dir}/models/none: no manifest.json: not a model bundle (prepare the bundle again with deploy/models/ or copy it again)\n\
+             station.toml:11:1: model.threads: must be from 0 (one per core) to 64, got 65",
+        ),
+        (
+            &format!("{GOOD}\n[model]\nthreads = 2"),
+            "station.toml:9:1: model: missing field `bundle`",
+        ),
         (
             &format!("{GOOD}\n[log]\nlevel = \"loud\""),
             "station.toml:10:1: log.level: `loud` is not a log level or filter: `loud` is none of off, error, warn, info, debug, trace",

@@ -6,9 +6,8 @@ mod npy;
 
 use std::path::{Path, PathBuf};
 
-use outpost::model::{values, AudioFeatures, Bundle, Gemma4Runtime, Sampler, Sampling};
+use outpost::model::{values, AudioFeatures, Bundle, ImagePatches, Runtime, Sampler, Sampling};
 use serde_json::Value;
-use tract_onnx::prelude::*;
 
 const TOLERANCE: f64 = 1e-4;
 
@@ -24,8 +23,8 @@ fn reference_json() -> Value {
     serde_json::from_str(&std::fs::read_to_string(bundle_dir().join("reference/reference.json")).unwrap()).unwrap()
 }
 
-fn runtime() -> Gemma4Runtime {
-    Gemma4Runtime::load(&Bundle::open(&bundle_dir()).unwrap()).unwrap()
+fn runtime() -> Runtime {
+    Runtime::load(&Bundle::open(&bundle_dir()).unwrap()).unwrap()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
@@ -33,23 +32,23 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).fold(0.0, f64::max)
 }
 
-fn tensor(values: Vec<f32>, shape: &[usize]) -> Tensor {
-    tract_ndarray::ArrayD::from_shape_vec(shape, values).unwrap().into_tensor()
-}
-
 fn ids(value: &Value) -> Vec<u32> {
     value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
 }
 
 /// The patches PyTorch's vision encoder was given, and their positions.
-fn reference_image() -> (Tensor, Tensor) {
+fn reference_image() -> ImagePatches {
     let pixels = reference("image_pixel_values_u8.npy");
-    // Stored as bytes: f32(u8) * f32(1/255) gives exactly the values PyTorch saw.
-    let pixel_values = tensor(pixels.values.iter().map(|&v| v as f32 * (1.0f32 / 255.0)).collect(), &pixels.shape);
     let positions = reference("image_pixel_position_ids.npy");
-    let positions =
-        tract_ndarray::ArrayD::from_shape_vec(positions.shape.clone(), positions.i64()).unwrap().into_tensor();
-    (pixel_values, positions)
+    ImagePatches {
+        // Stored as bytes: f32(u8) * f32(1/255) gives exactly the values PyTorch saw.
+        pixel_values: pixels.values.iter().map(|&v| v as f32 * (1.0f32 / 255.0)).collect(),
+        positions: positions.i64(),
+        max_patches: pixels.shape[1],
+        patch_values: pixels.shape[2],
+        soft_tokens: reference_json()["inputs"]["image"]["soft_tokens"].as_u64().unwrap() as usize,
+        resized: (0, 0),
+    }
 }
 
 /// The features PyTorch's audio encoder was given: the first second of `media/speech.wav`.
@@ -63,13 +62,16 @@ fn reference_audio_features() -> AudioFeatures {
 fn prefill_logits_match_pytorch() {
     let runtime = runtime();
     let prompt = ids(&reference_json()["greedy"]["text"]["prompt_ids"]);
-    let (embeds, per_layer) = runtime.embed(&prompt).unwrap();
+    let embedded = runtime.embed(&prompt).unwrap();
     let expected_embeds = reference("text_prefill_inputs_embeds.npy");
-    assert_eq!(embeds.shape(), expected_embeds.shape.as_slice());
-    assert!(max_abs_diff(values::<f32>(&embeds).unwrap(), &expected_embeds.f32()) <= TOLERANCE);
+    assert_eq!(embedded.embeds.shape(), expected_embeds.shape.as_slice());
+    assert!(max_abs_diff(values::<f32>(&embedded.embeds).unwrap(), &expected_embeds.f32()) <= TOLERANCE);
+    let expected_per_layer = reference("text_prefill_per_layer_inputs.npy");
+    let per_layer = embedded.per_layer.as_ref().expect("Gemma 4 has per-layer inputs");
+    assert!(max_abs_diff(values::<f32>(per_layer).unwrap(), &expected_per_layer.f32()) <= TOLERANCE);
 
     let mut cache = runtime.empty_cache().unwrap();
-    let logits = runtime.decode(embeds, per_layer, &mut cache).unwrap();
+    let logits = runtime.decode(embedded, &mut cache).unwrap();
     let expected = reference("text_prefill_logits.npy");
     assert_eq!(logits.shape(), expected.shape.as_slice());
     let diff = max_abs_diff(values::<f32>(&logits).unwrap(), &expected.f32());
@@ -81,8 +83,7 @@ fn prefill_logits_match_pytorch() {
 #[test]
 fn image_and_audio_encoders_match_pytorch() {
     let runtime = runtime();
-    let (pixel_values, positions) = reference_image();
-    let image = runtime.encode_image(pixel_values, positions).unwrap();
+    let image = runtime.encode_image(&reference_image()).unwrap();
     let expected = reference("image_embeds.npy");
     let expected_mask = reference("image_mask.npy").bools();
     let hidden = *expected.shape.last().unwrap();
@@ -113,10 +114,7 @@ fn greedy_generation_matches_pytorch_for_text_image_and_audio_prompts() {
         let case = &reference_json["greedy"][prompt_kind];
         let prompt = ids(&case["prompt_ids"]);
         let expected_ids = ids(&case["hf_ids"]);
-        let image = (prompt_kind == "image").then(|| {
-            let (pixel_values, positions) = reference_image();
-            runtime.encode_image(pixel_values, positions).unwrap()
-        });
+        let image = (prompt_kind == "image").then(|| runtime.encode_image(&reference_image()).unwrap());
         let audio = (prompt_kind == "audio").then(|| runtime.encode_audio(&reference_audio_features()).unwrap());
         let expected_logits = reference(&format!("greedy_{prompt_kind}_logits.npy")).f32();
         let vocab = expected_logits.len() / expected_ids.len();
@@ -172,20 +170,38 @@ fn tokenizer_gives_the_reference_prompt_ids() {
 #[test]
 fn model_run_streams_pytorchs_greedy_answer() {
     let case = &reference_json()["greedy"]["text"];
+    // The bundle named on the command line, or by a station config's [model] table.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("station.toml");
+    let model_table = format!("[model]\nbundle = {:?}\nthreads = 1\n", bundle_dir().display().to_string());
+    std::fs::write(&config, format!("[microphone]\nsource = \"wav\"\npath = \"builtin:speech.wav\"\n{model_table}"))
+        .unwrap();
+    for choice in [["--threads", "1"], ["--config", config.to_str().unwrap()]] {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_outpostd"));
+        command.args(["model", "run"]);
+        if choice[0] == "--threads" {
+            command.arg(bundle_dir());
+        }
+        let output = command
+            .args(choice)
+            .args(["--prompt", "Hello sentinel, is anyone at the front door?", "--max-tokens", "32"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        assert_eq!(stdout.trim_end_matches('\n'), case["text"].as_str().unwrap());
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(stderr.contains("(1 threads)") && stderr.contains("27 prompt tokens, 32 generated"), "{stderr}");
+    }
+}
+
+#[test]
+fn model_run_without_a_bundle_says_what_it_needs() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_outpostd"))
-        .args([
-            "model",
-            "run",
-            bundle_dir().to_str().unwrap(),
-            "--prompt",
-            "Hello sentinel, is anyone at the front door?",
-        ])
-        .args(["--max-tokens", "32", "--temperature", "0", "--threads", "1"])
+        .args(["model", "run", "--prompt", "Hello"])
         .output()
         .unwrap();
-    assert!(output.status.success(), "{output:?}");
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    assert_eq!(stdout.trim_end_matches('\n'), case["text"].as_str().unwrap());
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
     let stderr = String::from_utf8(output.stderr).unwrap();
-    assert!(stderr.contains("27 prompt tokens, 32 generated"), "{stderr}");
+    assert!(stderr.contains("<BUNDLE>"), "{stderr}");
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use outpost::capture::read_wav;
 use outpost::media::MediaRef;
-use outpost::model::{AudioFeatureParams, LogMelExtractor};
+use outpost::model::{prepare_image, AudioFeatureParams, ImageParams, LogMelExtractor};
 
 fn reference_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4-tiny/reference")
@@ -44,4 +44,32 @@ fn log_mel_of_real_speech_matches_transformers() {
     let expected = npy::read(&reference_dir().join("audio_input_features.npy"));
     let expected_mask = npy::read(&reference_dir().join("audio_input_features_mask.npy")).bools();
     compare("first second", &first_second.values, &first_second.mask, &expected, &expected_mask);
+}
+
+#[test]
+fn picture_patches_match_transformers() {
+    let picture = image::open(reference_dir().join("proc_image_input.png")).unwrap().to_rgb8();
+    for budget in [70, 280] {
+        let patches = prepare_image(&picture, &ImageParams::gemma4(budget)).unwrap();
+        let expected = npy::read(&reference_dir().join(format!("proc_image_{budget}_pixel_values_u8.npy")));
+        let expected_positions = npy::read(&reference_dir().join(format!("proc_image_{budget}_position_ids.npy")));
+        assert_eq!(expected.shape, vec![1, patches.max_patches, patches.patch_values]);
+        let expected_positions: Vec<i64> = expected_positions.i64();
+        assert_eq!(patches.positions, expected_positions, "budget {budget}: positions");
+        let mut worst = 0.0f64;
+        let mut off_by = 0usize;
+        for (got, &byte) in patches.pixel_values.iter().zip(&expected.values) {
+            let want = byte as f32 * (1.0f32 / 255.0);
+            let diff = f64::from((got - want).abs());
+            if diff > 0.0 {
+                off_by += 1;
+            }
+            worst = worst.max(diff);
+        }
+        println!(
+            "budget {budget}: {:?}, {} soft tokens, {off_by} values differ, max abs diff {worst:e}",
+            patches.resized, patches.soft_tokens
+        );
+        assert!(worst <= 1e-5, "budget {budget}: pixel values differ by {worst} ({off_by} values)");
+    }
 }

@@ -25,6 +25,9 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub microphone: Option<MicrophoneConfig>,
     pub gates: GatesConfig,
+    /// No `[model]` table: the station publishes gate events only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelConfig>,
     pub queues: QueuesConfig,
     pub log: LogConfig,
     /// Where relative paths in this config are resolved from: the config file's directory.
@@ -187,6 +190,26 @@ pub struct SoundGateConfig {
 impl Default for SoundGateConfig {
     fn default() -> Self {
         Self { enabled: true, threshold_dbfs: -30.0, cooldown_secs: 2.0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The model bundle's directory (see `deploy/models/README.md`).
+    pub bundle: String,
+    /// Threads for the model's matrix products; 0 means one per core.
+    #[serde(default)]
+    pub threads: usize,
+}
+
+impl ModelConfig {
+    /// Threads to run the model with: `threads`, or every core when it is 0.
+    pub fn thread_count(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
     }
 }
 

@@ -10,6 +10,7 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
     mqtt(config, &mut problems);
     sources(config, &mut problems);
     gates(config, &mut problems);
+    model(config, &mut problems);
     queues(config, &mut problems);
     if let Err(why) = check_log_level(&config.log.level) {
         problems.add("log.level", format!("`{}` is not a log level or filter: {why}", config.log.level));
@@ -182,6 +183,25 @@ fn gates(config: &Config, problems: &mut Problems) {
         );
     }
     problems.seconds("gates.sound.cooldown_secs", sound.cooldown_secs, false);
+}
+
+/// Most threads a model run may ask for: far more than a single-board computer has cores.
+const MAX_MODEL_THREADS: usize = 64;
+
+fn model(config: &Config, problems: &mut Problems) {
+    let Some(model) = &config.model else { return };
+    if model.bundle.trim().is_empty() {
+        problems.add("model.bundle", "must name the model bundle's directory");
+    } else if let Err(e) = crate::model::Manifest::read(&config.resolve_path(&model.bundle)) {
+        // Only the manifest here: checking every file's sha256 reads gigabytes, which loading does.
+        problems.add("model.bundle", e.to_string());
+    }
+    if model.threads > MAX_MODEL_THREADS {
+        problems.add(
+            "model.threads",
+            format!("must be from 0 (one per core) to {MAX_MODEL_THREADS}, got {}", model.threads),
+        );
+    }
 }
 
 fn queues(config: &Config, problems: &mut Problems) {

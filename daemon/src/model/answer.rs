@@ -4,8 +4,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::{
-    render_chat, AudioFeatureParams, Bundle, BundleError, Gemma4Runtime, LogMelExtractor, Part, Role, RuntimeError,
-    Sampler, Sampling, Tokenizer, TokenizerError, Turn,
+    prepare_image, render_chat, AudioFeatureParams, Bundle, BundleError, ImageInputError, ImageParams, LogMelExtractor,
+    Part, Role, Runtime, RuntimeError, Sampler, Sampling, Tokenizer, TokenizerError, Turn,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -18,12 +18,18 @@ pub enum ModelError {
     Tokenizer(#[from] TokenizerError),
     #[error("audio needs an instruction-tuned gemma4 bundle with an audio encoder; {0} is not one")]
     NoAudio(String),
+    #[error("a picture needs an instruction-tuned gemma4 bundle with a vision encoder; {0} is not one")]
+    NoVision(String),
+    #[error(transparent)]
+    Image(#[from] ImageInputError),
 }
 
 /// What to ask.
 #[derive(Debug, Clone)]
 pub struct Question {
     pub prompt: String,
+    /// A picture to look at, with the soft-token budget it may use.
+    pub image: Option<(image::RgbImage, usize)>,
     /// 16 kHz mono samples in [-1, 1].
     pub audio: Option<Vec<f32>>,
     pub max_tokens: usize,
@@ -43,7 +49,7 @@ pub struct Answer {
 
 pub struct Model {
     pub bundle: Bundle,
-    runtime: Gemma4Runtime,
+    runtime: Runtime,
     tokenizer: Tokenizer,
     audio_features: LogMelExtractor,
     stop_ids: Vec<u32>,
@@ -53,7 +59,7 @@ impl Model {
     /// Opens and checks the bundle in `dir`, then loads its graphs and tokenizer.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
         let bundle = Bundle::open(dir)?;
-        let runtime = Gemma4Runtime::load(&bundle)?;
+        let runtime = Runtime::load(&bundle)?;
         let tokenizer_path = bundle.file("tokenizer").unwrap_or_else(|| dir.join("tokenizer.json"));
         let tokenizer = Tokenizer::load(&tokenizer_path)?;
         let special = bundle.manifest.sections.get("special_tokens");
@@ -77,6 +83,16 @@ impl Model {
     /// Asks `question`; `on_text` gets the answer piece by piece as it is generated.
     pub fn answer(&self, question: &Question, mut on_text: impl FnMut(&str)) -> Result<Answer, ModelError> {
         let start = Instant::now();
+        let image = match &question.image {
+            Some((picture, budget)) => {
+                if !self.bundle.manifest.instruction_tuned || !self.bundle.manifest.files.contains_key("vision") {
+                    return Err(ModelError::NoVision(self.bundle.manifest.name.clone()));
+                }
+                let patches = prepare_image(picture, &ImageParams::gemma4(*budget))?;
+                Some(self.runtime.encode_image(&patches)?)
+            }
+            None => None,
+        };
         let audio = match &question.audio {
             Some(samples) => {
                 if !self.bundle.manifest.instruction_tuned || !self.bundle.manifest.files.contains_key("audio") {
@@ -89,6 +105,9 @@ impl Model {
         let encode_time = start.elapsed();
         let prompt = if self.bundle.manifest.instruction_tuned {
             let mut parts = Vec::new();
+            if let Some(image) = &image {
+                parts.push(Part::Image { soft_tokens: image.count() });
+            }
             if let Some(audio) = &audio {
                 parts.push(Part::Audio { soft_tokens: audio.count() });
             }
@@ -103,7 +122,7 @@ impl Model {
         let mut first_token_time = None;
         let token_ids = self.runtime.generate(
             &ids,
-            None,
+            image.as_ref(),
             audio.as_ref(),
             question.max_tokens,
             &mut sampler,

@@ -71,6 +71,55 @@ pub struct Manifest {
     pub sections: BTreeMap<String, serde_json::Value>,
 }
 
+impl Manifest {
+    /// Reads and checks the manifest in `dir` (not the files it lists: see [`Bundle::open`]).
+    pub fn read(dir: &Path) -> Result<(Self, Architecture), BundleError> {
+        let manifest_path = dir.join(MANIFEST);
+        let text = match std::fs::read_to_string(&manifest_path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(BundleError::NoManifest { dir: dir.into() })
+            }
+            Err(source) => return Err(BundleError::Read { path: manifest_path, source }),
+        };
+        let bad = |problem: String| BundleError::BadManifest { path: manifest_path.clone(), problem };
+        let manifest: Self = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if manifest.format != FORMAT {
+            return Err(bad(format!("`format` is \"{}\", expected \"{FORMAT}\"", manifest.format)));
+        }
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(bad(format!(
+                "`format_version` {} is not the {FORMAT_VERSION} this outpostd reads: use the outpostd that matches the bundle, or prepare it again",
+                manifest.format_version
+            )));
+        }
+        let architecture: Architecture =
+            serde_json::from_value(serde_json::Value::String(manifest.architecture.clone())).map_err(|_| {
+                BundleError::UnsupportedArchitecture {
+                    path: manifest_path.clone(),
+                    architecture: manifest.architecture.clone(),
+                }
+            })?;
+        for role in architecture.required_files() {
+            if !manifest.files.contains_key(*role) {
+                return Err(BundleError::MissingRole { path: manifest_path, role: (*role).into(), architecture });
+            }
+        }
+        for (role, file) in &manifest.files {
+            if !is_inside(&file.path) {
+                return Err(bad(format!(
+                    "`files.{role}.path` \"{}\" must be a relative path inside the bundle",
+                    file.path
+                )));
+            }
+            if file.sha256.len() != 64 || !file.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad(format!("`files.{role}.sha256` is not 64 hex digits")));
+            }
+        }
+        Ok((manifest, architecture))
+    }
+}
+
 /// A bundle whose manifest was read and whose files all match it.
 #[derive(Debug, Clone)]
 pub struct Bundle {
@@ -105,47 +154,8 @@ impl Bundle {
     /// Reads the manifest in `dir` and checks every file it lists: present, of the stated size,
     /// with the stated sha256.
     pub fn open(dir: &Path) -> Result<Self, BundleError> {
-        let manifest_path = dir.join(MANIFEST);
-        let text = match std::fs::read_to_string(&manifest_path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(BundleError::NoManifest { dir: dir.into() })
-            }
-            Err(source) => return Err(BundleError::Read { path: manifest_path, source }),
-        };
-        let bad = |problem: String| BundleError::BadManifest { path: manifest_path.clone(), problem };
-        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        if manifest.format != FORMAT {
-            return Err(bad(format!("`format` is \"{}\", expected \"{FORMAT}\"", manifest.format)));
-        }
-        if manifest.format_version != FORMAT_VERSION {
-            return Err(bad(format!(
-                "`format_version` {} is not the {FORMAT_VERSION} this outpostd reads: use the outpostd that matches the bundle, or prepare it again",
-                manifest.format_version
-            )));
-        }
-        let architecture: Architecture =
-            serde_json::from_value(serde_json::Value::String(manifest.architecture.clone())).map_err(|_| {
-                BundleError::UnsupportedArchitecture {
-                    path: manifest_path.clone(),
-                    architecture: manifest.architecture.clone(),
-                }
-            })?;
-        for role in architecture.required_files() {
-            if !manifest.files.contains_key(*role) {
-                return Err(BundleError::MissingRole { path: manifest_path, role: (*role).into(), architecture });
-            }
-        }
+        let (manifest, architecture) = Manifest::read(dir)?;
         for (role, file) in &manifest.files {
-            if !is_inside(&file.path) {
-                return Err(bad(format!(
-                    "`files.{role}.path` \"{}\" must be a relative path inside the bundle",
-                    file.path
-                )));
-            }
-            if file.sha256.len() != 64 || !file.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(bad(format!("`files.{role}.sha256` is not 64 hex digits")));
-            }
             verify_file(dir, role, file)?;
         }
         Ok(Self { dir: dir.into(), manifest, architecture })

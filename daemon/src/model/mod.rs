@@ -5,6 +5,7 @@ mod answer;
 mod audio_features;
 mod bundle;
 mod chat;
+mod image_input;
 mod runtime;
 mod sampling;
 mod tokenizer;
@@ -13,6 +14,9 @@ pub use answer::{Answer, Model, ModelError, Question};
 pub use audio_features::{AudioFeatureParams, AudioFeatures, LogMelExtractor};
 pub use bundle::{sha256_file, Architecture, Bundle, BundleError, BundleFile, Manifest, FORMAT, FORMAT_VERSION};
 pub use chat::{render as render_chat, Part, Role, Turn};
-pub use runtime::{values, Gemma4Runtime, KvCache, RuntimeError, SoftTokens};
+pub use image_input::{
+    prepare as prepare_image, target_size, ImageInputError, ImageParams, ImagePatches, SOFT_TOKEN_BUDGETS,
+};
+pub use runtime::{use_threads, values, Embedded, KvCache, Runtime, RuntimeError, SoftTokens};
 pub use sampling::{argmax, Sampler, Sampling};
 pub use tokenizer::{TextStream, Tokenizer, TokenizerError};

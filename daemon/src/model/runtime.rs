@@ -1,17 +1,17 @@
-//! Running a Gemma 4 ONNX bundle with tract: token embedding, the vision and audio encoders, and
+//! Running a Gemma ONNX bundle with tract: token embedding, the vision and audio encoders, and
 //! the decoder with its key/value cache, then greedy or sampled generation.
 //!
-//! The graph layout is the one `deploy/models/make_tiny_gemma4.py` exports (see the bundle's
-//! manifest, `graphs`): `embed` maps ids to `inputs_embeds` and `per_layer_inputs`; `decoder`
-//! takes those plus `past_key_i`/`past_value_i` for each layer that owns a cache and returns
-//! logits (already soft-capped) and the `present_*` caches; `vision` and `audio` return soft
-//! tokens with a validity mask.
+//! The graph layout is the one `deploy/models/` exports (see the bundle's manifest, `graphs`):
+//! `embed` maps ids to `inputs_embeds` and, for Gemma 4, `per_layer_inputs`; `decoder` takes
+//! those plus `past_key_i`/`past_value_i` for each layer that owns a cache and returns logits
+//! (already soft-capped) and the `present_*` caches; `vision` and `audio` return soft tokens with
+//! a validity mask. Gemma 3 bundles are the same without per-layer inputs and encoders.
 
 use std::path::Path;
 
 use tract_onnx::prelude::*;
 
-use super::{AudioFeatures, Bundle, Sampler};
+use super::{AudioFeatures, Bundle, ImagePatches, Sampler};
 
 /// A loaded, optimised graph ready to run.
 type Plan = Arc<TypedRunnableModel>;
@@ -26,6 +26,8 @@ pub enum RuntimeError {
     Run { graph: &'static str, source: TractError },
     #[error("decoder graph inputs are not the expected past_key_i/past_value_i pairs: {0}")]
     CacheLayout(String),
+    #[error("the embed graph should give inputs_embeds and, for Gemma 4, per_layer_inputs; it gives {0} outputs")]
+    EmbedLayout(usize),
     #[error("prompt of {prompt} tokens plus {new} new ones exceeds the context of {max} tokens")]
     ContextFull { prompt: usize, new: usize, max: usize },
     #[error("{0} is not a contiguous tensor")]
@@ -67,8 +69,19 @@ impl KvCache {
     }
 }
 
-pub struct Gemma4Runtime {
+/// Token embeddings of a run of ids, ready for the decoder.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    /// `inputs_embeds` `[1, n, hidden]`.
+    pub embeds: Tensor,
+    /// Gemma 4's per-layer embeddings (PLE) `[1, n, layers, width]`; Gemma 3 has none.
+    pub per_layer: Option<TValue>,
+}
+
+pub struct Runtime {
     embed: Plan,
+    /// Whether the embed graph gives per-layer inputs that the decoder takes second.
+    per_layer_inputs: bool,
     decoder: Plan,
     vision: Option<Plan>,
     audio: Option<Plan>,
@@ -81,9 +94,15 @@ pub struct Gemma4Runtime {
     max_context: usize,
 }
 
-impl Gemma4Runtime {
+impl Runtime {
     pub fn load(bundle: &Bundle) -> Result<Self, RuntimeError> {
         let graph = |role: &'static str| bundle.file(role).ok_or(RuntimeError::MissingGraph(role));
+        let embed_model = load_typed(&graph("embed")?)?;
+        let per_layer_inputs = match embed_model.outputs.len() {
+            1 => false,
+            2 => true,
+            other => return Err(RuntimeError::EmbedLayout(other)),
+        };
         let decoder_model = load_typed(&graph("decoder")?)?;
         let audio = match bundle.file("audio") {
             Some(path) => {
@@ -94,7 +113,7 @@ impl Gemma4Runtime {
             None => None,
         };
         let audio_frames = audio.as_ref().map(|(_, frames)| *frames);
-        let cache_shapes = cache_shapes(&decoder_model)?;
+        let cache_shapes = cache_shapes(&decoder_model, if per_layer_inputs { 2 } else { 1 })?;
         let special = bundle.manifest.sections.get("special_tokens");
         let token = |name: &str| special.and_then(|s| s.get(name)).and_then(|v| v.as_u64()).map(|v| v as u32);
         let max_context = bundle
@@ -105,7 +124,8 @@ impl Gemma4Runtime {
             .and_then(|v| v.as_u64())
             .unwrap_or(8192) as usize;
         Ok(Self {
-            embed: optimise(load_typed(&graph("embed")?)?, "embed")?,
+            embed: optimise(embed_model, "embed")?,
+            per_layer_inputs,
             decoder: optimise(decoder_model, "decoder")?,
             // tract 0.23.9's optimiser mis-types the vision attention mask (a `Where` over a
             // symbolic patch count): the decluttered graph runs, and matches PyTorch.
@@ -140,21 +160,21 @@ impl Gemma4Runtime {
         Ok(KvCache { layers })
     }
 
-    /// `inputs_embeds` `[1, n, hidden]` and `per_layer_inputs` for `ids`.
-    pub fn embed(&self, ids: &[u32]) -> Result<(Tensor, TValue), RuntimeError> {
+    /// The embeddings of `ids`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Embedded, RuntimeError> {
         let ids: Vec<i64> = ids.iter().map(|&id| i64::from(id)).collect();
         let input =
             tensor1(&ids).into_shape(&[1, ids.len()]).map_err(|source| RuntimeError::Run { graph: "embed", source })?;
         let mut outputs = run(&self.embed, "embed", tvec!(input.into_tvalue()))?;
-        let per_layer = outputs.remove(1);
-        let embeds = outputs.remove(0).into_tensor();
-        Ok((embeds, per_layer))
+        let per_layer = self.per_layer_inputs.then(|| outputs.remove(1));
+        Ok(Embedded { embeds: outputs.remove(0).into_tensor(), per_layer })
     }
 
-    /// Runs the decoder over `embeds` after what `cache` holds; returns logits `[1, n, vocab]` and
+    /// Runs the decoder over `input` after what `cache` holds; returns logits `[1, n, vocab]` and
     /// replaces the cache with one that also holds these positions.
-    pub fn decode(&self, embeds: Tensor, per_layer: TValue, cache: &mut KvCache) -> Result<Tensor, RuntimeError> {
-        let mut inputs: TVec<TValue> = tvec!(embeds.into_tvalue(), per_layer);
+    pub fn decode(&self, input: Embedded, cache: &mut KvCache) -> Result<Tensor, RuntimeError> {
+        let mut inputs: TVec<TValue> = tvec!(input.embeds.into_tvalue());
+        inputs.extend(input.per_layer);
         for (k, v) in cache.layers.drain(..) {
             inputs.push(k);
             inputs.push(v);
@@ -168,10 +188,14 @@ impl Gemma4Runtime {
         Ok(logits)
     }
 
-    /// Soft tokens of one image: `pixel_values` `[1, patches, 3*16*16]` and `positions` `[1, patches, 2]`.
-    pub fn encode_image(&self, pixel_values: Tensor, positions: Tensor) -> Result<SoftTokens, RuntimeError> {
+    /// Soft tokens of one prepared picture.
+    pub fn encode_image(&self, patches: &ImagePatches) -> Result<SoftTokens, RuntimeError> {
         let plan = self.vision.as_ref().ok_or(RuntimeError::MissingGraph("vision"))?;
-        let outputs = run(plan, "vision", tvec!(pixel_values.into_tvalue(), positions.into_tvalue()))?;
+        let err = |source| RuntimeError::Run { graph: "vision", source };
+        let pixels =
+            tensor1(&patches.pixel_values).into_shape(&[1, patches.max_patches, patches.patch_values]).map_err(err)?;
+        let positions = tensor1(&patches.positions).into_shape(&[1, patches.max_patches, 2]).map_err(err)?;
+        let outputs = run(plan, "vision", tvec!(pixels.into_tvalue(), positions.into_tvalue()))?;
         soft_tokens(&outputs, "vision")
     }
 
@@ -198,11 +222,13 @@ impl Gemma4Runtime {
         ids: &[u32],
         image: Option<&SoftTokens>,
         audio: Option<&SoftTokens>,
-    ) -> Result<(Tensor, TValue), RuntimeError> {
-        let (mut embeds, per_layer) = self.embed(ids)?;
-        let hidden = *embeds.shape().last().unwrap_or(&0);
-        let mut view =
-            embeds.to_plain_array_view_mut::<f32>().map_err(|source| RuntimeError::Run { graph: "embed", source })?;
+    ) -> Result<Embedded, RuntimeError> {
+        let mut embedded = self.embed(ids)?;
+        let hidden = *embedded.embeds.shape().last().unwrap_or(&0);
+        let mut view = embedded
+            .embeds
+            .to_plain_array_view_mut::<f32>()
+            .map_err(|source| RuntimeError::Run { graph: "embed", source })?;
         let rows = view.as_slice_mut().ok_or(RuntimeError::NotContiguous("inputs_embeds"))?;
         for (what, token, soft) in [("image", self.image_token, image), ("audio", self.audio_token, audio)] {
             let (Some(token), Some(soft)) = (token, soft) else { continue };
@@ -215,7 +241,7 @@ impl Gemma4Runtime {
                     .copy_from_slice(&soft.rows[n * hidden..(n + 1) * hidden]);
             }
         }
-        Ok((embeds, per_layer))
+        Ok(embedded)
     }
 
     /// Prefills `ids` (with any soft tokens) and generates up to `max_new` tokens, stopping after
@@ -237,8 +263,8 @@ impl Gemma4Runtime {
             return Err(RuntimeError::ContextFull { prompt: ids.len(), new: max_new, max: self.max_context });
         }
         let mut cache = self.empty_cache()?;
-        let (embeds, per_layer) = self.embed_prompt(ids, image, audio)?;
-        let mut logits = self.decode(embeds, per_layer, &mut cache)?;
+        let prompt = self.embed_prompt(ids, image, audio)?;
+        let mut logits = self.decode(prompt, &mut cache)?;
         let mut generated = Vec::with_capacity(max_new);
         while generated.len() < max_new {
             let last = last_row(&logits)?;
@@ -249,11 +275,17 @@ impl Gemma4Runtime {
             if stop.contains(&token) || generated.len() == max_new {
                 break;
             }
-            let (embeds, per_layer) = self.embed(&[token])?;
-            logits = self.decode(embeds, per_layer, &mut cache)?;
+            logits = self.decode(self.embed(&[token])?, &mut cache)?;
         }
         Ok(generated)
     }
+}
+
+/// Runs the model's matrix products on `threads` threads (tract's default executor, for the
+/// whole process).
+pub fn use_threads(threads: usize) {
+    use tract_linalg::multithread::{set_default_executor, Executor};
+    set_default_executor(if threads > 1 { Executor::multithread(threads) } else { Executor::SingleThread });
 }
 
 fn load_typed(path: &Path) -> Result<TypedModel, RuntimeError> {
@@ -274,16 +306,17 @@ fn run(plan: &Plan, graph: &'static str, inputs: TVec<TValue>) -> Result<TVec<TV
     plan.run(inputs).map_err(|source| RuntimeError::Run { graph, source })
 }
 
-/// Reads `(kv_heads, head_dim)` of each `past_key_i` input of the decoder.
-fn cache_shapes(decoder: &TypedModel) -> Result<Vec<(usize, usize)>, RuntimeError> {
+/// Reads `(kv_heads, head_dim)` of each `past_key_i` input of the decoder; the cache inputs
+/// come after the `first` embedding inputs.
+fn cache_shapes(decoder: &TypedModel, first: usize) -> Result<Vec<(usize, usize)>, RuntimeError> {
     let mut shapes = Vec::new();
     for (index, outlet) in
-        decoder.input_outlets().map_err(|e| RuntimeError::CacheLayout(e.to_string()))?.iter().enumerate().skip(2)
+        decoder.input_outlets().map_err(|e| RuntimeError::CacheLayout(e.to_string()))?.iter().enumerate().skip(first)
     {
         let fact = decoder.outlet_fact(*outlet).map_err(|e| RuntimeError::CacheLayout(e.to_string()))?;
         let dims: Vec<Option<usize>> = fact.shape.iter().map(|d| d.as_i64().map(|v| v as usize)).collect();
         match dims.as_slice() {
-            [Some(1), Some(heads), _, Some(dim)] if index % 2 == 0 => shapes.push((*heads, *dim)),
+            [Some(1), Some(heads), _, Some(dim)] if (index - first).is_multiple_of(2) => shapes.push((*heads, *dim)),
             [Some(1), Some(_), _, Some(_)] => {}
             _ => return Err(RuntimeError::CacheLayout(format!("input {index} has shape {:?}", fact.shape))),
         }
