@@ -71,9 +71,10 @@ def tractify(path):
         del n.metadata_props[:]
         n.doc_string = ""
     del m.metadata_props[:]
-    onnx.checker.check_model(m)
+    if not needs_external_data(m):  # the checker cannot take a proto over 2 GB
+        onnx.checker.check_model(m)
     if from_path:
-        onnx.save(m, str(path))
+        save_graph(m, path)
     return stats
 
 
@@ -133,8 +134,9 @@ def fold_shape_only_ranges(path: Path):
             new_nodes.append(n)
     del m.graph.node[:]
     m.graph.node.extend(new_nodes)
-    onnx.checker.check_model(m)
-    onnx.save(m, str(path))
+    if not needs_external_data(m):
+        onnx.checker.check_model(m)
+    save_graph(m, path)
     return len(targets)
 
 
@@ -146,7 +148,8 @@ def export(module, args, path: Path, input_names, output_names, dynamic_shapes, 
         module, tuple(args), dynamo=True, opset_version=18, input_names=input_names,
         output_names=output_names, dynamic_shapes=dynamic_shapes, optimize=optimize,
         external_data=False, verify=False, report=False)
-    prog.save(str(path), external_data=False)
+    big = sum(p.numel() for p in module.parameters()) * 4 > EXTERNAL_DATA_BYTES
+    prog.save(str(path), external_data=big)
     return tractify(path)
 
 
@@ -235,8 +238,34 @@ def rename_dims(path, names: dict):
             if d.dim_param in mapping:
                 d.dim_param = mapping[d.dim_param]
     if from_path:
-        onnx.save(m, str(path))
+        save_graph(m, path)
     return mapping
+
+
+# A protobuf message cannot exceed 2 GiB: larger graphs keep their weights in NAME.onnx.data
+# beside the graph (ONNX external data, which tract reads relative to the graph's directory).
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def needs_external_data(m) -> bool:
+    return sum(len(i.raw_data) for i in m.graph.initializer) > EXTERNAL_DATA_BYTES
+
+
+def save_graph(m, path):
+    """onnx.save, with the weights in `<path>.data` when the graph is too large for one protobuf.
+    Returns the files written (the graph, and its data file if any)."""
+    import onnx
+
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if needs_external_data(m):
+        onnx.save(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=data.name, size_threshold=1024)
+        return [path, data]
+    onnx.save(m, str(path))
+    return [path]
 
 
 def sha256(p: Path):
@@ -438,3 +467,91 @@ def activation_importance(m, feeds, names=None):
             sums[x] = sums.get(x, 0) + (a * a).sum(0)
         count += a.shape[0]
     return {x: (v / count).astype(np.float32) for x, v in sums.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Q8_0 embedding tables (tract has no Q8_0 matmul, but a Gather of int8 rows is plain ONNX)
+# ----------------------------------------------------------------------------------------------
+
+Q8_BLOCK = 32
+
+
+def q8_0_pack(table: np.ndarray):
+    """llama.cpp Q8_0 of a [V, H] table: per block of 32 values along H, d = max|x| / 127 stored
+    as f16 and q = round(x / d) as int8. Returns (q int8 [V, H], d f16 [V, H/32])."""
+    v, h = table.shape
+    x = table.reshape(v, h // Q8_BLOCK, Q8_BLOCK).astype(np.float32)
+    d16 = (np.abs(x).max(-1) / np.float32(127.0)).astype(np.float16)
+    d = d16.astype(np.float32)
+    q = np.clip(np.round(x / np.where(d == 0, np.float32(1.0), d)[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(v, h), d16
+
+
+def q8_0_gather_nodes(q_name, d_name, ids, out, width, prefix):
+    """Nodes (and their small shape constants) computing `out` = rows `ids` of the table stored
+    as (q_name int8 [V, width], d_name f16 [V, width/32]): f32(q) * f32(d), as llama.cpp
+    dequantizes Q8_0. Returns (nodes, initializers)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    F = TensorProto.FLOAT
+    nb = width // Q8_BLOCK
+    inits = [numpy_helper.from_array(np.array([1, -1, nb, Q8_BLOCK], np.int64), f"{prefix}_blocks_shape"),
+             numpy_helper.from_array(np.array([1, -1, width], np.int64), f"{prefix}_rows_shape"),
+             numpy_helper.from_array(np.array([3], np.int64), f"{prefix}_axis_3")]
+    p = prefix
+    nodes = [
+        helper.make_node("Gather", [q_name, ids], [f"{p}_q"], name=f"{p}_gather_q", axis=0),
+        helper.make_node("Cast", [f"{p}_q"], [f"{p}_q_f32"], name=f"{p}_cast_q", to=F),
+        helper.make_node("Reshape", [f"{p}_q_f32", f"{p}_blocks_shape"], [f"{p}_q_blocks"], name=f"{p}_blocks"),
+        helper.make_node("Gather", [d_name, ids], [f"{p}_d"], name=f"{p}_gather_d", axis=0),
+        helper.make_node("Cast", [f"{p}_d"], [f"{p}_d_f32"], name=f"{p}_cast_d", to=F),
+        helper.make_node("Unsqueeze", [f"{p}_d_f32", f"{p}_axis_3"], [f"{p}_d_blocks"], name=f"{p}_d_blocks"),
+        helper.make_node("Mul", [f"{p}_q_blocks", f"{p}_d_blocks"], [f"{p}_w_blocks"], name=f"{p}_dequantize"),
+        helper.make_node("Reshape", [f"{p}_w_blocks", f"{p}_rows_shape"], [out], name=f"{p}_rows"),
+    ]
+    return nodes, inits
+
+
+def quantize_gather_q8_0(m, log=print):
+    """Rewrites, in the ModelProto `m` (in place), every Gather of rows of a constant f32 table
+    [V, H] with H a multiple of 32 and ids of shape [1, seq] into its Q8_0 form
+    (`q8_0_gather_nodes`). Tables whose width is not a multiple of 32 stay f32. Returns a list of
+    {table, rows, width, rmse, max_abs_err} for the tables rewritten."""
+    from onnx import numpy_helper
+
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    done, new_nodes = [], []
+    for node in g.node:
+        table = node.input[0] if node.op_type == "Gather" else None
+        axis = [a.i for a in node.attribute if a.name == "axis"]
+        if (table not in inits or len(inits[table].dims) != 2 or (axis and axis[0] != 0)
+                or inits[table].data_type != 1 or inits[table].dims[1] % Q8_BLOCK):
+            if table in inits and len(inits[table].dims) == 2 and inits[table].dims[1] % Q8_BLOCK:
+                log(f"quantize_gather_q8_0: {table} {list(inits[table].dims)} stays f32 (width not a multiple of 32)")
+            new_nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[table])
+        q, d = q8_0_pack(w)
+        err = (q.reshape(*d.shape, Q8_BLOCK).astype(np.float32) * d.astype(np.float32)[..., None]).reshape(w.shape) - w
+        prefix = node.name or table
+        g.initializer.append(numpy_helper.from_array(q, table + "_q8_0"))
+        g.initializer.append(numpy_helper.from_array(d, table + "_q8_0_scales"))
+        nodes, consts = q8_0_gather_nodes(table + "_q8_0", table + "_q8_0_scales", node.input[1], node.output[0],
+                                          w.shape[1], prefix)
+        g.initializer.extend(consts)
+        new_nodes.extend(nodes)
+        done.append({"table": table, "rows": int(w.shape[0]), "width": int(w.shape[1]),
+                     "rmse": float(np.sqrt(np.mean(err.astype(np.float64) ** 2))),
+                     "max_abs_err": float(np.abs(err).max())})
+        del w, q, d, err
+    if done:
+        del g.node[:]
+        g.node.extend(new_nodes)
+        used = {x for n in g.node for x in n.input}
+        for i in reversed(range(len(g.initializer))):
+            if g.initializer[i].name not in used:
+                del g.initializer[i]
+    if log:
+        log(f"quantize_gather_q8_0: {len(done)} embedding tables -> Q8_0")
+    return done

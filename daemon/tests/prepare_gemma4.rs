@@ -1,0 +1,133 @@
+//! `deploy/models/prepare_gemma4.py`, the tool a user runs on a downloaded Gemma 4 checkpoint,
+//! run on the tiny checkpoint committed in `tests/fixtures/gemma4-tiny-hf`: the bundles it writes
+//! load in tract and answer as PyTorch (f32) and onnxruntime (Q4_0) do.
+//!
+//! Needs the model tools' Python (`OUTPOST_PYTHON`, set by `test.sh` from
+//! `deploy/models/prepare_test_models.sh`); skipped with a reason when it is not set.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use outpost::model::{Bundle, Runtime, Sampler, Sampling};
+use serde_json::Value;
+
+fn python() -> Option<PathBuf> {
+    match std::env::var_os("OUTPOST_PYTHON") {
+        Some(python) => Some(PathBuf::from(python)),
+        None if std::env::var_os("OUTPOST_REQUIRE_REAL_MODEL").is_some() => {
+            panic!("OUTPOST_PYTHON is not set: run deploy/models/prepare_test_models.sh (test.sh does)")
+        }
+        None => {
+            eprintln!("skipped: OUTPOST_PYTHON is not set (bash test.sh installs the model tools and sets it)");
+            None
+        }
+    }
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Runs prepare_gemma4.py on the tiny checkpoint into a fresh directory.
+fn prepare(python: &Path, extra: &[&str]) -> (tempfile::TempDir, Bundle) {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("bundle");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/models/prepare_gemma4.py");
+    let output = Command::new(python)
+        .arg(script)
+        .arg("--checkpoint")
+        .arg(fixtures().join("gemma4-tiny-hf"))
+        .arg("--out")
+        .arg(&out)
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "prepare_gemma4.py {extra:?} failed: {}", tail(&stderr, 3000));
+    let bundle = Bundle::open(&out).unwrap_or_else(|e| panic!("{e}"));
+    (work, bundle)
+}
+
+fn tail(text: &str, chars: usize) -> &str {
+    let start = text.char_indices().rev().nth(chars).map_or(0, |(i, _)| i);
+    &text[start..]
+}
+
+fn ids(value: &Value) -> Vec<u32> {
+    value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+fn greedy(runtime: &Runtime, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let mut sampler = Sampler::new(Sampling::Greedy);
+    runtime.generate(prompt, None, None, steps, &mut sampler, &[], |_| {}, |_| {}).unwrap()
+}
+
+#[test]
+fn f32_bundle_from_the_checkpoint_is_the_committed_one() {
+    let Some(python) = python() else { return };
+    let (_work, bundle) = prepare(&python, &[]);
+    let committed = Bundle::open(&fixtures().join("gemma4-tiny")).unwrap();
+    // The graphs and tokenizer are byte for byte those the gemma4_tiny tests hold to PyTorch.
+    for role in ["embed", "decoder", "vision", "audio", "tokenizer"] {
+        assert_eq!(bundle.manifest.files[role].sha256, committed.manifest.files[role].sha256, "{role}");
+    }
+    assert!(bundle.manifest.instruction_tuned, "the checkpoint has a chat template");
+    assert_eq!(bundle.manifest.sections["special_tokens"], committed.manifest.sections["special_tokens"]);
+
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("gemma4-tiny/reference/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let case = &reference["greedy"]["text"];
+    let runtime = Runtime::load(&bundle).unwrap();
+    assert_eq!(greedy(&runtime, &ids(&case["prompt_ids"]), 32), ids(&case["hf_ids"]));
+}
+
+#[test]
+fn q4_0_bundle_with_external_weights_answers_as_onnxruntime_does() {
+    let Some(python) = python() else { return };
+    // Every graph keeps its weights in NAME.onnx.data, as the real E2B's large graphs must.
+    let (_work, bundle) = prepare(&python, &["--quantize", "q4_0", "--external-data-over", "0"]);
+    for role in ["embed_data", "decoder_data", "vision_data", "audio_data"] {
+        assert!(bundle.manifest.files.contains_key(role), "{role} is not in the manifest");
+    }
+    let quantized = &bundle.manifest.sections["parity"]["quantized"];
+    assert!(bundle.manifest.quantization.starts_with("q4_0"), "{}", bundle.manifest.quantization);
+    assert_eq!(quantized["q4_0_matmuls"], 36, "7 projections in 6 layers, less the K/V of the 3 KV-shared layers");
+    let decoder_bytes = bundle.manifest.files["decoder"].bytes + bundle.manifest.files["decoder_data"].bytes;
+    let f32_decoder_bytes = Bundle::open(&fixtures().join("gemma4-tiny")).unwrap().manifest.files["decoder"].bytes;
+    println!("decoder: {decoder_bytes} bytes in Q4_0, {f32_decoder_bytes} in f32");
+    assert!(decoder_bytes * 2 < f32_decoder_bytes);
+
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("gemma4-tiny/reference/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let prompt = ids(&reference["greedy"]["text"]["prompt_ids"]);
+    let runtime = Runtime::load(&bundle).unwrap();
+    let expected = ids(&quantized["greedy_text"]["ids"]);
+    assert_eq!(greedy(&runtime, &prompt, expected.len()), expected, "tract vs onnxruntime on the Q4_0 graphs");
+}
+
+#[test]
+fn a_directory_that_is_not_a_checkpoint_gets_a_clear_error() {
+    let Some(python) = python() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/models/prepare_gemma4.py");
+    // A bundle directory is not a checkpoint: it has no config.json.
+    let output = Command::new(python)
+        .arg(script)
+        .arg("--checkpoint")
+        .arg(fixtures().join("gemma4-tiny"))
+        .arg("--out")
+        .arg(work.path().join("bundle"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("gemma4-tiny: no config.json: give the directory of a Hugging Face Gemma 4 checkpoint"),
+        "{stderr}"
+    );
+    assert!(!work.path().join("bundle").exists(), "nothing is written for a bad checkpoint");
+}
