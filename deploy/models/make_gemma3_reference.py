@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from onnx_tract import sha256  # noqa: E402
+from onnx_tract import fix_string_hashing, sha256  # noqa: E402
 from prepare_gemma3 import DEFAULT_GGUF, THREADS, check_special_tokens, load_gguf  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -188,7 +187,5 @@ def main():
 
 
 if __name__ == "__main__":
-    if os.environ.get("PYTHONHASHSEED") != "0":
-        os.environ["PYTHONHASHSEED"] = "0"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+    fix_string_hashing()
     sys.exit(main())

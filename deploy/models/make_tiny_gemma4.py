@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prepare_gemma4 import SEED, SPEECH_WAV, fix_string_hashing, prepare, read_wav  # noqa: E402
+from onnx_tract import fix_string_hashing  # noqa: E402
+from prepare_gemma4 import SEED, SPEECH_WAV, prepare, read_wav  # noqa: E402
 
 SPECIAL_TOKENS = [
     "<pad>", "<eos>", "<bos>", "<unk>", "<mask>",

@@ -8,9 +8,20 @@ symbolic dims stable names, `graph_io` describes the inputs/outputs for the bund
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
+
+
+def fix_string_hashing():
+    """Re-executes the script with PYTHONHASHSEED=0 unless it is set: transformers iterates over a
+    set of layer-type strings while building the decoder graph, so without it the exported node
+    order, and so the file bytes, change from run to run."""
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
 def _as_model(x):
@@ -224,8 +235,6 @@ def graph_io(path):
 def rename_dims(path, names: dict):
     """Give the exporter's symbolic dims (s0, s1, ...) stable names, by input/output position.
     `path` is a file (rewritten in place) or a ModelProto (modified in place, not saved)."""
-    import onnx
-
     m, from_path = _as_model(path)
     mapping = {}
     for vi in list(m.graph.input) + list(m.graph.output):
@@ -368,7 +377,6 @@ def quantize_q4_0(m, select=None, min_k=Q4_BLOCK, search=False, importance=None,
     (see `activation_importance`), used for the nodes it names.
     K must be a multiple of 32 (checked for every rewritten node). Initializers and Transpose
     nodes left unused are removed. Returns a list of {node, weight, K, N, rmse, max_abs_err}."""
-    import onnx
     from onnx import helper, numpy_helper
 
     g = m.graph

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -46,8 +45,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from onnx_tract import (Q8_BLOCK, activation_importance, export_model, graph_io, maxdiff,  # noqa: E402
-                        q8_0_gather_nodes, q8_0_pack, quantize_q4_0, rename_dims, sha256)
+from onnx_tract import (Q8_BLOCK, activation_importance, export_model, fix_string_hashing, graph_io,  # noqa: E402
+                        maxdiff, q8_0_gather_nodes, q8_0_pack, quantize_q4_0, rename_dims, sha256)
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_GGUF = Path.home() / ".cache/outpost/gemma3-270m/gemma-3-270m-q4_k_m.gguf"
@@ -731,9 +730,5 @@ def build_q4_0(args, f32_dir: Path, out: Path, name, embed_dtype, q4_layers, q4_
 
 
 if __name__ == "__main__":
-    # transformers iterates over a set of layer-type strings while building the decoder graph:
-    # fix string hashing so the exported node order (and so the file bytes) are reproducible.
-    if os.environ.get("PYTHONHASHSEED") != "0":
-        os.environ["PYTHONHASHSEED"] = "0"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+    fix_string_hashing()
     sys.exit(main())

@@ -41,8 +41,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnx_tract  # noqa: E402
-from onnx_tract import (export, fold_shape_only_ranges, graph_io, maxdiff, quantize_gather_q8_0,  # noqa: E402
-                        quantize_q4_0, rename_dims, save_graph, sha256)
+from onnx_tract import (export, fix_string_hashing, fold_shape_only_ranges, graph_io, maxdiff,  # noqa: E402
+                        quantize_gather_q8_0, quantize_q4_0, rename_dims, save_graph, sha256)
 
 REPO = Path(__file__).resolve().parents[2]
 SPEECH_WAV = REPO / "daemon" / "media" / "speech.wav"
@@ -775,14 +775,6 @@ def main():
         (ref / "reference.json").write_text(json.dumps({"greedy": greedy, "inputs": inputs,
                                                         "parity": manifest["parity"]}, indent=1, default=float) + "\n")
     return 0 if ok else 1
-
-
-def fix_string_hashing():
-    """transformers iterates over a set of layer-type strings while building the decoder graph:
-    fix string hashing so the exported node order (and so the file bytes) are reproducible."""
-    if os.environ.get("PYTHONHASHSEED") != "0":
-        os.environ["PYTHONHASHSEED"] = "0"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
 if __name__ == "__main__":
