@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import math
 import shutil
@@ -213,7 +214,8 @@ def main():
 
     processor_info = {}
     if not args.skip_processor:
-        processor_info = processor_fixtures(ref_dir, read_wav(SPEECH_WAV)[0], picture)
+        processor_info = processor_fixtures(ref_dir, read_wav(SPEECH_WAV)[0],
+                                            [("image", *picture), ("frame", *camera_frame())])
         manifest["processor_fixtures"] = processor_info
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=float) + "\n")
 
@@ -262,36 +264,49 @@ def reference_picture(ref_dir: Path):
     return deterministic_picture(), "deterministic_picture() in make_tiny_gemma4.py"
 
 
-def processor_fixtures(ref_dir: Path, wav, picture):
+def camera_frame():
+    """The first frame of daemon/media/people.mjpeg (320x240, not square, from a camera), decoded
+    by Pillow; saved as PNG so that the Rust side reads the very same pixels."""
+    from PIL import Image
+
+    clip = (REPO / "daemon/media/people.mjpeg").read_bytes()
+    start = clip.index(b"\xff\xd8")
+    end = clip.index(b"\xff\xd9", start) + 2
+    return Image.open(io.BytesIO(clip[start:end])).convert("RGB"), "daemon/media/people.mjpeg, first frame"
+
+
+def processor_fixtures(ref_dir: Path, wav, pictures):
     """transformers' own image processor and feature extractor outputs, for the preprocessing
-    proofs on the Rust side. Pixel values are stored as uint8 (value*255, exact) to keep the
-    fixtures small when that round-trip is exact."""
+    proofs on the Rust side: `pictures` is [(name, picture, where it came from)], each saved as
+    proc_{name}_input.png with its patches at budgets 70 and 280. Pixel values are stored as uint8
+    (value*255, exact) to keep the fixtures small when that round-trip is exact."""
     from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
     from transformers.models.gemma4.image_processing_gemma4 import Gemma4ImageProcessor
 
     info = {}
-    img, src = picture
-    img.save(ref_dir / "proc_image_input.png")
-    for budget in (70, 280):
-        ip = Gemma4ImageProcessor(max_soft_tokens=budget)
-        r = ip(images=[img], return_tensors="np")
-        pv = np.asarray(r["pixel_values"], np.float32)
-        pos = np.asarray(r["image_position_ids"], np.int64)
-        q = np.round(pv * 255.0)
-        exact = bool(np.array_equal(q.astype(np.float32) * np.float32(1.0 / 255.0), pv)) and q.min() >= 0 and q.max() <= 255
-        if exact:
-            np.save(ref_dir / f"proc_image_{budget}_pixel_values_u8.npy", q.astype(np.uint8))
-        else:
-            np.save(ref_dir / f"proc_image_{budget}_pixel_values.npy", pv.astype(np.float16))
-        np.save(ref_dir / f"proc_image_{budget}_position_ids.npy", pos.astype(np.int16))
-        info[f"image_{budget}"] = {
-            "source": src, "input_size_wh": list(img.size), "pixel_values_shape": list(pv.shape),
-            "stored_as": "uint8 (f32 = f32(u8) * f32(1/255), bit-exact)" if exact else "float16 (not exact)",
-            "position_ids_shape": list(pos.shape), "position_ids_dtype_stored": "int16",
-            "valid_patches": int((pos[0, :, 0] >= 0).sum()),
-            "num_soft_tokens": [int(x) for x in np.asarray(r.get("num_soft_tokens_per_image", [])).ravel()],
-            "pixel_values_sha256_f32": hashlib.sha256(pv.tobytes()).hexdigest(),
-        }
+    for name, img, src in pictures:
+        img.save(ref_dir / f"proc_{name}_input.png")
+        for budget in (70, 280):
+            ip = Gemma4ImageProcessor(max_soft_tokens=budget)
+            r = ip(images=[img], return_tensors="np")
+            pv = np.asarray(r["pixel_values"], np.float32)
+            pos = np.asarray(r["image_position_ids"], np.int64)
+            q = np.round(pv * 255.0)
+            exact = (bool(np.array_equal(q.astype(np.float32) * np.float32(1.0 / 255.0), pv))
+                     and q.min() >= 0 and q.max() <= 255)
+            if exact:
+                np.save(ref_dir / f"proc_{name}_{budget}_pixel_values_u8.npy", q.astype(np.uint8))
+            else:
+                np.save(ref_dir / f"proc_{name}_{budget}_pixel_values.npy", pv.astype(np.float16))
+            np.save(ref_dir / f"proc_{name}_{budget}_position_ids.npy", pos.astype(np.int16))
+            info[f"{name}_{budget}"] = {
+                "source": src, "input_size_wh": list(img.size), "pixel_values_shape": list(pv.shape),
+                "stored_as": "uint8 (f32 = f32(u8) * f32(1/255), bit-exact)" if exact else "float16 (not exact)",
+                "position_ids_shape": list(pos.shape), "position_ids_dtype_stored": "int16",
+                "valid_patches": int((pos[0, :, 0] >= 0).sum()),
+                "num_soft_tokens": [int(x) for x in np.asarray(r.get("num_soft_tokens_per_image", [])).ravel()],
+                "pixel_values_sha256_f32": hashlib.sha256(pv.tobytes()).hexdigest(),
+            }
     fe = Gemma4AudioFeatureExtractor()
     r = fe([wav], sampling_rate=16000, return_tensors="np")
     mel = np.asarray(r["input_features"], np.float32)
