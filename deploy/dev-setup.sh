@@ -7,6 +7,8 @@ set -euo pipefail
 packages=(
   mosquitto          # the broker the end-to-end tests start on loopback
   mosquitto-clients  # mosquitto_sub, to watch a station
+  libasound2-dev     # alsa-lib, which the microphone source links against
+  pkg-config         # finds alsa-lib for the build
 )
 
 missing=()

@@ -81,6 +81,19 @@ fn broken_files_name_file_line_key_and_problem() {
             "[station]\nid = \"a\"\n[microphone]\nsource = \"wav\"\npath = \"builtin:people.mjpeg\"",
             "station.toml:5:1: microphone.path: builtin:people.mjpeg: not a readable WAV file: Ill-formed WAVE file: no RIFF tag found",
         ),
+        // An ALSA microphone with the keys of a replay, and a replay with a device.
+        (
+            "[station]\nid = \"a\"\n[microphone]\nsource = \"alsa\"\npath = \"x.wav\"\nloop = true\nbuffer_ms = 100",
+            "station.toml:3:2: microphone.device: is required for `source = \"alsa\"`: a capture PCM such as \"default\" or \"plughw:CARD=Device,DEV=0\" (`arecord -L` lists them)\n\
+             station.toml:5:1: microphone.path: only applies to `source = \"wav\"`: ALSA capture reads `device`\n\
+             station.toml:6:1: microphone.loop: only applies to `source = \"wav\"`: a live microphone does not end\n\
+             station.toml:7:1: microphone.buffer_ms: must hold at least two chunks (200 ms) and at most 10000 ms, got 100",
+        ),
+        (
+            "[station]\nid = \"a\"\n[microphone]\nsource = \"wav\"\ndevice = \"default\"",
+            "station.toml:3:2: microphone.path: is required for `source = \"wav\"`: the recording to replay\n\
+             station.toml:5:1: microphone.device: only applies to `source = \"alsa\"`: a WAV replay reads `path`",
+        ),
         (
             "[station]\nid = \"a\"\n[camera]\nsource = \"yuyv\"\npath = \"builtin:people.mjpeg\"",
             "station.toml:3:2: camera.width: is required for raw YUYV: the file does not say its frame size\n\

@@ -4,6 +4,7 @@
 //! camera or microphone hands over one buffer at a time. Replay sources pace themselves to the
 //! configured rate so that everything downstream sees what it would see from a live device.
 
+mod alsa_mic;
 mod image_dir;
 mod mjpeg;
 mod pacing;
@@ -19,6 +20,7 @@ use image::RgbImage;
 use crate::config::{CameraConfig, CameraSourceKind, MicrophoneConfig, MicrophoneSourceKind};
 use crate::media::MediaRef;
 
+pub use alsa_mic::{AlsaCapture, AlsaSettings, CAPTURE_RATE};
 pub use image_dir::ImageDirReplay;
 pub use mjpeg::{split_jpeg_frames, MjpegReplay};
 pub use replay::{FrameStore, Replay};
@@ -98,14 +100,24 @@ pub fn open_camera(config: &CameraConfig, base_dir: &std::path::Path) -> Result<
     })
 }
 
-/// Opens the microphone a config describes.
+/// Opens the microphone a config describes (a validated one: `path` for wav, `device` for alsa).
 pub fn open_microphone(
     config: &MicrophoneConfig,
     base_dir: &std::path::Path,
 ) -> Result<Box<dyn AudioSource>, SourceError> {
-    let media = MediaRef::parse(&config.path, base_dir)
-        .map_err(|problem| SourceError::Format { media: config.path.clone(), problem })?;
+    let missing =
+        |key: &str| SourceError::Format { media: "[microphone]".into(), problem: format!("`{key}` is not set") };
     Ok(match config.source {
-        MicrophoneSourceKind::Wav => Box::new(WavReplay::open(&media, config.chunk_ms, config.looping)?),
+        MicrophoneSourceKind::Wav => {
+            let path = config.path.as_deref().ok_or_else(|| missing("path"))?;
+            let media = MediaRef::parse(path, base_dir)
+                .map_err(|problem| SourceError::Format { media: path.to_owned(), problem })?;
+            Box::new(WavReplay::open(&media, config.chunk_ms, config.looping)?)
+        }
+        MicrophoneSourceKind::Alsa => {
+            let device = config.device.as_deref().ok_or_else(|| missing("device"))?;
+            let settings = AlsaSettings { chunk_ms: config.chunk_ms, buffer_ms: config.buffer_ms };
+            Box::new(AlsaCapture::open(device, settings)?)
+        }
     })
 }

@@ -133,22 +133,36 @@ fn default_fps() -> f64 {
 pub enum MicrophoneSourceKind {
     /// A WAV file played back in real time (integer or float samples, any rate, mixed to mono).
     Wav,
+    /// A live ALSA capture PCM: S16_LE mono at 16 kHz.
+    Alsa,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MicrophoneConfig {
     pub source: MicrophoneSourceKind,
-    pub path: String,
-    /// Length of each chunk handed to the gates.
+    /// `wav`: the file, relative to the config file, or `builtin:<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `alsa`: the capture PCM, e.g. `default` or `plughw:CARD=Device,DEV=0` (see `arecord -L`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Length of each chunk handed to the gates (one ALSA period).
     #[serde(default = "default_chunk_ms")]
     pub chunk_ms: u32,
+    /// `alsa`: how much audio the device holds before an overrun loses some.
+    #[serde(default = "default_buffer_ms")]
+    pub buffer_ms: u32,
     #[serde(default, rename = "loop")]
     pub looping: bool,
 }
 
 fn default_chunk_ms() -> u32 {
     100
+}
+
+fn default_buffer_ms() -> u32 {
+    500
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]

@@ -1,6 +1,6 @@
 //! Checks of values that parse but cannot work. Every check runs, so one pass reports everything.
 
-use super::{CameraSourceKind, Config};
+use super::{CameraSourceKind, Config, MicrophoneSourceKind};
 use crate::capture;
 
 /// `(dotted key, what is wrong)` for every problem found.
@@ -149,13 +149,56 @@ fn sources(config: &Config, problems: &mut Problems) {
         }
     }
     if let Some(microphone) = &config.microphone {
-        if !(10..=100).contains(&microphone.chunk_ms) {
+        let chunk_ok = (10..=100).contains(&microphone.chunk_ms);
+        if !chunk_ok {
             problems.add(
                 "microphone.chunk_ms",
                 format!("must be from 10 to 100 milliseconds, got {}", microphone.chunk_ms),
             );
-        } else if let Err(e) = capture::open_microphone(microphone, &config.base_dir) {
-            problems.add("microphone.path", e.to_string());
+        }
+        match microphone.source {
+            MicrophoneSourceKind::Wav => {
+                if microphone.device.is_some() {
+                    problems.add("microphone.device", "only applies to `source = \"alsa\"`: a WAV replay reads `path`");
+                }
+                if microphone.path.is_none() {
+                    problems.add("microphone.path", "is required for `source = \"wav\"`: the recording to replay");
+                } else if chunk_ok {
+                    // Opening a replay source reads and checks its recording.
+                    if let Err(e) = capture::open_microphone(microphone, &config.base_dir) {
+                        problems.add("microphone.path", e.to_string());
+                    }
+                }
+            }
+            // A live device is not opened here: it may be busy with the running daemon during a
+            // reload, or plugged in later; capture retries until it answers.
+            MicrophoneSourceKind::Alsa => {
+                if microphone.path.is_some() {
+                    problems.add("microphone.path", "only applies to `source = \"wav\"`: ALSA capture reads `device`");
+                }
+                if microphone.looping {
+                    problems
+                        .add("microphone.loop", "only applies to `source = \"wav\"`: a live microphone does not end");
+                }
+                match &microphone.device {
+                    None => problems.add(
+                        "microphone.device",
+                        "is required for `source = \"alsa\"`: a capture PCM such as \"default\" or \"plughw:CARD=Device,DEV=0\" (`arecord -L` lists them)",
+                    ),
+                    Some(device) if device.trim().is_empty() => problems.add("microphone.device", "is empty"),
+                    Some(_) => {}
+                }
+                if !(2 * microphone.chunk_ms..=10_000).contains(&microphone.buffer_ms) {
+                    problems.add(
+                        "microphone.buffer_ms",
+                        format!(
+                            "must hold at least two chunks ({} ms) and at most 10000 ms, got {}",
+                            2 * microphone.chunk_ms,
+                            microphone.buffer_ms
+                        ),
+                    );
+                }
+            }
         }
     }
 }

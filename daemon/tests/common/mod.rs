@@ -219,10 +219,15 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let stderr_path = dir.path().join("stderr.log");
         let child = Command::new(env!("CARGO_BIN_EXE_outpostd"))
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,outpost=debug")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_path).unwrap())

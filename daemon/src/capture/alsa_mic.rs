@@ -1,0 +1,188 @@
+//! A live microphone through ALSA (alsa-lib, via the `alsa` crate): S16_LE mono at 16 kHz from a
+//! named PCM (`default`, `plughw:CARD=Device,DEV=0`, ...), with explicit buffer and period sizes.
+//!
+//! The field is hard on microphones: an overrun (the daemon fell behind the device) is counted
+//! and capture goes on; a device that fails or disappears is closed and opened again with
+//! back-off, without ending the source, so the rest of the daemon keeps running.
+
+use std::time::{Duration, SystemTime};
+
+use alsa::pcm::{Access, Format, HwParams, PCM};
+use alsa::{Direction, ValueOr};
+
+use super::{AudioChunk, AudioSource, SourceError, MAX_CHUNK_SAMPLES};
+
+/// What the gates and the model take: 16 kHz mono. A `plughw:` or `default` PCM converts from
+/// whatever the hardware does.
+pub const CAPTURE_RATE: u32 = 16_000;
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// How the PCM is asked to buffer: a period is one chunk, the buffer holds `buffer_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlsaSettings {
+    pub chunk_ms: u32,
+    pub buffer_ms: u32,
+}
+
+pub struct AlsaCapture {
+    device: String,
+    settings: AlsaSettings,
+    chunk_len: usize,
+    pcm: Option<PCM>,
+    buffer: Vec<i16>,
+    seq: u64,
+    overruns: u64,
+    reopens: u64,
+    retry_delay: Duration,
+}
+
+impl AlsaCapture {
+    /// Opens the PCM now. A device that cannot be opened is logged and tried again from
+    /// `next_chunk`, with back-off: a microphone plugged in later is picked up then.
+    pub fn open(device: &str, settings: AlsaSettings) -> Result<Self, SourceError> {
+        let chunk_len = (u64::from(CAPTURE_RATE) * u64::from(settings.chunk_ms) / 1000) as usize;
+        if chunk_len == 0 || chunk_len > MAX_CHUNK_SAMPLES {
+            return Err(SourceError::Format {
+                media: format!("ALSA PCM {device}"),
+                problem: format!(
+                    "{} ms is {chunk_len} samples a chunk at {CAPTURE_RATE} Hz; a chunk holds 1 to {MAX_CHUNK_SAMPLES}",
+                    settings.chunk_ms
+                ),
+            });
+        }
+        let pcm = open_pcm(device, chunk_len, settings.buffer_ms)
+            .map_err(|e| tracing::warn!("microphone unavailable at start, trying again from capture: {e}"))
+            .ok();
+        Ok(Self {
+            device: device.to_owned(),
+            settings,
+            chunk_len,
+            pcm,
+            buffer: vec![0; chunk_len],
+            seq: 0,
+            overruns: 0,
+            reopens: 0,
+            retry_delay: RETRY_MIN,
+        })
+    }
+
+    /// Overruns seen so far: each one lost the audio the daemon did not read in time.
+    pub fn overruns(&self) -> u64 {
+        self.overruns
+    }
+
+    /// How often the device was opened again after it failed.
+    pub fn reopens(&self) -> u64 {
+        self.reopens
+    }
+
+    /// Fills the buffer with one chunk from the open PCM. `Err` leaves the PCM to be reopened.
+    fn read_chunk(&mut self, pcm: &PCM) -> Result<(), alsa::Error> {
+        let io = pcm.io_i16()?;
+        let mut filled = 0;
+        while filled < self.chunk_len {
+            match io.readi(&mut self.buffer[filled..]) {
+                Ok(0) => pcm.wait(Some(1000)).map(|_| ())?,
+                Ok(frames) => filled += frames,
+                // EPIPE: overrun; ESTRPIPE: the system was suspended. Both are recovered in place.
+                Err(e) if e.errno() == libc::EPIPE || e.errno() == libc::ESTRPIPE => {
+                    if e.errno() == libc::EPIPE {
+                        self.overruns += 1;
+                        tracing::warn!(device = %self.device, overruns = self.overruns, "microphone overrun: audio was lost, capture goes on");
+                    }
+                    pcm.try_recover(e, true)?;
+                    filled = 0;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn open_pcm(device: &str, chunk_len: usize, buffer_ms: u32) -> Result<PCM, SourceError> {
+    let media = format!("ALSA PCM {device}");
+    let fail =
+        |what: &str, e: alsa::Error| SourceError::Format { media: media.clone(), problem: format!("{what}: {e}") };
+    let pcm = PCM::new(device, Direction::Capture, false)
+        .map_err(|e| fail("cannot open it for capture (list the PCMs with `outpostd probe` or `arecord -L`)", e))?;
+    {
+        let hw = HwParams::any(&pcm).map_err(|e| fail("cannot read its capabilities", e))?;
+        hw.set_access(Access::RWInterleaved).map_err(|e| fail("no interleaved read access", e))?;
+        hw.set_format(Format::s16()).map_err(|e| fail("no 16-bit little-endian samples (try plughw:...)", e))?;
+        hw.set_channels(1).map_err(|e| fail("no mono capture (try plughw:... so ALSA mixes down)", e))?;
+        hw.set_rate(CAPTURE_RATE, ValueOr::Nearest)
+            .map_err(|e| fail(&format!("no {CAPTURE_RATE} Hz capture (try plughw:... so ALSA resamples)"), e))?;
+        let period = chunk_len as alsa::pcm::Frames;
+        hw.set_period_size_near(period, ValueOr::Nearest).map_err(|e| fail("cannot set the period size", e))?;
+        let buffer = (u64::from(CAPTURE_RATE) * u64::from(buffer_ms) / 1000) as alsa::pcm::Frames;
+        hw.set_buffer_size_near(buffer.max(2 * period)).map_err(|e| fail("cannot set the buffer size", e))?;
+        pcm.hw_params(&hw).map_err(|e| fail("refuses S16_LE mono 16 kHz", e))?;
+    }
+    let rate = pcm.hw_params_current().and_then(|hw| hw.get_rate()).map_err(|e| fail("cannot read its rate", e))?;
+    if rate != CAPTURE_RATE {
+        return Err(SourceError::Format {
+            media,
+            problem: format!(
+                "captures at {rate} Hz, not {CAPTURE_RATE}: use a plughw: or default PCM so ALSA resamples"
+            ),
+        });
+    }
+    pcm.prepare().map_err(|e| fail("cannot prepare it", e))?;
+    Ok(pcm)
+}
+
+impl AudioSource for AlsaCapture {
+    fn describe(&self) -> String {
+        format!(
+            "ALSA capture from {} (S16_LE mono {CAPTURE_RATE} Hz, {} ms chunks, {} ms buffer)",
+            self.device, self.settings.chunk_ms, self.settings.buffer_ms
+        )
+    }
+
+    /// Blocks until a chunk is captured. A failing device is reopened with back-off (1 s doubling
+    /// to 30 s) for as long as it takes: a microphone that comes back resumes the stream.
+    fn next_chunk(&mut self) -> Result<Option<AudioChunk>, SourceError> {
+        loop {
+            let pcm = match self.pcm.take() {
+                Some(pcm) => pcm,
+                None => match open_pcm(&self.device, self.chunk_len, self.settings.buffer_ms) {
+                    Ok(pcm) => {
+                        self.reopens += 1;
+                        self.retry_delay = RETRY_MIN;
+                        tracing::info!(device = %self.device, "microphone is back");
+                        pcm
+                    }
+                    Err(e) => {
+                        tracing::warn!("microphone unavailable, trying again in {:?}: {e}", self.retry_delay);
+                        std::thread::sleep(self.retry_delay);
+                        self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+                        continue;
+                    }
+                },
+            };
+            match self.read_chunk(&pcm) {
+                Ok(()) => {
+                    self.pcm = Some(pcm);
+                    let samples = heapless::Vec::from_slice(&self.buffer).map_err(|_| SourceError::Format {
+                        media: self.device.clone(),
+                        problem: "chunk larger than an AudioChunk".into(),
+                    })?;
+                    let chunk = AudioChunk {
+                        seq: self.seq,
+                        captured_at: SystemTime::now(),
+                        sample_rate: CAPTURE_RATE,
+                        samples,
+                    };
+                    self.seq += 1;
+                    return Ok(Some(chunk));
+                }
+                Err(e) => {
+                    tracing::warn!(device = %self.device, "microphone failed, closing it to open it again: {e}");
+                    drop(pcm);
+                }
+            }
+        }
+    }
+}
