@@ -6,10 +6,14 @@
 //! `OUTPOST_GEMMA3_BUNDLE` (f32) and `OUTPOST_GEMMA3_Q4_BUNDLE` (Q4_0). Without them these tests
 //! say why and pass, unless `OUTPOST_REQUIRE_REAL_MODEL` is set, as it is in CI.
 
-use std::path::{Path, PathBuf};
+#[path = "common/prepared.rs"]
+mod prepared;
+
+use std::path::Path;
 use std::sync::OnceLock;
 
 use outpost::model::{argmax, values, Bundle, KvCache, Runtime, Sampler, Sampling, Tokenizer};
+use prepared::prepared_path;
 use serde_json::Value;
 
 /// Greedy ids may part from PyTorch's only where PyTorch's two best logits are this close.
@@ -19,19 +23,6 @@ const QUANTIZED_AGREEMENT: f64 = 0.95;
 /// Positions per decoder run when scoring a long text: bounds the logits held at once
 /// (`positions x 262144 x 4` bytes).
 const SCORING_CHUNK: usize = 200;
-
-fn bundle(variable: &str) -> Option<PathBuf> {
-    match std::env::var_os(variable) {
-        Some(dir) => Some(PathBuf::from(dir)),
-        None if std::env::var_os("OUTPOST_REQUIRE_REAL_MODEL").is_some() => {
-            panic!("{variable} is not set: run deploy/models/prepare_test_models.sh (test.sh does)")
-        }
-        None => {
-            eprintln!("skipped: {variable} is not set (bash test.sh prepares the real Gemma 3 bundles and sets it)");
-            None
-        }
-    }
-}
 
 fn reference() -> &'static Value {
     static REFERENCE: OnceLock<Value> = OnceLock::new();
@@ -57,7 +48,7 @@ fn tokenizer(bundle: &Bundle) -> Tokenizer {
 
 #[test]
 fn tokenizer_gives_transformers_ids_for_multilingual_text() {
-    let Some(dir) = bundle("OUTPOST_GEMMA3_BUNDLE") else { return };
+    let Some(dir) = prepared_path("OUTPOST_GEMMA3_BUNDLE") else { return };
     let tokenizer = tokenizer(&Bundle::open(&dir).unwrap());
     let cases = reference()["tokenizer"].as_array().unwrap();
     for case in cases {
@@ -75,7 +66,7 @@ fn tokenizer_gives_transformers_ids_for_multilingual_text() {
 
 #[test]
 fn greedy_continuations_match_pytorch() {
-    let Some(dir) = bundle("OUTPOST_GEMMA3_BUNDLE") else { return };
+    let Some(dir) = prepared_path("OUTPOST_GEMMA3_BUNDLE") else { return };
     let (_, runtime) = load(&dir);
     let mut near_ties = 0;
     let mut worst_logit: f32 = 0.0;
@@ -164,7 +155,9 @@ fn agreement(a: &[u32], b: &[u32]) -> f64 {
 
 #[test]
 fn quantized_bundle_agrees_with_f32_on_teacher_forced_tokens() {
-    let (Some(f32_dir), Some(q4_dir)) = (bundle("OUTPOST_GEMMA3_BUNDLE"), bundle("OUTPOST_GEMMA3_Q4_BUNDLE")) else {
+    let (Some(f32_dir), Some(q4_dir)) =
+        (prepared_path("OUTPOST_GEMMA3_BUNDLE"), prepared_path("OUTPOST_GEMMA3_Q4_BUNDLE"))
+    else {
         return;
     };
     let forced = &reference()["teacher_forcing"];
@@ -199,7 +192,7 @@ fn quantized_bundle_agrees_with_f32_on_teacher_forced_tokens() {
 
 #[test]
 fn model_run_continues_a_prompt_as_pytorch_does() {
-    let Some(dir) = bundle("OUTPOST_GEMMA3_BUNDLE") else { return };
+    let Some(dir) = prepared_path("OUTPOST_GEMMA3_BUNDLE") else { return };
     let case = &reference()["greedy"][0];
     let expected_ids = ids(&case["ids"]);
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_outpostd"))

@@ -5,43 +5,40 @@
 //! Needs the model tools' Python (`OUTPOST_PYTHON`, set by `test.sh` from
 //! `deploy/models/prepare_test_models.sh`); skipped with a reason when it is not set.
 
+#[path = "common/prepared.rs"]
+mod prepared;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use prepared::prepared_path;
+
 use outpost::model::{Bundle, Runtime, Sampler, Sampling};
 use serde_json::Value;
-
-fn python() -> Option<PathBuf> {
-    match std::env::var_os("OUTPOST_PYTHON") {
-        Some(python) => Some(PathBuf::from(python)),
-        None if std::env::var_os("OUTPOST_REQUIRE_REAL_MODEL").is_some() => {
-            panic!("OUTPOST_PYTHON is not set: run deploy/models/prepare_test_models.sh (test.sh does)")
-        }
-        None => {
-            eprintln!("skipped: OUTPOST_PYTHON is not set (bash test.sh installs the model tools and sets it)");
-            None
-        }
-    }
-}
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// Runs prepare_gemma4.py on the tiny checkpoint into a fresh directory.
+/// Runs prepare_gemma4.py on `checkpoint`, writing `out`.
+fn run_prepare(python: &Path, checkpoint: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/models/prepare_gemma4.py");
+    Command::new(python)
+        .arg(script)
+        .arg("--checkpoint")
+        .arg(checkpoint)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// Prepares the tiny checkpoint into a fresh directory.
 fn prepare(python: &Path, extra: &[&str]) -> (tempfile::TempDir, Bundle) {
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("bundle");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/models/prepare_gemma4.py");
-    let output = Command::new(python)
-        .arg(script)
-        .arg("--checkpoint")
-        .arg(fixtures().join("gemma4-tiny-hf"))
-        .arg("--out")
-        .arg(&out)
-        .args(extra)
-        .output()
-        .unwrap();
+    let output = run_prepare(python, &fixtures().join("gemma4-tiny-hf"), &out, extra);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "prepare_gemma4.py {extra:?} failed: {}", tail(&stderr, 3000));
     let bundle = Bundle::open(&out).unwrap_or_else(|e| panic!("{e}"));
@@ -64,7 +61,7 @@ fn greedy(runtime: &Runtime, prompt: &[u32], steps: usize) -> Vec<u32> {
 
 #[test]
 fn f32_bundle_from_the_checkpoint_is_the_committed_one() {
-    let Some(python) = python() else { return };
+    let Some(python) = prepared_path("OUTPOST_PYTHON") else { return };
     let (_work, bundle) = prepare(&python, &[]);
     let committed = Bundle::open(&fixtures().join("gemma4-tiny")).unwrap();
     // The graphs and tokenizer are byte for byte those the gemma4_tiny tests hold to PyTorch.
@@ -85,7 +82,7 @@ fn f32_bundle_from_the_checkpoint_is_the_committed_one() {
 
 #[test]
 fn q4_0_bundle_with_external_weights_answers_as_onnxruntime_does() {
-    let Some(python) = python() else { return };
+    let Some(python) = prepared_path("OUTPOST_PYTHON") else { return };
     // Every graph keeps its weights in NAME.onnx.data, as the real E2B's large graphs must.
     let (_work, bundle) = prepare(&python, &["--quantize", "q4_0", "--external-data-over", "0"]);
     for role in ["embed_data", "decoder_data", "vision_data", "audio_data"] {
@@ -111,18 +108,10 @@ fn q4_0_bundle_with_external_weights_answers_as_onnxruntime_does() {
 
 #[test]
 fn a_directory_that_is_not_a_checkpoint_gets_a_clear_error() {
-    let Some(python) = python() else { return };
+    let Some(python) = prepared_path("OUTPOST_PYTHON") else { return };
     let work = tempfile::tempdir().unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/models/prepare_gemma4.py");
     // A bundle directory is not a checkpoint: it has no config.json.
-    let output = Command::new(python)
-        .arg(script)
-        .arg("--checkpoint")
-        .arg(fixtures().join("gemma4-tiny"))
-        .arg("--out")
-        .arg(work.path().join("bundle"))
-        .output()
-        .unwrap();
+    let output = run_prepare(&python, &fixtures().join("gemma4-tiny"), &work.path().join("bundle"), &[]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(
