@@ -10,6 +10,7 @@ pub mod gate;
 pub mod media;
 pub mod model;
 pub mod pipeline;
+pub mod probe;
 pub mod publish;
 pub mod queue;
 pub mod service;

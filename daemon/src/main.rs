@@ -44,6 +44,8 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// List the microphones and cameras this machine offers, as a config names them.
+    Probe,
     /// Work with model bundles.
     Model {
         #[command(subcommand)]
@@ -114,6 +116,10 @@ fn main() -> ExitCode {
             }
             Err(e) => return config_error(&e),
         },
+        Command::Probe => {
+            print!("{}", outpost::probe::report());
+            Ok(())
+        }
         Command::Model { command: ModelCommand::Inspect { bundle } } => {
             Bundle::open(&bundle).map(|bundle| print!("{bundle}")).map_err(anyhow::Error::from)
         }

@@ -22,9 +22,10 @@ fn alsa_dir() -> &'static Path {
         let dir = tempfile::tempdir().unwrap();
         let raw: Vec<u8> = speech().iter().flat_map(|s| s.to_le_bytes()).collect();
         std::fs::write(dir.path().join("speech.raw"), raw).unwrap();
+        // `hint` makes `outpostd probe` list the PCM, as alsa-lib lists a sound card's.
         let pcm = |name: &str, infile: &Path| {
             format!(
-                "pcm.{name} {{\n type file\n slave.pcm \"null\"\n file \"/dev/null\"\n infile \"{}\"\n format \"raw\"\n}}\n",
+                "pcm.{name} {{\n type file\n slave.pcm \"null\"\n file \"/dev/null\"\n infile \"{}\"\n format \"raw\"\n hint {{ show on description \"Outpost test microphone\" }}\n}}\n",
                 infile.display()
             )
         };
@@ -125,4 +126,23 @@ fn the_daemon_publishes_sound_events_from_an_alsa_microphone() {
     subscriber.wait_for_payload("outpost/mic/status", "stopped", wait);
     let log = daemon.stderr();
     assert!(log.contains("ALSA capture from outpost_test_mic"), "{log}");
+}
+
+#[test]
+fn probe_lists_the_capture_pcms() {
+    let alsa_config = format!("/usr/share/alsa/alsa.conf:{}", alsa_dir().join("test.conf").display());
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_outpostd"))
+        .arg("probe")
+        .env("ALSA_CONFIG_PATH", &alsa_config)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let shown = String::from_utf8(output.stdout).unwrap();
+    println!("{shown}");
+    assert!(shown.contains("  outpost_test_mic  (Outpost test microphone)\n"), "{shown}");
+    // Without a camera probe says so, and what to check; with one, it names its node.
+    match outpost::probe::camera_nodes(Path::new("/dev")).first() {
+        None => assert!(shown.contains("Cameras (V4L2 device nodes):\n  none: no /dev/video*"), "{shown}"),
+        Some(node) => assert!(shown.contains(&format!("  {}\n", node.display())), "{shown}"),
+    }
 }
