@@ -68,9 +68,7 @@ pub fn report() -> String {
     out.push_str("Cameras (V4L2 device nodes):\n");
     let cameras = camera_nodes(Path::new("/dev"));
     if cameras.is_empty() {
-        out.push_str(
-            "  none: no /dev/video* (is a USB camera plugged in? `dmesg` says whether the kernel saw one)\n",
-        );
+        out.push_str("  none: no /dev/video* (is a USB camera plugged in? `dmesg` says whether the kernel saw one)\n");
     }
     for node in cameras {
         let _ = writeln!(out, "  {}", node.display());

@@ -1,5 +1,7 @@
-//! A live microphone through ALSA (alsa-lib, via the `alsa` crate): S16_LE mono at 16 kHz from a
-//! named PCM (`default`, `plughw:CARD=Device,DEV=0`, ...), with explicit buffer and period sizes.
+//! A live microphone through ALSA (alsa-lib, via the `alsa` crate): S16_LE from a named PCM
+//! (`default`, `plughw:CARD=Device,DEV=0`, `hw:1,0`, ...), with explicit buffer and period sizes,
+//! handed on as 16 kHz mono. A PCM that cannot give that (a `hw:` device at 48 kHz in stereo) is
+//! captured as it can and converted (`resample.rs`).
 //!
 //! The field is hard on microphones: an overrun (the daemon fell behind the device) is counted
 //! and capture goes on; a device that fails or disappears is closed and opened again with
@@ -10,10 +12,10 @@ use std::time::{Duration, SystemTime};
 use alsa::pcm::{Access, Format, HwParams, PCM};
 use alsa::{Direction, ValueOr};
 
+use super::resample::ToMono16k;
 use super::{AudioChunk, AudioSource, SourceError, MAX_CHUNK_SAMPLES};
 
-/// What the gates and the model take: 16 kHz mono. A `plughw:` or `default` PCM converts from
-/// whatever the hardware does.
+/// What the gates and the model take: 16 kHz mono.
 pub const CAPTURE_RATE: u32 = 16_000;
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -28,9 +30,9 @@ pub struct AlsaSettings {
 pub struct AlsaCapture {
     device: String,
     settings: AlsaSettings,
-    chunk_len: usize,
-    pcm: Option<PCM>,
+    pcm: Option<OpenPcm>,
     buffer: Vec<i16>,
+    converted: Vec<i16>,
     seq: u64,
     overruns: u64,
     reopens: u64,
@@ -51,15 +53,15 @@ impl AlsaCapture {
                 ),
             });
         }
-        let pcm = open_pcm(device, chunk_len, settings.buffer_ms)
+        let pcm = OpenPcm::open(device, settings)
             .map_err(|e| tracing::warn!("microphone unavailable at start, trying again from capture: {e}"))
             .ok();
         Ok(Self {
             device: device.to_owned(),
             settings,
-            chunk_len,
             pcm,
-            buffer: vec![0; chunk_len],
+            buffer: Vec::new(),
+            converted: Vec::with_capacity(MAX_CHUNK_SAMPLES),
             seq: 0,
             overruns: 0,
             reopens: 0,
@@ -77,66 +79,84 @@ impl AlsaCapture {
         self.reopens
     }
 
-    /// Fills the buffer with one chunk from the open PCM. `Err` leaves the PCM to be reopened.
-    fn read_chunk(&mut self, pcm: &PCM) -> Result<(), alsa::Error> {
-        let io = pcm.io_i16()?;
+    /// Reads one period from the open PCM and converts it into `converted`. `Err` leaves the
+    /// PCM to be reopened.
+    fn read_chunk(&mut self, open: &mut OpenPcm) -> Result<(), alsa::Error> {
+        let channels = open.channels;
+        self.buffer.resize(open.converter.frames_in() * channels, 0);
+        let io = open.pcm.io_i16()?;
         let mut filled = 0;
-        while filled < self.chunk_len {
+        while filled < self.buffer.len() {
             match io.readi(&mut self.buffer[filled..]) {
-                Ok(0) => pcm.wait(Some(1000)).map(|_| ())?,
-                Ok(frames) => filled += frames,
+                Ok(0) => open.pcm.wait(Some(1000)).map(|_| ())?,
+                Ok(frames) => filled += frames * channels,
                 // EPIPE: overrun; ESTRPIPE: the system was suspended. Both are recovered in place.
                 Err(e) if e.errno() == libc::EPIPE || e.errno() == libc::ESTRPIPE => {
                     if e.errno() == libc::EPIPE {
                         self.overruns += 1;
                         tracing::warn!(device = %self.device, overruns = self.overruns, "microphone overrun: audio was lost, capture goes on");
                     }
-                    pcm.try_recover(e, true)?;
+                    open.pcm.try_recover(e, true)?;
                     filled = 0;
                 }
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+        self.converted.clear();
+        open.converter.convert(&self.buffer, &mut self.converted).map_err(|problem| {
+            tracing::error!(device = %self.device, "cannot convert the microphone's audio: {problem}");
+            alsa::Error::new("convert", libc::EINVAL)
+        })
     }
 }
 
-fn open_pcm(device: &str, chunk_len: usize, buffer_ms: u32) -> Result<PCM, SourceError> {
-    let media = format!("ALSA PCM {device}");
-    let fail =
-        |what: &str, e: alsa::Error| SourceError::Format { media: media.clone(), problem: format!("{what}: {e}") };
-    let pcm = PCM::new(device, Direction::Capture, false)
-        .map_err(|e| fail("cannot open it for capture (list the PCMs with `outpostd probe` or `arecord -L`)", e))?;
-    {
-        let hw = HwParams::any(&pcm).map_err(|e| fail("cannot read its capabilities", e))?;
-        hw.set_access(Access::RWInterleaved).map_err(|e| fail("no interleaved read access", e))?;
-        hw.set_format(Format::s16()).map_err(|e| fail("no 16-bit little-endian samples (try plughw:...)", e))?;
-        hw.set_channels(1).map_err(|e| fail("no mono capture (try plughw:... so ALSA mixes down)", e))?;
-        hw.set_rate(CAPTURE_RATE, ValueOr::Nearest)
-            .map_err(|e| fail(&format!("no {CAPTURE_RATE} Hz capture (try plughw:... so ALSA resamples)"), e))?;
-        let period = chunk_len as alsa::pcm::Frames;
-        hw.set_period_size_near(period, ValueOr::Nearest).map_err(|e| fail("cannot set the period size", e))?;
-        let buffer = (u64::from(CAPTURE_RATE) * u64::from(buffer_ms) / 1000) as alsa::pcm::Frames;
-        hw.set_buffer_size_near(buffer.max(2 * period)).map_err(|e| fail("cannot set the buffer size", e))?;
-        pcm.hw_params(&hw).map_err(|e| fail("refuses S16_LE mono 16 kHz", e))?;
+/// An open capture PCM and how its audio becomes 16 kHz mono.
+struct OpenPcm {
+    pcm: PCM,
+    channels: usize,
+    converter: ToMono16k,
+}
+
+impl OpenPcm {
+    fn open(device: &str, settings: AlsaSettings) -> Result<Self, SourceError> {
+        let media = format!("ALSA PCM {device}");
+        let fail =
+            |what: &str, e: alsa::Error| SourceError::Format { media: media.clone(), problem: format!("{what}: {e}") };
+        let pcm = PCM::new(device, Direction::Capture, false)
+            .map_err(|e| fail("cannot open it for capture (list the PCMs with `outpostd probe` or `arecord -L`)", e))?;
+        let (rate, channels) = {
+            let hw = HwParams::any(&pcm).map_err(|e| fail("cannot read its capabilities", e))?;
+            hw.set_access(Access::RWInterleaved).map_err(|e| fail("no interleaved read access", e))?;
+            hw.set_format(Format::s16()).map_err(|e| fail("no 16-bit little-endian samples (try plughw:...)", e))?;
+            let channels = hw.set_channels_near(1).map_err(|e| fail("cannot choose a channel count", e))?;
+            let rate = hw.set_rate_near(CAPTURE_RATE, ValueOr::Nearest).map_err(|e| fail("cannot choose a rate", e))?;
+            let period = (u64::from(rate) * u64::from(settings.chunk_ms) / 1000) as alsa::pcm::Frames;
+            hw.set_period_size_near(period, ValueOr::Nearest).map_err(|e| fail("cannot set the period size", e))?;
+            let buffer = (u64::from(rate) * u64::from(settings.buffer_ms) / 1000) as alsa::pcm::Frames;
+            hw.set_buffer_size_near(buffer.max(2 * period)).map_err(|e| fail("cannot set the buffer size", e))?;
+            pcm.hw_params(&hw).map_err(|e| fail("refuses 16-bit interleaved capture", e))?;
+            (rate, channels as usize)
+        };
+        let frames_in = (u64::from(rate) * u64::from(settings.chunk_ms) / 1000) as usize;
+        let converter = ToMono16k::new(rate, channels, frames_in, CAPTURE_RATE)
+            .map_err(|problem| SourceError::Format { media: media.clone(), problem })?;
+        if rate != CAPTURE_RATE || channels != 1 {
+            tracing::info!(
+                device,
+                rate,
+                channels,
+                "microphone gives {channels} channel(s) at {rate} Hz: converted to mono {CAPTURE_RATE} Hz"
+            );
+        }
+        pcm.prepare().map_err(|e| fail("cannot prepare it", e))?;
+        Ok(Self { pcm, channels, converter })
     }
-    let rate = pcm.hw_params_current().and_then(|hw| hw.get_rate()).map_err(|e| fail("cannot read its rate", e))?;
-    if rate != CAPTURE_RATE {
-        return Err(SourceError::Format {
-            media,
-            problem: format!(
-                "captures at {rate} Hz, not {CAPTURE_RATE}: use a plughw: or default PCM so ALSA resamples"
-            ),
-        });
-    }
-    pcm.prepare().map_err(|e| fail("cannot prepare it", e))?;
-    Ok(pcm)
 }
 
 impl AudioSource for AlsaCapture {
     fn describe(&self) -> String {
         format!(
-            "ALSA capture from {} (S16_LE mono {CAPTURE_RATE} Hz, {} ms chunks, {} ms buffer)",
+            "ALSA capture from {} (16-bit, as mono {CAPTURE_RATE} Hz, {} ms chunks, {} ms buffer)",
             self.device, self.settings.chunk_ms, self.settings.buffer_ms
         )
     }
@@ -145,9 +165,9 @@ impl AudioSource for AlsaCapture {
     /// to 30 s) for as long as it takes: a microphone that comes back resumes the stream.
     fn next_chunk(&mut self) -> Result<Option<AudioChunk>, SourceError> {
         loop {
-            let pcm = match self.pcm.take() {
+            let mut pcm = match self.pcm.take() {
                 Some(pcm) => pcm,
-                None => match open_pcm(&self.device, self.chunk_len, self.settings.buffer_ms) {
+                None => match OpenPcm::open(&self.device, self.settings) {
                     Ok(pcm) => {
                         self.reopens += 1;
                         self.retry_delay = RETRY_MIN;
@@ -162,10 +182,10 @@ impl AudioSource for AlsaCapture {
                     }
                 },
             };
-            match self.read_chunk(&pcm) {
+            match self.read_chunk(&mut pcm) {
                 Ok(()) => {
                     self.pcm = Some(pcm);
-                    let samples = heapless::Vec::from_slice(&self.buffer).map_err(|_| SourceError::Format {
+                    let samples = heapless::Vec::from_slice(&self.converted).map_err(|_| SourceError::Format {
                         media: self.device.clone(),
                         problem: "chunk larger than an AudioChunk".into(),
                     })?;

@@ -9,6 +9,7 @@ mod image_dir;
 mod mjpeg;
 mod pacing;
 mod replay;
+mod resample;
 mod wav;
 mod yuyv;
 

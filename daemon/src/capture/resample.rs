@@ -1,0 +1,98 @@
+//! What a microphone gives, to what the gates and the model take: interleaved 16-bit samples of
+//! any channel count and rate in, 16 kHz mono out. Channels are averaged; the rate is converted by
+//! rubato's synchronous FFT resampler (the device's rate is fixed, so a fixed ratio is exact).
+
+use audioadapter_buffers::direct::InterleavedSlice;
+use rubato::{Fft, FixedSync, Resampler};
+
+pub struct ToMono16k {
+    channels: usize,
+    frames_in: usize,
+    resampler: Option<Fft<f32>>,
+    mono: Vec<f32>,
+}
+
+impl ToMono16k {
+    /// For chunks of `frames_in` frames of `channels` channels at `rate_in` Hz.
+    pub fn new(rate_in: u32, channels: usize, frames_in: usize, rate_out: u32) -> Result<Self, String> {
+        let resampler = (rate_in != rate_out)
+            .then(|| {
+                Fft::new(rate_in as usize, rate_out as usize, frames_in, 1, FixedSync::Both)
+                    .map_err(|e| format!("cannot resample {rate_in} Hz to {rate_out} Hz: {e}"))
+            })
+            .transpose()?;
+        Ok(Self { channels, frames_in, resampler, mono: vec![0.0; frames_in] })
+    }
+
+    /// The frames one chunk takes in.
+    pub fn frames_in(&self) -> usize {
+        self.frames_in
+    }
+
+    /// Converts one chunk of `frames_in * channels` interleaved samples, appending to `out`.
+    pub fn convert(&mut self, interleaved: &[i16], out: &mut Vec<i16>) -> Result<(), String> {
+        debug_assert_eq!(interleaved.len(), self.frames_in * self.channels);
+        for (mono, frame) in self.mono.iter_mut().zip(interleaved.chunks_exact(self.channels)) {
+            *mono = frame.iter().map(|&s| f32::from(s)).sum::<f32>() / self.channels as f32;
+        }
+        let to_i16 = |x: f32| x.round().clamp(-32768.0, 32767.0) as i16;
+        match &mut self.resampler {
+            None => out.extend(self.mono.iter().map(|&x| to_i16(x))),
+            Some(resampler) => {
+                let input = InterleavedSlice::new(&self.mono, 1, self.frames_in).map_err(|e| e.to_string())?;
+                let resampled = resampler.process(&input, None).map_err(|e| e.to_string())?;
+                out.extend(resampled.take_data().into_iter().map(to_i16));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 1 kHz tone at `rate` Hz on `channels` channels, through the converter in 100 ms chunks.
+    fn tone_through(rate: u32, channels: usize) -> Vec<i16> {
+        let frames_in = rate as usize / 10;
+        let mut converter = ToMono16k::new(rate, channels, frames_in, 16_000).unwrap();
+        let mut out = Vec::new();
+        for chunk in 0..10 {
+            let interleaved: Vec<i16> = (0..frames_in)
+                .flat_map(|i| {
+                    let t = (chunk * frames_in + i) as f32 / rate as f32;
+                    let s = (10_000.0 * (2.0 * std::f32::consts::PI * 1000.0 * t).sin()) as i16;
+                    std::iter::repeat_n(s, channels)
+                })
+                .collect();
+            converter.convert(&interleaved, &mut out).unwrap();
+        }
+        out
+    }
+
+    /// What a `hw:` device gives (48 kHz stereo, 44.1 kHz mono) comes out as the same tone at
+    /// 16 kHz, mono, as long as the input and at the same level.
+    #[test]
+    fn tones_at_device_rates_become_mono_16k_tones() {
+        for (rate, channels) in [(48_000, 2), (44_100, 1)] {
+            let out = tone_through(rate, channels);
+            assert_eq!(out.len(), 16_000, "{rate} Hz: 1 s in, 1 s out");
+            // Past the resampler's start-up delay: amplitude and frequency of the tone.
+            let steady = &out[4000..];
+            let peak = steady.iter().map(|s| s.unsigned_abs()).max().unwrap();
+            assert!((9_500..=10_500).contains(&peak), "{rate} Hz: peak {peak}");
+            let crossings = steady.windows(2).filter(|w| w[0] < 0 && w[1] >= 0).count();
+            let seconds = steady.len() as f32 / 16_000.0;
+            let frequency = crossings as f32 / seconds;
+            assert!((frequency - 1000.0).abs() < 5.0, "{rate} Hz: {frequency} Hz out");
+        }
+    }
+
+    #[test]
+    fn mono_16k_passes_through_unchanged() {
+        let mut converter = ToMono16k::new(16_000, 1, 4, 16_000).unwrap();
+        let mut out = Vec::new();
+        converter.convert(&[1, -2, 3, -32768], &mut out).unwrap();
+        assert_eq!(out, [1, -2, 3, -32768]);
+    }
+}
