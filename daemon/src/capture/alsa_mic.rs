@@ -36,6 +36,8 @@ pub struct AlsaCapture {
     seq: u64,
     overruns: u64,
     reopens: u64,
+    /// Set while the device cannot be opened: the next attempt waits `retry_delay` first.
+    open_failed: bool,
     retry_delay: Duration,
 }
 
@@ -54,8 +56,9 @@ impl AlsaCapture {
             });
         }
         let pcm = OpenPcm::open(device, settings)
-            .map_err(|e| tracing::warn!("microphone unavailable at start, trying again from capture: {e}"))
+            .map_err(|e| tracing::warn!("microphone unavailable at start, trying again in {RETRY_MIN:?}: {e}"))
             .ok();
+        let open_failed = pcm.is_none();
         Ok(Self {
             device: device.to_owned(),
             settings,
@@ -65,6 +68,7 @@ impl AlsaCapture {
             seq: 0,
             overruns: 0,
             reopens: 0,
+            open_failed,
             retry_delay: RETRY_MIN,
         })
     }
@@ -167,20 +171,26 @@ impl AudioSource for AlsaCapture {
         loop {
             let mut pcm = match self.pcm.take() {
                 Some(pcm) => pcm,
-                None => match OpenPcm::open(&self.device, self.settings) {
-                    Ok(pcm) => {
-                        self.reopens += 1;
-                        self.retry_delay = RETRY_MIN;
-                        tracing::info!(device = %self.device, "microphone is back");
-                        pcm
-                    }
-                    Err(e) => {
-                        tracing::warn!("microphone unavailable, trying again in {:?}: {e}", self.retry_delay);
+                None => {
+                    if self.open_failed {
                         std::thread::sleep(self.retry_delay);
                         self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
-                        continue;
                     }
-                },
+                    match OpenPcm::open(&self.device, self.settings) {
+                        Ok(pcm) => {
+                            self.reopens += 1;
+                            self.open_failed = false;
+                            self.retry_delay = RETRY_MIN;
+                            tracing::info!(device = %self.device, "microphone is available again");
+                            pcm
+                        }
+                        Err(e) => {
+                            tracing::warn!("microphone unavailable, trying again in {:?}: {e}", self.retry_delay);
+                            self.open_failed = true;
+                            continue;
+                        }
+                    }
+                }
             };
             match self.read_chunk(&mut pcm) {
                 Ok(()) => {
