@@ -251,6 +251,47 @@ def rename_dims(path, names: dict):
     return mapping
 
 
+def kv_names(n_cache):
+    """The decoders' KV tensor names, in graph order: (past_key_0, past_value_0, ...),
+    (present_key_0, present_value_0, ...)."""
+    kv_in, kv_out = [], []
+    for i in range(n_cache):
+        kv_in += [f"past_key_{i}", f"past_value_{i}"]
+        kv_out += [f"present_key_{i}", f"present_value_{i}"]
+    return kv_in, kv_out
+
+
+def decoder_cache_and_masks(past, seq, sliding_window):
+    """What an exported decoder wrapper hands the HF model: a plain DynamicCache filled with the
+    past K/V tensors (key_0, value_0, key_1, ...; no sliding-window cache: its Slice(starts=-W)
+    trips tract), positions past_len + arange(seq) and explicit additive masks (causal; sliding
+    layers also q - k < sliding_window). Returns (cache, position_ids, attention_mask)."""
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    past_len = past[0].shape[2]
+    cache = DynamicCache()
+    for i in range(len(past) // 2):
+        cache.update(past[2 * i], past[2 * i + 1], i)
+    q_pos = torch.arange(seq) + past_len
+    k_pos = torch.arange(past_len + seq)
+    causal = k_pos[None, :] <= q_pos[:, None]
+    window = (q_pos[:, None] - k_pos[None, :]) < sliding_window
+    neg = torch.finfo(torch.float32).min
+    zero = torch.zeros((), dtype=torch.float32)
+    full_mask = torch.where(causal, zero, neg)[None, None]
+    slide_mask = torch.where(causal & window, zero, neg)[None, None]
+    return cache, q_pos[None], {"full_attention": full_mask, "sliding_attention": slide_mask}
+
+
+def cache_presents(cache, n_cache):
+    """The present K/V tensors of the cache-owning layers, in graph order."""
+    presents = []
+    for i in range(n_cache):
+        presents += [cache.layers[i].keys, cache.layers[i].values]
+    return presents
+
+
 # A protobuf message cannot exceed 2 GiB: larger graphs keep their weights in NAME.onnx.data
 # beside the graph (ONNX external data, which tract reads relative to the graph's directory).
 EXTERNAL_DATA_BYTES = 1 << 30

@@ -45,8 +45,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from onnx_tract import (Q8_BLOCK, activation_importance, export_model, fix_string_hashing, graph_io,  # noqa: E402
-                        maxdiff, q8_0_gather_nodes, q8_0_pack, quantize_q4_0, rename_dims, sha256)
+from onnx_tract import (Q8_BLOCK, activation_importance, cache_presents, decoder_cache_and_masks,  # noqa: E402
+                        export_model, fix_string_hashing, graph_io, kv_names, maxdiff, q8_0_gather_nodes,
+                        q8_0_pack, quantize_q4_0, rename_dims, sha256)
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_GGUF = Path.home() / ".cache/outpost/gemma3-270m/gemma-3-270m-q4_k_m.gguf"
@@ -213,7 +214,6 @@ def write_embed(path: Path, table: np.ndarray, scale: float, dtype: str):
 def make_decoder(model):
     import torch
     from torch import nn
-    from transformers.cache_utils import DynamicCache
 
     cfg = model.config
     n_layers = cfg.num_hidden_layers
@@ -228,41 +228,17 @@ def make_decoder(model):
             self.model = model
 
         def forward(self, inputs_embeds, *past):
-            seq = inputs_embeds.shape[1]
-            past_len = past[0].shape[2]
-            cache = DynamicCache()
-            for i in range(n_layers):
-                cache.update(past[2 * i], past[2 * i + 1], i)
-            q_pos = torch.arange(seq) + past_len
-            k_pos = torch.arange(past_len + seq)
-            causal = k_pos[None, :] <= q_pos[:, None]
-            window = (q_pos[:, None] - k_pos[None, :]) < cfg.sliding_window
-            neg = torch.finfo(torch.float32).min
-            zero = torch.zeros((), dtype=torch.float32)
-            full_mask = torch.where(causal, zero, neg)[None, None]
-            slide_mask = torch.where(causal & window, zero, neg)[None, None]
+            cache, position_ids, masks = decoder_cache_and_masks(past, inputs_embeds.shape[1], cfg.sliding_window)
             out = self.model.model(
-                inputs_embeds=inputs_embeds,
-                attention_mask={"full_attention": full_mask, "sliding_attention": slide_mask},
-                position_ids=q_pos[None], cache=cache, use_cache=True, return_dict=True)
+                inputs_embeds=inputs_embeds, attention_mask=masks,
+                position_ids=position_ids, cache=cache, use_cache=True, return_dict=True)
             logits = self.model.lm_head(out.last_hidden_state)
             cap = cfg.final_logit_softcapping
             if cap is not None:
                 logits = torch.tanh(logits / cap) * cap
-            presents = []
-            for i in range(n_layers):
-                presents += [cache.layers[i].keys, cache.layers[i].values]
-            return (logits, *presents)
+            return (logits, *cache_presents(cache, n_layers))
 
     return Decoder().eval()
-
-
-def kv_names(n_layers):
-    kv_in, kv_out = [], []
-    for i in range(n_layers):
-        kv_in += [f"past_key_{i}", f"past_value_{i}"]
-        kv_out += [f"present_key_{i}", f"present_value_{i}"]
-    return kv_in, kv_out
 
 
 PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -41,8 +41,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnx_tract  # noqa: E402
-from onnx_tract import (export, fix_string_hashing, fold_shape_only_ranges, graph_io, maxdiff,  # noqa: E402
-                        quantize_gather_q8_0, quantize_q4_0, rename_dims, save_graph, sha256)
+from onnx_tract import (cache_presents, decoder_cache_and_masks, export, fix_string_hashing,  # noqa: E402
+                        fold_shape_only_ranges, graph_io, kv_names, maxdiff, quantize_gather_q8_0, quantize_q4_0,
+                        rename_dims, save_graph, sha256)
 
 REPO = Path(__file__).resolve().parents[2]
 SPEECH_WAV = REPO / "daemon" / "media" / "speech.wav"
@@ -146,7 +147,6 @@ def special_tokens(tok):
 def make_wrappers(model):
     import torch
     from torch import nn
-    from transformers.cache_utils import DynamicCache
 
     cfg = model.config
     tc = cfg.text_config
@@ -181,30 +181,14 @@ def make_wrappers(model):
             self.model = model
 
         def forward(self, inputs_embeds, per_layer_inputs, *past):
-            seq = inputs_embeds.shape[1]
-            past_len = past[0].shape[2]
-            cache = DynamicCache()
-            for i in range(n_cache):
-                cache.update(past[2 * i], past[2 * i + 1], i)
-            q_pos = torch.arange(seq) + past_len
-            k_pos = torch.arange(past_len + seq)
-            causal = k_pos[None, :] <= q_pos[:, None]
-            window = (q_pos[:, None] - k_pos[None, :]) < tc.sliding_window
-            neg = torch.finfo(torch.float32).min
-            zero = torch.zeros((), dtype=torch.float32)
-            full_mask = torch.where(causal, zero, neg)[None, None]
-            slide_mask = torch.where(causal & window, zero, neg)[None, None]
+            cache, position_ids, masks = decoder_cache_and_masks(past, inputs_embeds.shape[1], tc.sliding_window)
             out = self.model.model.language_model(
-                inputs_embeds=inputs_embeds, per_layer_inputs=per_layer_inputs,
-                attention_mask={"full_attention": full_mask, "sliding_attention": slide_mask},
-                position_ids=q_pos[None], cache=cache, use_cache=True, return_dict=True)
+                inputs_embeds=inputs_embeds, per_layer_inputs=per_layer_inputs, attention_mask=masks,
+                position_ids=position_ids, cache=cache, use_cache=True, return_dict=True)
             logits = self.model.lm_head(out.last_hidden_state)
             cap = tc.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
-            presents = []
-            for i in range(n_cache):
-                presents += [cache.layers[i].keys, cache.layers[i].values]
-            return (logits, *presents)
+            return (logits, *cache_presents(cache, n_cache))
 
     class Vision(nn.Module):
         """(pixel_values [1,N,768] in [0,1], pixel_position_ids [1,N,2] (x,y), -1 = padding) ->
@@ -313,7 +297,7 @@ def export_graphs(model, out: Path, n_cache, wrappers, image_example, audio_exam
     rename_dims(paths["embed"], {("input_ids", 1): "seq", ("inputs_embeds", 1): "seq",
                                  ("per_layer_inputs", 1): "seq"})
 
-    kv_in, kv_out, kv_shapes = kv_names(n_cache)[0], kv_names(n_cache)[1], []
+    (kv_in, kv_out), kv_shapes = kv_names(n_cache), []
     emb_ex = torch.randn(1, 3, tc.hidden_size)
     ple_ex = torch.randn(1, 3, tc.num_hidden_layers, tc.hidden_size_per_layer_input)
     past_ex = []
@@ -347,14 +331,6 @@ def export_graphs(model, out: Path, n_cache, wrappers, image_example, audio_exam
                                None, optimize=False)
     rewrites["audio"]["range_folded_shape_only"] = fold_shape_only_ranges(paths["audio"])
     return paths, kv_shapes, rewrites
-
-
-def kv_names(n_cache):
-    kv_in, kv_out = [], []
-    for i in range(n_cache):
-        kv_in += [f"past_key_{i}", f"past_value_{i}"]
-        kv_out += [f"present_key_{i}", f"present_value_{i}"]
-    return kv_in, kv_out
 
 
 class OnnxModel:

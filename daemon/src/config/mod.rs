@@ -133,7 +133,7 @@ fn default_fps() -> f64 {
 pub enum MicrophoneSourceKind {
     /// A WAV file played back in real time (integer or float samples, any rate, mixed to mono).
     Wav,
-    /// A live ALSA capture PCM: S16_LE mono at 16 kHz.
+    /// A live ALSA capture PCM, handed on as 16 kHz mono (converted when the device gives another rate or stereo).
     Alsa,
 }
 
