@@ -9,6 +9,7 @@ packages=(
   mosquitto-clients  # mosquitto_sub, to watch a station
   libasound2-dev     # alsa-lib, which the microphone source links against
   pkg-config         # finds alsa-lib for the build
+  libclang-dev       # bindgen, which the v4l crate runs to read the kernel's V4L2 headers
 )
 
 missing=()
