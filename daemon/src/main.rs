@@ -44,8 +44,13 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
-    /// List the microphones and cameras this machine offers, as a config names them.
-    Probe,
+    /// List the microphones and cameras this machine offers, as a config names them, with each
+    /// camera's formats, sizes and rates.
+    Probe {
+        /// Describe this camera node instead of every one under /dev (repeatable).
+        #[arg(long = "camera", value_name = "DEVICE")]
+        cameras: Vec<PathBuf>,
+    },
     /// Work with model bundles.
     Model {
         #[command(subcommand)]
@@ -116,8 +121,8 @@ fn main() -> ExitCode {
             }
             Err(e) => return config_error(&e),
         },
-        Command::Probe => {
-            print!("{}", outpost::probe::report());
+        Command::Probe { cameras } => {
+            print!("{}", outpost::probe::report(&cameras));
             Ok(())
         }
         Command::Model { command: ModelCommand::Inspect { bundle } } => {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use crate::capture::{self, AudioChunk, Frame, SourceError};
+use crate::capture::{self, AudioChunk, DeviceReporters, Frame, SourceError, StatusReporter};
 use crate::config::Config;
 use crate::event::{Event, EventDetail};
 use crate::gate::{MotionGate, SoundGate};
@@ -45,19 +45,21 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Opens the sources and starts every stage. Events go to `events`.
-    pub fn start(config: &Config, events: mpsc::Sender<Event>) -> Result<Self, SourceError> {
+    /// Opens the sources and starts every stage. Events go to `events`; what becomes of the
+    /// camera and microphone goes to `devices`.
+    pub fn start(config: &Config, events: mpsc::Sender<Event>, devices: &DeviceReporters) -> Result<Self, SourceError> {
         let (gate_alive, gates_done) = mpsc::channel(1);
         let lanes = Lanes { stats: Arc::new(PipelineStats::default()), events, gate_alive };
 
         let frames = match &config.camera {
             Some(camera) if config.gates.motion.enabled => {
-                let mut source = capture::open_camera(camera, &config.base_dir)?;
+                let mut source = capture::open_camera(camera, &config.base_dir, &devices.camera)?;
                 info!("camera: {}", source.describe());
                 let mut gate = MotionGate::new(&config.gates.motion);
                 let station = config.station.id.clone();
                 Some(lanes.spawn(
                     ["camera", "motion-gate"],
+                    devices.camera.clone(),
                     config.queues.frames,
                     move || source.next_frame(),
                     WhenFull::DropOldest,
@@ -76,12 +78,13 @@ impl Pipeline {
 
         let audio = match &config.microphone {
             Some(microphone) if config.gates.sound.enabled => {
-                let mut source = capture::open_microphone(microphone, &config.base_dir)?;
+                let mut source = capture::open_microphone(microphone, &config.base_dir, &devices.microphone)?;
                 info!("microphone: {}", source.describe());
                 let mut gate = SoundGate::new(&config.gates.sound);
                 let station = config.station.id.clone();
                 Some(lanes.spawn(
                     ["microphone", "sound-gate"],
+                    devices.microphone.clone(),
                     config.queues.audio_chunks,
                     move || source.next_chunk(),
                     WhenFull::Wait,
@@ -154,6 +157,7 @@ impl Lanes {
     fn spawn<T: Send + 'static>(
         &self,
         [source_name, gate_name]: [&'static str; 2],
+        status: StatusReporter,
         capacity: usize,
         mut next: impl FnMut() -> Result<Option<T>, SourceError> + Send + 'static,
         when_full: WhenFull,
@@ -168,7 +172,11 @@ impl Lanes {
                     WhenFull::DropOldest => queue.push_drop_oldest(item),
                     WhenFull::Wait => queue.push_wait(item),
                 };
-                run_source(&mut next, push, &queue, counter(&stats), source_name);
+                match run_source(&mut next, push, &queue, counter(&stats), source_name) {
+                    SourceEnd::EndOfInput => status.ended(),
+                    SourceEnd::GaveUp(error) => status.gave_up(&error),
+                    SourceEnd::Stopped => {}
+                }
             }
         });
         spawn_thread(gate_name, {
@@ -189,15 +197,25 @@ fn spawn_thread(name: &str, body: impl FnOnce() + Send + 'static) {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SourceEnd {
+    EndOfInput,
+    /// Failed too often in a row; the last error.
+    GaveUp(String),
+    Stopped,
+}
+
 /// Pulls from a source into a queue until the source ends, fails for good, or the queue closes.
+/// Live sources retry their devices themselves and end only when stopped.
 fn run_source<T>(
     mut next: impl FnMut() -> Result<Option<T>, SourceError>,
     mut push: impl FnMut(T) -> bool,
     queue: &BoundedQueue<T>,
     captured: &AtomicU64,
     name: &str,
-) {
+) -> SourceEnd {
     let mut consecutive_errors = 0;
+    let mut end = SourceEnd::Stopped;
     while !queue.is_closed() {
         match next() {
             Ok(Some(item)) => {
@@ -209,6 +227,7 @@ fn run_source<T>(
             }
             Ok(None) => {
                 info!("{name}: end of input");
+                end = SourceEnd::EndOfInput;
                 break;
             }
             Err(e) => {
@@ -216,6 +235,7 @@ fn run_source<T>(
                 warn!("{name}: {e}");
                 if consecutive_errors >= MAX_CONSECUTIVE_SOURCE_ERRORS {
                     error!("{name}: {consecutive_errors} failures in a row, giving up on this source");
+                    end = SourceEnd::GaveUp(e.to_string());
                     break;
                 }
             }
@@ -223,6 +243,7 @@ fn run_source<T>(
     }
     queue.close();
     debug!("{name} source stopped");
+    end
 }
 
 /// Feeds queued items to a gate and sends what it reports, until the queue is closed and drained.

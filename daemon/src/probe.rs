@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use alsa::device_name::HintIter;
 use alsa::Direction;
 
+use crate::capture::describe_camera;
+
 /// An ALSA PCM that can capture, from alsa-lib's device hints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CapturePcm {
@@ -48,8 +50,9 @@ pub fn camera_nodes(dev: &Path) -> Vec<PathBuf> {
     nodes
 }
 
-/// What `outpostd probe` prints.
-pub fn report() -> String {
+/// What `outpostd probe` prints: every capture PCM, and the cameras named (every node under
+/// /dev when none is).
+pub fn report(cameras: &[PathBuf]) -> String {
     let mut out = String::new();
     out.push_str("Microphones (ALSA capture PCMs, for [microphone] source = \"alsa\", device = NAME):\n");
     match capture_pcms() {
@@ -65,13 +68,31 @@ pub fn report() -> String {
             let _ = writeln!(out, "  cannot list them: {e}");
         }
     }
-    out.push_str("Cameras (V4L2 device nodes):\n");
-    let cameras = camera_nodes(Path::new("/dev"));
+    out.push_str("Cameras (V4L2 device nodes, for [camera] source = \"v4l2\", device = NODE):\n");
+    let cameras = if cameras.is_empty() { camera_nodes(Path::new("/dev")) } else { cameras.to_vec() };
     if cameras.is_empty() {
         out.push_str("  none: no /dev/video* (is a USB camera plugged in? `dmesg` says whether the kernel saw one)\n");
+        out.push_str("  A Pi camera module on the CSI connector is read through libcamera: use source = \"pipe\" with rpicam-vid.\n");
     }
     for node in cameras {
-        let _ = writeln!(out, "  {}", node.display());
+        match std::fs::read_link(&node) {
+            Ok(target) => {
+                let _ = writeln!(out, "  {} -> {}", node.display(), target.display());
+            }
+            Err(_) => {
+                let _ = writeln!(out, "  {}", node.display());
+            }
+        }
+        match describe_camera(&node) {
+            Ok(lines) => {
+                for line in lines {
+                    let _ = writeln!(out, "    {line}");
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(out, "    {e}");
+            }
+        }
     }
     out
 }

@@ -1,4 +1,5 @@
-//! The MQTT sink: events out as JSON, the station's availability on a retained status topic.
+//! The MQTT sink: events out as JSON, the station's availability on a retained status topic, and
+//! the camera's and microphone's state on retained topics of their own.
 //!
 //! Delivery is at least once. Every message stays in `unacked` until the broker's PUBACK; when a
 //! connection drops, all of them are sent again on the next one, in their original order. Each
@@ -9,11 +10,12 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
+use crate::capture::{DeviceReporters, DeviceStatus, StatusReporter};
 use crate::config::Config;
 use crate::event::Event;
 
@@ -34,12 +36,19 @@ const RUMQTTC_IN_FLIGHT: u16 = 100;
 pub struct Topics {
     pub status: String,
     pub events: String,
+    pub camera_status: String,
+    pub microphone_status: String,
 }
 
 impl Topics {
     pub fn new(config: &Config) -> Self {
         let root = config.topic_root();
-        Self { status: format!("{root}/status"), events: format!("{root}/events") }
+        Self {
+            status: format!("{root}/status"),
+            events: format!("{root}/events"),
+            camera_status: format!("{root}/camera/status"),
+            microphone_status: format!("{root}/microphone/status"),
+        }
     }
 }
 
@@ -55,6 +64,7 @@ pub struct PublisherReport {
 /// The running publisher task.
 pub struct PublisherHandle {
     events: mpsc::Sender<Event>,
+    devices: DeviceReporters,
     stop: oneshot::Sender<()>,
     task: JoinHandle<PublisherReport>,
 }
@@ -63,6 +73,11 @@ impl PublisherHandle {
     /// Where the gates send events.
     pub fn events(&self) -> mpsc::Sender<Event> {
         self.events.clone()
+    }
+
+    /// Where the sources report their devices' state.
+    pub fn devices(&self) -> DeviceReporters {
+        self.devices.clone()
     }
 
     /// Takes what is already in the event queue, flushes (at most `FLUSH_TIMEOUT` for the acks),
@@ -79,13 +94,29 @@ impl PublisherHandle {
 pub fn spawn(config: &Config, echo: bool) -> PublisherHandle {
     let (events, events_rx) = mpsc::channel(config.queues.events);
     let (stop, stop_rx) = oneshot::channel();
+    let (camera, camera_rx) = StatusReporter::new();
+    let (microphone, microphone_rx) = StatusReporter::new();
     let publisher = Publisher::new(config, echo);
-    PublisherHandle { events, stop, task: tokio::spawn(publisher.run(events_rx, stop_rx)) }
+    let devices_rx = DeviceWatch { camera: camera_rx, microphone: microphone_rx };
+    PublisherHandle {
+        events,
+        devices: DeviceReporters { camera, microphone },
+        stop,
+        task: tokio::spawn(publisher.run(events_rx, devices_rx, stop_rx)),
+    }
+}
+
+/// The publisher's ends of the device reporters.
+struct DeviceWatch {
+    camera: watch::Receiver<Option<DeviceStatus>>,
+    microphone: watch::Receiver<Option<DeviceStatus>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
     Status,
+    /// A camera's or microphone's state: only the latest one per topic matters.
+    Device,
     Event,
 }
 
@@ -144,6 +175,9 @@ struct Publisher {
     unacked: VecDeque<Pending>,
     next_seq: u64,
     session: Option<Session>,
+    /// The latest state of each device, by topic, published again on every new connection: a
+    /// broker restarted without persistence has forgotten the retained copies.
+    devices_last: Vec<(String, String)>,
     sessions_started: u64,
     reconnect_at: Option<Instant>,
     notices_tx: mpsc::UnboundedSender<(u64, SessionNotice)>,
@@ -178,6 +212,7 @@ impl Publisher {
             unacked: VecDeque::new(),
             next_seq: 0,
             session: None,
+            devices_last: Vec::new(),
             sessions_started: 0,
             reconnect_at: Some(Instant::now()),
             notices_tx,
@@ -186,7 +221,12 @@ impl Publisher {
         }
     }
 
-    async fn run(mut self, mut events: mpsc::Receiver<Event>, mut stop: oneshot::Receiver<()>) -> PublisherReport {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+        mut devices: DeviceWatch,
+        mut stop: oneshot::Receiver<()>,
+    ) -> PublisherReport {
         let mut stopping = false;
         let mut flush_deadline: Option<Instant> = None;
         loop {
@@ -212,6 +252,14 @@ impl Publisher {
                     while let Ok(event) = events.try_recv() {
                         self.enqueue_event(&event);
                     }
+                }
+                Ok(()) = devices.camera.changed() => {
+                    let status = devices.camera.borrow_and_update().clone();
+                    self.enqueue_device(self.topics.camera_status.clone(), status);
+                }
+                Ok(()) = devices.microphone.changed() => {
+                    let status = devices.microphone.borrow_and_update().clone();
+                    self.enqueue_device(self.topics.microphone_status.clone(), status);
                 }
                 Some((session, notice)) = self.notices_rx.recv() => self.on_notice(session, notice),
                 () = sleep_until(self.reconnect_at.unwrap_or_else(Instant::now)), if self.session.is_none() && self.reconnect_at.is_some() => {
@@ -255,6 +303,18 @@ impl Publisher {
             retain: true,
             kind: Kind::Status,
         });
+    }
+
+    /// Queues a device's state in place of an older one for the same topic that has not gone
+    /// out yet: a dashboard wants the latest state, not every flap while the link was down.
+    fn enqueue_device(&mut self, topic: String, status: Option<DeviceStatus>) {
+        let Some(status) = status else { return };
+        debug!("{topic}: {}", status.to_json());
+        let payload = status.to_json();
+        self.unacked.retain(|p| !(p.message.kind == Kind::Device && p.message.topic == topic && p.delivery == Delivery::Queued));
+        self.devices_last.retain(|(t, _)| *t != topic);
+        self.devices_last.push((topic.clone(), payload.clone()));
+        self.enqueue(Message { topic, payload, retain: true, kind: Kind::Device });
     }
 
     /// Gives queued messages to the connected client, oldest first, within the in-flight window.
@@ -309,6 +369,14 @@ impl Publisher {
                     kind: Kind::Status,
                 };
                 self.unacked.push_front(Pending { seq, message, delivery: Delivery::Queued });
+                for (topic, payload) in self.devices_last.clone() {
+                    if !self.unacked.iter().any(|p| p.message.kind == Kind::Device && p.message.topic == topic) {
+                        let seq = self.next_seq;
+                        self.next_seq += 1;
+                        let message = Message { topic, payload, retain: true, kind: Kind::Device };
+                        self.unacked.insert(1, Pending { seq, message, delivery: Delivery::Queued });
+                    }
+                }
             }
             SessionNotice::Sent { pkid } => {
                 if let Some(seq) = session.handed.pop_front() {

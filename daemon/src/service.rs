@@ -45,7 +45,7 @@ pub async fn run(mut config: Config, options: ServiceOptions) -> Result<Publishe
 
     info!("station `{}` publishing under {}/", config.station.id, config.topic_root());
     let mut publisher = publish::spawn(&config, options.echo);
-    let mut pipeline = match Pipeline::start(&config, publisher.events()) {
+    let mut pipeline = match Pipeline::start(&config, publisher.events(), &publisher.devices()) {
         Ok(pipeline) => pipeline,
         Err(e) => {
             publisher.stop().await?;
@@ -91,11 +91,11 @@ pub async fn run(mut config: Config, options: ServiceOptions) -> Result<Publishe
                     log_report(&publisher.stop().await?);
                     publisher = publish::spawn(&new, options.echo);
                 }
-                pipeline = match Pipeline::start(&new, publisher.events()) {
+                pipeline = match Pipeline::start(&new, publisher.events(), &publisher.devices()) {
                     Ok(pipeline) => pipeline,
                     Err(e) => {
                         error!("SIGHUP: cannot start the new config ({e}); going back to the previous one");
-                        Pipeline::start(&config, publisher.events())?
+                        Pipeline::start(&config, publisher.events(), &publisher.devices())?
                     }
                 };
                 config = new;

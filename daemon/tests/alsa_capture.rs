@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use outpost::capture::{read_wav, AlsaCapture, AlsaSettings, AudioSource};
+use outpost::capture::{read_wav, AlsaCapture, AlsaSettings, AudioSource, DeviceState, StatusReporter};
 use outpost::media::MediaRef;
 
 const SETTINGS: AlsaSettings = AlsaSettings { chunk_ms: 100, buffer_ms: 500 };
@@ -57,8 +57,12 @@ fn late_file() -> PathBuf {
 #[test]
 fn captured_samples_equal_the_recording() {
     alsa_dir();
-    let mut microphone = AlsaCapture::open("outpost_test_mic", SETTINGS).unwrap();
+    let (status, status_rx) = StatusReporter::new();
+    let mut microphone = AlsaCapture::open("outpost_test_mic", SETTINGS, status).unwrap();
     println!("{}", microphone.describe());
+    let online = status_rx.borrow().clone().unwrap();
+    assert_eq!(online.state, DeviceState::Online);
+    assert_eq!(online.mode.as_deref(), Some("S16_LE, 1 channel(s) at 16000 Hz, handed on as mono 16000 Hz"));
     let expected = speech();
     let mut captured = Vec::new();
     // What the file plugin gives past the end of its file is undefined: stop a chunk short.
@@ -79,7 +83,12 @@ fn a_microphone_that_appears_later_is_picked_up() {
     alsa_dir();
     // The PCM's input file does not exist yet, so the device cannot be opened: the source starts
     // anyway and keeps trying.
-    let mut microphone = AlsaCapture::open("outpost_late_mic", SETTINGS).unwrap();
+    let (status, status_rx) = StatusReporter::new();
+    let mut microphone = AlsaCapture::open("outpost_late_mic", SETTINGS, status).unwrap();
+    let missing = status_rx.borrow().clone().unwrap();
+    assert_eq!(missing.state, DeviceState::Offline);
+    assert_eq!(missing.source, "outpost_late_mic");
+    assert!(missing.error.as_deref().unwrap().contains("cannot open it for capture"), "{missing:?}");
     let plug_in = std::thread::spawn(|| {
         std::thread::sleep(Duration::from_millis(300));
         let raw: Vec<u8> = speech()[..4 * CHUNK].iter().flat_map(|s| s.to_le_bytes()).collect();
@@ -89,6 +98,7 @@ fn a_microphone_that_appears_later_is_picked_up() {
     plug_in.join().unwrap();
     assert_eq!(chunk.samples[..], speech()[..CHUNK]);
     assert_eq!(microphone.reopens(), 1);
+    assert_eq!(status_rx.borrow().as_ref().unwrap().state, DeviceState::Online);
 }
 
 #[test]
@@ -96,7 +106,7 @@ fn an_unknown_pcm_is_retried_not_fatal() {
     alsa_dir();
     // A name alsa-lib does not know gives no error at start: a USB microphone may be plugged in
     // after the daemon starts. The source says what it will read from.
-    let microphone = AlsaCapture::open("outpost_no_such_pcm", SETTINGS).unwrap();
+    let microphone = AlsaCapture::open("outpost_no_such_pcm", SETTINGS, StatusReporter::new().0).unwrap();
     assert!(microphone.describe().contains("outpost_no_such_pcm"));
     assert_eq!(microphone.reopens(), 0);
 }
@@ -142,7 +152,7 @@ fn probe_lists_the_capture_pcms() {
     assert!(shown.contains("  outpost_test_mic  (Outpost test microphone)\n"), "{shown}");
     // Without a camera probe says so, and what to check; with one, it names its node.
     match outpost::probe::camera_nodes(Path::new("/dev")).first() {
-        None => assert!(shown.contains("Cameras (V4L2 device nodes):\n  none: no /dev/video*"), "{shown}"),
-        Some(node) => assert!(shown.contains(&format!("  {}\n", node.display())), "{shown}"),
+        None => assert!(shown.contains("device = NODE):\n  none: no /dev/video*"), "{shown}"),
+        Some(node) => assert!(shown.contains(&format!("  {}", node.display())), "{shown}"),
     }
 }

@@ -41,7 +41,7 @@ fn broken_files_name_file_line_key_and_problem() {
         ),
         (
             "[station]\nid = \"a\"\n[camera]\nsource = \"mjpeg\"",
-            "station.toml:3:1: camera: missing field `path`",
+            "station.toml:3:2: camera.path: is required for `source = \"mjpeg\"`: the file or directory to replay",
         ),
         // Wrong types.
         (
@@ -50,7 +50,7 @@ fn broken_files_name_file_line_key_and_problem() {
         ),
         (
             "[station]\nid = \"a\"\n[camera]\nsource = \"h264\"\npath = \"x\"",
-            "station.toml:4:10: camera.source: unknown variant `h264`, expected one of `mjpeg`, `yuyv`, `images`",
+            "station.toml:4:10: camera.source: unknown variant `h264`, expected one of `mjpeg`, `yuyv`, `images`, `v4l2`, `pipe`",
         ),
         // Impossible values; every one is reported, not just the first.
         (
@@ -102,6 +102,26 @@ fn broken_files_name_file_line_key_and_problem() {
         (
             "[station]\nid = \"a\"\n[camera]\nsource = \"mjpeg\"\npath = \"builtin:nope.mjpeg\"",
             "station.toml:5:1: camera.path: builtin:nope.mjpeg: no built-in media named `nope.mjpeg` (there are: builtin:people.mjpeg, builtin:speech.wav)",
+        ),
+        // A live camera with the keys of a replay, and a pipe without its command.
+        (
+            "[station]\nid = \"a\"\n[camera]\nsource = \"v4l2\"\npath = \"x.mjpeg\"\nloop = true\nwidth = 8\ncommand = [\"cat\"]",
+            "station.toml:3:2: camera.device: is required for `source = \"v4l2\"`: a camera node such as \"/dev/v4l/by-id/usb-...-video-index0\" or \"/dev/video0\" (`outpostd probe` lists them)\n\
+             station.toml:5:1: camera.path: only applies to replays (`mjpeg`, `yuyv`, `images`), not to `source = \"v4l2\"`\n\
+             station.toml:6:1: camera.loop: only applies to replays (`mjpeg`, `yuyv`, `images`), not to `source = \"v4l2\"`\n\
+             station.toml:7:1: camera.width: needs camera.height as well: give both, or neither for 640x480\n\
+             station.toml:7:1: camera.width: must be from 16 to 7680 pixels, got 8\n\
+             station.toml:8:1: camera.command: only applies to `source = \"pipe\"`, not to `source = \"v4l2\"`",
+        ),
+        (
+            "[station]\nid = \"a\"\n[camera]\nsource = \"pipe\"\ncommand = []\nformat = \"yuyv\"\nwidth = 640",
+            "station.toml:5:1: camera.command: is empty: name the program to run\n\
+             station.toml:6:1: camera.format: only applies to `source = \"v4l2\"`, not to `source = \"pipe\"`\n\
+             station.toml:7:1: camera.width: only applies to `yuyv` and `v4l2` sources: JPEG and PNG frames carry their own size (a pipe's size is set in its command), not to `source = \"pipe\"`",
+        ),
+        (
+            "[station]\nid = \"a\"\n[camera]\nsource = \"v4l2\"\ndevice = \"/dev/video0\"\nformat = \"h264\"",
+            "station.toml:6:10: camera.format: unknown variant `h264`, expected `mjpeg` or `yuyv`",
         ),
         // Nothing to watch.
         (

@@ -125,7 +125,7 @@ fn sighup_applies_a_good_config_keeps_the_old_after_a_bad_one_and_sigterm_stops(
     daemon.signal(Signal::SIGHUP);
     daemon.wait_for_log("the config file is not valid; the one in force stays", WAIT);
     let log = daemon.stderr();
-    assert!(log.contains("camera: missing field `path`"), "{log}");
+    assert!(log.contains("camera.path: is required for `source = \"mjpeg\"`"), "{log}");
     let after_bad_reload = SystemTime::now();
     subscriber.wait_for("an event after the bad reload", WAIT, |m| {
         m.topic == "outpost/first/events" && m.received_at > after_bad_reload

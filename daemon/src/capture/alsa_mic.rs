@@ -13,12 +13,11 @@ use alsa::pcm::{Access, Format, HwParams, PCM};
 use alsa::{Direction, ValueOr};
 
 use super::resample::ToMono16k;
+use super::status::{Backoff, StatusReporter};
 use super::{AudioChunk, AudioSource, SourceError, MAX_CHUNK_SAMPLES};
 
 /// What the gates and the model take: 16 kHz mono.
 pub const CAPTURE_RATE: u32 = 16_000;
-const RETRY_MIN: Duration = Duration::from_secs(1);
-const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// How the PCM is asked to buffer: a period is one chunk, the buffer holds `buffer_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,15 +35,16 @@ pub struct AlsaCapture {
     seq: u64,
     overruns: u64,
     reopens: u64,
-    /// Set while the device cannot be opened: the next attempt waits `retry_delay` first.
+    /// Set while the device cannot be opened: the next attempt waits its back-off first.
     open_failed: bool,
-    retry_delay: Duration,
+    backoff: Backoff,
+    status: StatusReporter,
 }
 
 impl AlsaCapture {
     /// Opens the PCM now. A device that cannot be opened is logged and tried again from
     /// `next_chunk`, with back-off: a microphone plugged in later is picked up then.
-    pub fn open(device: &str, settings: AlsaSettings) -> Result<Self, SourceError> {
+    pub fn open(device: &str, settings: AlsaSettings, status: StatusReporter) -> Result<Self, SourceError> {
         let chunk_len = (u64::from(CAPTURE_RATE) * u64::from(settings.chunk_ms) / 1000) as usize;
         if chunk_len == 0 || chunk_len > MAX_CHUNK_SAMPLES {
             return Err(SourceError::Format {
@@ -55,9 +55,18 @@ impl AlsaCapture {
                 ),
             });
         }
-        let pcm = OpenPcm::open(device, settings)
-            .map_err(|e| tracing::warn!("microphone unavailable at start, trying again in {RETRY_MIN:?}: {e}"))
-            .ok();
+        let backoff = Backoff::new();
+        let pcm = match OpenPcm::open(device, settings) {
+            Ok(pcm) => {
+                status.online(device, pcm.mode());
+                Some(pcm)
+            }
+            Err(e) => {
+                tracing::warn!("microphone unavailable at start, trying again in {:?}: {e}", backoff.delay());
+                status.offline(device, e.to_string(), backoff.delay());
+                None
+            }
+        };
         let open_failed = pcm.is_none();
         Ok(Self {
             device: device.to_owned(),
@@ -69,7 +78,8 @@ impl AlsaCapture {
             overruns: 0,
             reopens: 0,
             open_failed,
-            retry_delay: RETRY_MIN,
+            backoff,
+            status,
         })
     }
 
@@ -117,6 +127,7 @@ impl AlsaCapture {
 /// An open capture PCM and how its audio becomes 16 kHz mono.
 struct OpenPcm {
     pcm: PCM,
+    rate: u32,
     channels: usize,
     converter: ToMono16k,
 }
@@ -153,7 +164,12 @@ impl OpenPcm {
             );
         }
         pcm.prepare().map_err(|e| fail("cannot prepare it", e))?;
-        Ok(Self { pcm, channels, converter })
+        Ok(Self { pcm, rate, channels, converter })
+    }
+
+    /// What the device gives, for the status topic.
+    fn mode(&self) -> String {
+        format!("S16_LE, {} channel(s) at {} Hz, handed on as mono {CAPTURE_RATE} Hz", self.channels, self.rate)
     }
 }
 
@@ -173,19 +189,20 @@ impl AudioSource for AlsaCapture {
                 Some(pcm) => pcm,
                 None => {
                     if self.open_failed {
-                        std::thread::sleep(self.retry_delay);
-                        self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+                        self.backoff.wait();
                     }
                     match OpenPcm::open(&self.device, self.settings) {
                         Ok(pcm) => {
                             self.reopens += 1;
                             self.open_failed = false;
-                            self.retry_delay = RETRY_MIN;
+                            self.backoff.reset();
                             tracing::info!(device = %self.device, "microphone is available again");
+                            self.status.online(&self.device, pcm.mode());
                             pcm
                         }
                         Err(e) => {
-                            tracing::warn!("microphone unavailable, trying again in {:?}: {e}", self.retry_delay);
+                            tracing::warn!("microphone unavailable, trying again in {:?}: {e}", self.backoff.delay());
+                            self.status.offline(&self.device, e.to_string(), self.backoff.delay());
                             self.open_failed = true;
                             continue;
                         }
@@ -210,6 +227,7 @@ impl AudioSource for AlsaCapture {
                 }
                 Err(e) => {
                     tracing::warn!(device = %self.device, "microphone failed, closing it to open it again: {e}");
+                    self.status.offline(&self.device, e.to_string(), Duration::ZERO);
                     drop(pcm);
                 }
             }

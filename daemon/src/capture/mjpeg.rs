@@ -43,14 +43,52 @@ impl FrameStore for MjpegFrames {
     }
 
     fn decode(&self, index: usize) -> Result<RgbImage, SourceError> {
-        let jpeg = &self.bytes[self.frames[index].clone()];
-        image::load_from_memory_with_format(jpeg, image::ImageFormat::Jpeg)
-            .map(|image| image.to_rgb8())
-            .map_err(|e| SourceError::BadFrame { media: self.name.clone(), index, problem: e.to_string() })
+        decode_jpeg(&self.bytes[self.frames[index].clone()])
+            .map_err(|problem| SourceError::BadFrame { media: self.name.clone(), index, problem })
     }
 
     fn describe(&self) -> String {
         format!("mjpeg file {} ({} frames)", self.name, self.frames.len())
+    }
+}
+
+/// One JPEG image as RGB.
+pub(super) fn decode_jpeg(jpeg: &[u8]) -> Result<RgbImage, String> {
+    image::load_from_memory_with_format(jpeg, image::ImageFormat::Jpeg)
+        .map(|image| image.to_rgb8())
+        .map_err(|e| e.to_string())
+}
+
+/// Cuts JPEG images out of a byte stream that arrives in pieces (a pipe), as each one completes.
+#[derive(Debug, Default)]
+pub(super) struct JpegStreamSplitter {
+    pending: Vec<u8>,
+}
+
+impl JpegStreamSplitter {
+    /// Bytes held without a complete image before the stream is taken as not being MJPEG.
+    pub(super) const MAX_PENDING: usize = 32 << 20;
+
+    pub(super) fn push(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+    }
+
+    /// The next complete image, if one has arrived. Bytes before an image's start marker are
+    /// dropped.
+    pub(super) fn next_frame(&mut self) -> Option<Vec<u8>> {
+        let start = self.pending.windows(2).position(|w| w == [0xFF, SOI])?;
+        self.pending.drain(..start);
+        let end = jpeg_end(&self.pending, 0)?;
+        let rest = self.pending.split_off(end);
+        Some(std::mem::replace(&mut self.pending, rest))
+    }
+
+    pub(super) fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.pending.clear();
     }
 }
 
@@ -158,6 +196,27 @@ mod tests {
         let cut = &bytes[..frames[2].start + 100];
         let err = split_jpeg_frames(cut).unwrap_err();
         assert!(err.starts_with("frame 3 (at byte"), "{err}");
+    }
+
+    #[test]
+    fn stream_splitter_yields_each_image_once_it_is_complete() {
+        let bytes = builtin_people().read().unwrap();
+        let frames = split_jpeg_frames(&bytes).unwrap();
+        let mut splitter = JpegStreamSplitter::default();
+        splitter.push(b"rpicam-vid noise before the first frame");
+        let mut out = Vec::new();
+        // Pieces of an awkward size, as a pipe hands them over.
+        for piece in bytes.chunks(4093) {
+            splitter.push(piece);
+            while let Some(frame) = splitter.next_frame() {
+                out.push(frame);
+            }
+        }
+        assert_eq!(out.len(), frames.len());
+        for (got, range) in out.iter().zip(&frames) {
+            assert_eq!(got.as_slice(), &bytes[range.clone()]);
+        }
+        assert_eq!(splitter.pending(), 0);
     }
 
     #[test]

@@ -8,8 +8,11 @@ mod alsa_mic;
 mod image_dir;
 mod mjpeg;
 mod pacing;
+mod pipe_camera;
 mod replay;
 mod resample;
+mod status;
+mod v4l2_camera;
 mod wav;
 mod yuyv;
 
@@ -18,13 +21,16 @@ use std::time::{Duration, SystemTime};
 
 use image::RgbImage;
 
-use crate::config::{CameraConfig, CameraSourceKind, MicrophoneConfig, MicrophoneSourceKind};
+use crate::config::{CameraConfig, CameraSourceKind, MicrophoneConfig, MicrophoneSourceKind, PixelFormat};
 use crate::media::MediaRef;
 
 pub use alsa_mic::{AlsaCapture, AlsaSettings, CAPTURE_RATE};
 pub use image_dir::ImageDirReplay;
 pub use mjpeg::{split_jpeg_frames, MjpegReplay};
+pub use pipe_camera::PipeCamera;
 pub use replay::{FrameStore, Replay};
+pub use status::{Backoff, DeviceReporters, DeviceState, DeviceStatus, StatusReporter};
+pub use v4l2_camera::{describe_camera, CameraMode, V4l2Camera, V4l2Settings};
 pub use wav::{read_wav, Recording, WavReplay};
 pub use yuyv::{yuyv_to_rgb, YuyvReplay};
 
@@ -81,14 +87,23 @@ pub trait AudioSource: Send {
     fn next_chunk(&mut self) -> Result<Option<AudioChunk>, SourceError>;
 }
 
-/// Opens the camera a config describes. Replay sources read and check their media here, so a
-/// bad file is reported before anything starts.
-pub fn open_camera(config: &CameraConfig, base_dir: &std::path::Path) -> Result<Box<dyn FrameSource>, SourceError> {
-    let media = MediaRef::parse(&config.path, base_dir)
-        .map_err(|problem| SourceError::Format { media: config.path.clone(), problem })?;
-    Ok(match config.source {
-        CameraSourceKind::Mjpeg => Box::new(MjpegReplay::open(&media, config.fps, config.looping)?),
+/// Opens the camera a config describes (a validated one). Replay sources read and check their
+/// media here, so a bad file is reported before anything starts; live ones report what becomes of
+/// the device through `status`.
+pub fn open_camera(
+    config: &CameraConfig,
+    base_dir: &std::path::Path,
+    status: &StatusReporter,
+) -> Result<Box<dyn FrameSource>, SourceError> {
+    let missing = |key: &str| SourceError::Format { media: "[camera]".into(), problem: format!("`{key}` is not set") };
+    let replay_media = || {
+        let path = config.path.as_deref().ok_or_else(|| missing("path"))?;
+        MediaRef::parse(path, base_dir).map_err(|problem| SourceError::Format { media: path.to_owned(), problem })
+    };
+    let source: Box<dyn FrameSource> = match config.source {
+        CameraSourceKind::Mjpeg => Box::new(MjpegReplay::open(&replay_media()?, config.fps, config.looping)?),
         CameraSourceKind::Yuyv => {
+            let media = replay_media()?;
             let (Some(width), Some(height)) = (config.width, config.height) else {
                 return Err(SourceError::Format {
                     media: media.to_string(),
@@ -97,14 +112,31 @@ pub fn open_camera(config: &CameraConfig, base_dir: &std::path::Path) -> Result<
             };
             Box::new(YuyvReplay::open(&media, width, height, config.fps, config.looping)?)
         }
-        CameraSourceKind::Images => Box::new(ImageDirReplay::open(&media, config.fps, config.looping)?),
-    })
+        CameraSourceKind::Images => Box::new(ImageDirReplay::open(&replay_media()?, config.fps, config.looping)?),
+        CameraSourceKind::V4l2 => {
+            let device = config.device.as_deref().ok_or_else(|| missing("device"))?;
+            let settings = V4l2Settings {
+                format: config.format.unwrap_or(PixelFormat::Mjpeg),
+                width: config.width.unwrap_or(V4l2Settings::DEFAULT_WIDTH),
+                height: config.height.unwrap_or(V4l2Settings::DEFAULT_HEIGHT),
+                fps: config.fps,
+            };
+            return Ok(Box::new(V4l2Camera::open(base_dir.join(device), settings, status.clone())));
+        }
+        CameraSourceKind::Pipe => {
+            let command = config.command.clone().ok_or_else(|| missing("command"))?;
+            return Ok(Box::new(PipeCamera::start(command, config.fps, status.clone())));
+        }
+    };
+    status.online(config.path.as_deref().unwrap_or_default(), source.describe());
+    Ok(source)
 }
 
 /// Opens the microphone a config describes (a validated one: `path` for wav, `device` for alsa).
 pub fn open_microphone(
     config: &MicrophoneConfig,
     base_dir: &std::path::Path,
+    status: &StatusReporter,
 ) -> Result<Box<dyn AudioSource>, SourceError> {
     let missing =
         |key: &str| SourceError::Format { media: "[microphone]".into(), problem: format!("`{key}` is not set") };
@@ -113,12 +145,14 @@ pub fn open_microphone(
             let path = config.path.as_deref().ok_or_else(|| missing("path"))?;
             let media = MediaRef::parse(path, base_dir)
                 .map_err(|problem| SourceError::Format { media: path.to_owned(), problem })?;
-            Box::new(WavReplay::open(&media, config.chunk_ms, config.looping)?)
+            let source = WavReplay::open(&media, config.chunk_ms, config.looping)?;
+            status.online(path, source.describe());
+            Box::new(source)
         }
         MicrophoneSourceKind::Alsa => {
             let device = config.device.as_deref().ok_or_else(|| missing("device"))?;
             let settings = AlsaSettings { chunk_ms: config.chunk_ms, buffer_ms: config.buffer_ms };
-            Box::new(AlsaCapture::open(device, settings)?)
+            Box::new(AlsaCapture::open(device, settings, status.clone())?)
         }
     })
 }

@@ -105,14 +105,41 @@ pub enum CameraSourceKind {
     Yuyv,
     /// A directory of PNG/JPEG images, replayed in file-name order.
     Images,
+    /// A live V4L2 camera (a USB webcam): `device`, with `format`, `width`, `height` and `fps`
+    /// negotiated to the nearest the camera offers.
+    V4l2,
+    /// MJPEG read from a command's standard output, e.g. `rpicam-vid --codec mjpeg -o -` for the
+    /// Pi's CSI camera modules, which are reached through libcamera rather than V4L2.
+    Pipe,
+}
+
+/// The pixel format asked of a V4L2 camera.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PixelFormat {
+    /// Compressed: what USB cameras send at high resolutions and rates.
+    Mjpeg,
+    /// Uncompressed 4:2:2: no decoding cost, but USB 2 bandwidth limits it to small sizes.
+    Yuyv,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CameraConfig {
     pub source: CameraSourceKind,
-    /// A file or directory, relative to the config file, or `builtin:<name>` for sample media.
-    pub path: String,
+    /// Replays: a file or directory, relative to the config file, or `builtin:<name>` for sample media.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `v4l2`: the device node, best a stable `/dev/v4l/by-id/...` name (see `outpostd probe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// `v4l2`: the pixel format to ask for; default `mjpeg`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<PixelFormat>,
+    /// `pipe`: the program and its arguments (no shell), writing MJPEG to standard output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Frames a second handed to the gates (a faster camera's extra frames are skipped).
     #[serde(default = "default_fps")]
     pub fps: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]

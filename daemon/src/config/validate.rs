@@ -1,6 +1,6 @@
 //! Checks of values that parse but cannot work. Every check runs, so one pass reports everything.
 
-use super::{CameraSourceKind, Config, MicrophoneSourceKind};
+use super::{CameraConfig, CameraSourceKind, Config, MicrophoneSourceKind};
 use crate::capture;
 
 /// `(dotted key, what is wrong)` for every problem found.
@@ -117,36 +117,7 @@ fn sources(config: &Config, problems: &mut Problems) {
         problems.add("", "there is neither a [camera] nor a [microphone]: configure at least one, or the station has nothing to watch");
     }
     if let Some(camera) = &config.camera {
-        let mut probe = camera.clone();
-        if !(camera.fps.is_finite() && camera.fps > 0.0 && camera.fps <= 120.0) {
-            problems
-                .add("camera.fps", format!("must be more than 0 and at most 120 frames a second, got {}", camera.fps));
-            // Still check the media, at a rate that works, so that its problems show too.
-            probe.fps = 1.0;
-        }
-        let mut size_known = true;
-        match camera.source {
-            CameraSourceKind::Yuyv => {
-                for (key, value) in [("camera.width", camera.width), ("camera.height", camera.height)] {
-                    if value.is_none() {
-                        problems.add(key, "is required for raw YUYV: the file does not say its frame size");
-                        size_known = false;
-                    }
-                }
-            }
-            CameraSourceKind::Mjpeg | CameraSourceKind::Images => {
-                if camera.width.is_some() || camera.height.is_some() {
-                    let key = if camera.width.is_some() { "camera.width" } else { "camera.height" };
-                    problems.add(key, "only applies to `source = \"yuyv\"`: JPEG and PNG frames carry their own size");
-                }
-            }
-        }
-        // Opening a replay source reads and checks its media: what is wrong is reported now.
-        if size_known {
-            if let Err(e) = capture::open_camera(&probe, &config.base_dir) {
-                problems.add("camera.path", e.to_string());
-            }
-        }
+        camera_source(camera, config, problems);
     }
     if let Some(microphone) = &config.microphone {
         let chunk_ok = (10..=100).contains(&microphone.chunk_ms);
@@ -165,7 +136,7 @@ fn sources(config: &Config, problems: &mut Problems) {
                     problems.add("microphone.path", "is required for `source = \"wav\"`: the recording to replay");
                 } else if chunk_ok {
                     // Opening a replay source reads and checks its recording.
-                    if let Err(e) = capture::open_microphone(microphone, &config.base_dir) {
+                    if let Err(e) = capture::open_microphone(microphone, &config.base_dir, &capture::StatusReporter::new().0) {
                         problems.add("microphone.path", e.to_string());
                     }
                 }
@@ -200,6 +171,94 @@ fn sources(config: &Config, problems: &mut Problems) {
                 }
             }
         }
+    }
+}
+
+fn camera_source(camera: &CameraConfig, config: &Config, problems: &mut Problems) {
+    let mut probe = camera.clone();
+    if !(camera.fps.is_finite() && camera.fps > 0.0 && camera.fps <= 120.0) {
+        problems.add("camera.fps", format!("must be more than 0 and at most 120 frames a second, got {}", camera.fps));
+        // Still check the media, at a rate that works, so that its problems show too.
+        probe.fps = 1.0;
+    }
+    let kind = match camera.source {
+        CameraSourceKind::Mjpeg => "mjpeg",
+        CameraSourceKind::Yuyv => "yuyv",
+        CameraSourceKind::Images => "images",
+        CameraSourceKind::V4l2 => "v4l2",
+        CameraSourceKind::Pipe => "pipe",
+    };
+    let replay = matches!(camera.source, CameraSourceKind::Mjpeg | CameraSourceKind::Yuyv | CameraSourceKind::Images);
+    // Keys that belong to other kinds of source: said plainly rather than silently ignored.
+    let mut only_for = |key: &str, set: bool, applies: bool, owner: &str| {
+        if set && !applies {
+            problems.add(&format!("camera.{key}"), format!("only applies to {owner}, not to `source = \"{kind}\"`"));
+        }
+    };
+    only_for("path", camera.path.is_some(), replay, "replays (`mjpeg`, `yuyv`, `images`)");
+    only_for("loop", camera.looping, replay, "replays (`mjpeg`, `yuyv`, `images`)");
+    only_for("device", camera.device.is_some(), camera.source == CameraSourceKind::V4l2, "`source = \"v4l2\"`");
+    only_for("format", camera.format.is_some(), camera.source == CameraSourceKind::V4l2, "`source = \"v4l2\"`");
+    only_for("command", camera.command.is_some(), camera.source == CameraSourceKind::Pipe, "`source = \"pipe\"`");
+    let sized = matches!(camera.source, CameraSourceKind::Yuyv | CameraSourceKind::V4l2);
+    let why_unsized = "JPEG and PNG frames carry their own size (a pipe's size is set in its command)";
+    only_for("width", camera.width.is_some(), sized, &format!("`yuyv` and `v4l2` sources: {why_unsized}"));
+    only_for("height", camera.height.is_some(), sized, &format!("`yuyv` and `v4l2` sources: {why_unsized}"));
+
+    match camera.source {
+        CameraSourceKind::Mjpeg | CameraSourceKind::Yuyv | CameraSourceKind::Images => {
+            let mut ready = true;
+            if camera.path.is_none() {
+                problems.add("camera.path", format!("is required for `source = \"{kind}\"`: the file or directory to replay"));
+                ready = false;
+            }
+            if camera.source == CameraSourceKind::Yuyv {
+                for (key, value) in [("camera.width", camera.width), ("camera.height", camera.height)] {
+                    if value.is_none() {
+                        problems.add(key, "is required for raw YUYV: the file does not say its frame size");
+                        ready = false;
+                    }
+                }
+            }
+            // Opening a replay source reads and checks its media: what is wrong is reported now.
+            if ready {
+                if let Err(e) = capture::open_camera(&probe, &config.base_dir, &capture::StatusReporter::new().0) {
+                    problems.add("camera.path", e.to_string());
+                }
+            }
+        }
+        // A live camera is not opened here: it may be busy with the running daemon during a
+        // reload, or plugged in later; capture retries until it answers.
+        CameraSourceKind::V4l2 => {
+            match camera.device.as_deref() {
+                None => problems.add(
+                    "camera.device",
+                    "is required for `source = \"v4l2\"`: a camera node such as \"/dev/v4l/by-id/usb-...-video-index0\" or \"/dev/video0\" (`outpostd probe` lists them)",
+                ),
+                Some(device) if device.trim().is_empty() => problems.add("camera.device", "is empty"),
+                Some(_) => {}
+            }
+            if camera.width.is_some() != camera.height.is_some() {
+                let (set, unset) = if camera.width.is_some() { ("width", "height") } else { ("height", "width") };
+                problems.add(&format!("camera.{set}"), format!("needs camera.{unset} as well: give both, or neither for 640x480"));
+            }
+            for (key, value, most) in [("camera.width", camera.width, 7680), ("camera.height", camera.height, 4320)] {
+                if let Some(value) = value.filter(|v| !(16..=most).contains(v)) {
+                    problems.add(key, format!("must be from 16 to {most} pixels, got {value}"));
+                }
+            }
+        }
+        CameraSourceKind::Pipe => match camera.command.as_deref() {
+            None => problems.add(
+                "camera.command",
+                "is required for `source = \"pipe\"`: the program and its arguments, e.g. [\"rpicam-vid\", \"--codec\", \"mjpeg\", \"-t\", \"0\", \"-o\", \"-\"]",
+            ),
+            Some([]) => problems.add("camera.command", "is empty: name the program to run"),
+            Some([program, ..]) if program.trim().is_empty() => {
+                problems.add("camera.command", "the program (the first item) is empty")
+            }
+            Some(_) => {}
+        },
     }
 }
 

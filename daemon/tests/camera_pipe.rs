@@ -1,0 +1,136 @@
+//! The pipe camera source (MJPEG from a command, as `rpicam-vid --codec mjpeg -o -` gives it for
+//! the Pi's CSI cameras) with real commands: `cat` of the sample clip stands in for rpicam-vid,
+//! and a shell line for a command that fails.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use outpost::capture::{split_jpeg_frames, DeviceState, DeviceStatus, FrameSource, PipeCamera, StatusReporter};
+use tokio::sync::watch;
+
+fn clip() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("media/people.mjpeg")
+}
+
+/// The sample clip's frames, decoded independently of the source under test.
+fn clip_frames() -> Vec<image::RgbImage> {
+    let bytes = std::fs::read(clip()).unwrap();
+    split_jpeg_frames(&bytes)
+        .unwrap()
+        .into_iter()
+        .map(|range| image::load_from_memory(&bytes[range]).unwrap().to_rgb8())
+        .collect()
+}
+
+/// Waits until the status matches, failing with every state seen.
+fn wait_for_status(
+    receiver: &mut watch::Receiver<Option<DeviceStatus>>,
+    timeout: Duration,
+    wanted: impl Fn(&DeviceStatus) -> bool,
+) -> DeviceStatus {
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    loop {
+        if let Some(status) = receiver.borrow_and_update().clone() {
+            if wanted(&status) {
+                return status;
+            }
+            if seen.last() != Some(&status) {
+                seen.push(status);
+            }
+        }
+        assert!(Instant::now() < deadline, "no such status within {timeout:?}; seen: {seen:#?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn frames_equal_the_commands_output_and_a_command_that_exits_is_restarted() {
+    let expected = clip_frames();
+    let (status, mut status_rx) = StatusReporter::new();
+    let command = vec!["cat".to_string(), clip().display().to_string()];
+    // `cat` writes the whole clip at once; a rate limit far above that keeps every frame.
+    let mut camera = PipeCamera::start(command, 1e9, status);
+    println!("{}", camera.describe());
+    for round in 0..2 {
+        for (index, want) in expected.iter().enumerate() {
+            let frame = camera.next_frame().unwrap().unwrap();
+            assert_eq!(frame.seq as usize, round * expected.len() + index);
+            assert!(frame.image.as_raw() == want.as_raw(), "round {round}, frame {index} differs from the clip's");
+            if round == 0 && index == 0 {
+                let online = status_rx.borrow_and_update().clone().unwrap();
+                assert_eq!(online.state, DeviceState::Online);
+                assert_eq!(online.mode.as_deref(), Some("MJPEG 320x240"));
+            }
+        }
+        // `cat` has ended here: the next frame comes from a restarted command.
+    }
+    assert_eq!(camera.restarts(), 1);
+    assert_eq!(status_rx.borrow().as_ref().unwrap().state, DeviceState::Online);
+}
+
+#[test]
+fn a_failing_command_is_reported_with_its_exit_status_and_last_message() {
+    let (status, mut status_rx) = StatusReporter::new();
+    let command = ["sh", "-c", "echo 'ERROR: no cameras available' >&2; exit 3"].map(String::from).to_vec();
+    let mut camera = PipeCamera::start(command, 10.0, status);
+    // The source retries for ever: run it on a thread of its own and watch its status.
+    std::thread::spawn(move || camera.next_frame());
+    let offline = wait_for_status(&mut status_rx, Duration::from_secs(10), |s| s.state == DeviceState::Offline);
+    let error = offline.error.unwrap();
+    assert!(error.starts_with("its output ended (exit status: 3)"), "{error}");
+    assert!(error.ends_with("its last message: ERROR: no cameras available"), "{error}");
+    assert_eq!(offline.retry_in_secs, Some(1.0));
+}
+
+#[test]
+fn a_command_that_does_not_exist_is_retried_not_fatal() {
+    let (status, status_rx) = StatusReporter::new();
+    let camera = PipeCamera::start(vec!["/nonexistent/rpicam-vid".into()], 10.0, status);
+    assert!(camera.describe().contains("/nonexistent/rpicam-vid"));
+    let offline = status_rx.borrow().clone().unwrap();
+    assert_eq!(offline.state, DeviceState::Offline);
+    assert_eq!(
+        offline.error.as_deref(),
+        Some("cannot start `/nonexistent/rpicam-vid`: No such file or directory (os error 2)")
+    );
+}
+
+/// The daemon with a pipe camera: frames from the command reach the motion gate, and the camera's
+/// state is published, retained, beside the station's.
+#[test]
+fn the_daemon_publishes_motion_and_camera_status_from_a_pipe() {
+    let broker = common::Mosquitto::start();
+    let mut subscriber = common::Subscriber::connect(broker.port, "outpost/#");
+    let dir = tempfile::tempdir().unwrap();
+    // Like rpicam-vid, the command writes one frame at a time at its frame rate (20 fps).
+    let bytes = std::fs::read(clip()).unwrap();
+    for (index, range) in split_jpeg_frames(&bytes).unwrap().into_iter().enumerate() {
+        std::fs::write(dir.path().join(format!("{index:03}.jpg")), &bytes[range]).unwrap();
+    }
+    let script = format!("for f in {}/*.jpg; do cat \"$f\"; sleep 0.05; done", dir.path().display());
+    let camera = format!(
+        "[camera]\nsource = \"pipe\"\ncommand = [\"sh\", \"-c\", {}]\nfps = 20\n{}",
+        toml::Value::String(script.clone()),
+        common::FAST_MOTION_GATE
+    );
+    let config = common::write_config(dir.path(), "csi", broker.port, &camera);
+    let daemon = common::Daemon::run_config(&config);
+    let wait = Duration::from_secs(20);
+    let online = subscriber.wait_for("the camera online", wait, |m| m.topic == "outpost/csi/camera/status");
+    let online = online.json();
+    assert_eq!(online["state"], "online");
+    assert_eq!(online["mode"], "MJPEG 320x240");
+    assert_eq!(online["source"], format!("sh -c {script}"));
+    let event = subscriber.wait_for("a motion event", wait, |m| m.topic == "outpost/csi/events").json();
+    assert_eq!(event["type"], "motion");
+    // `cat` ends after 6 s of clip: the camera goes offline, and the daemon keeps running.
+    let offline = subscriber.wait_for("the camera offline", wait, |m| {
+        m.topic == "outpost/csi/camera/status" && m.json()["state"] == "offline"
+    });
+    assert!(offline.json()["error"].as_str().unwrap().starts_with("its output ended"), "{}", offline.payload);
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    subscriber.wait_for_payload("outpost/csi/status", "stopped", wait);
+}
