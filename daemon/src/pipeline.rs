@@ -57,13 +57,16 @@ impl Pipeline {
                 info!("camera: {}", source.describe());
                 let mut gate = MotionGate::new(&config.gates.motion);
                 let station = config.station.id.clone();
+                let lane = Lane {
+                    names: ["camera", "motion-gate"],
+                    capacity: config.queues.frames,
+                    when_full: WhenFull::DropOldest,
+                    counter: |stats| &stats.frames_captured,
+                    status: devices.camera.clone(),
+                };
                 Some(lanes.spawn(
-                    ["camera", "motion-gate"],
-                    devices.camera.clone(),
-                    config.queues.frames,
+                    lane,
                     move || source.next_frame(),
-                    WhenFull::DropOldest,
-                    |stats| &stats.frames_captured,
                     move |frame| {
                         gate.observe(frame, Instant::now()).map(|m| Event::new(&station, EventDetail::Motion(m)))
                     },
@@ -82,13 +85,16 @@ impl Pipeline {
                 info!("microphone: {}", source.describe());
                 let mut gate = SoundGate::new(&config.gates.sound);
                 let station = config.station.id.clone();
+                let lane = Lane {
+                    names: ["microphone", "sound-gate"],
+                    capacity: config.queues.audio_chunks,
+                    when_full: WhenFull::Wait,
+                    counter: |stats| &stats.audio_chunks_captured,
+                    status: devices.microphone.clone(),
+                };
                 Some(lanes.spawn(
-                    ["microphone", "sound-gate"],
-                    devices.microphone.clone(),
-                    config.queues.audio_chunks,
+                    lane,
                     move || source.next_chunk(),
-                    WhenFull::Wait,
-                    |stats| &stats.audio_chunks_captured,
                     move |chunk| {
                         gate.observe(chunk, Instant::now()).map(|s| Event::new(&station, EventDetail::Sound(s)))
                     },
@@ -144,7 +150,18 @@ enum WhenFull {
     Wait,
 }
 
-/// What every lane (a source thread feeding a gate thread) shares.
+/// One lane: a source thread feeding a gate thread through a queue.
+struct Lane {
+    /// Of the source's thread and the gate's.
+    names: [&'static str; 2],
+    capacity: usize,
+    when_full: WhenFull,
+    counter: fn(&PipelineStats) -> &AtomicU64,
+    /// Told when the source ends or is given up on.
+    status: StatusReporter,
+}
+
+/// What every lane shares.
 struct Lanes {
     stats: Arc<PipelineStats>,
     events: mpsc::Sender<Event>,
@@ -153,17 +170,14 @@ struct Lanes {
 }
 
 impl Lanes {
-    /// Starts a source thread and a gate thread joined by a queue of `capacity`.
+    /// Starts a lane's source and gate threads.
     fn spawn<T: Send + 'static>(
         &self,
-        [source_name, gate_name]: [&'static str; 2],
-        status: StatusReporter,
-        capacity: usize,
+        lane: Lane,
         mut next: impl FnMut() -> Result<Option<T>, SourceError> + Send + 'static,
-        when_full: WhenFull,
-        counter: fn(&PipelineStats) -> &AtomicU64,
         mut gate: impl FnMut(&T) -> Option<Event> + Send + 'static,
     ) -> Arc<BoundedQueue<T>> {
+        let Lane { names: [source_name, gate_name], capacity, when_full, counter, status } = lane;
         let queue = Arc::new(BoundedQueue::new(capacity));
         spawn_thread(source_name, {
             let (queue, stats) = (Arc::clone(&queue), Arc::clone(&self.stats));

@@ -311,7 +311,9 @@ impl Publisher {
         let Some(status) = status else { return };
         debug!("{topic}: {}", status.to_json());
         let payload = status.to_json();
-        self.unacked.retain(|p| !(p.message.kind == Kind::Device && p.message.topic == topic && p.delivery == Delivery::Queued));
+        self.unacked.retain(|p| {
+            !(p.message.kind == Kind::Device && p.message.topic == topic && p.delivery == Delivery::Queued)
+        });
         self.devices_last.retain(|(t, _)| *t != topic);
         self.devices_last.push((topic.clone(), payload.clone()));
         self.enqueue(Message { topic, payload, retain: true, kind: Kind::Device });

@@ -211,7 +211,8 @@ fn child_unplug_and_return() {
     let gone = replug.join().unwrap();
     let error = gone.error.unwrap();
     assert!(
-        error.starts_with("the camera is gone (unplugged?): No such device") || error.starts_with("cannot open it: No such file"),
+        error.starts_with("the camera is gone (unplugged?): No such device")
+            || error.starts_with("cannot open it: No such file"),
         "{error}"
     );
     assert_eq!(frame.seq, 3, "numbering goes on across the outage");
@@ -309,5 +310,8 @@ fn the_daemon_follows_a_camera_through_an_unplug() {
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
     subscriber.wait_for_payload("outpost/usb/status", "stopped", wait);
     let log = daemon.stderr();
-    assert!(log.contains("the nearest it offers to the MJPEG 320x240 at 10 fps asked for (extra frames are skipped)"), "{log}");
+    assert!(
+        log.contains("the nearest it offers to the MJPEG 320x240 at 10 fps asked for (extra frames are skipped)"),
+        "{log}"
+    );
 }

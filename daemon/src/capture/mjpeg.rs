@@ -43,8 +43,11 @@ impl FrameStore for MjpegFrames {
     }
 
     fn decode(&self, index: usize) -> Result<RgbImage, SourceError> {
-        decode_jpeg(&self.bytes[self.frames[index].clone()])
-            .map_err(|problem| SourceError::BadFrame { media: self.name.clone(), index, problem })
+        decode_jpeg(&self.bytes[self.frames[index].clone()]).map_err(|problem| SourceError::BadFrame {
+            media: self.name.clone(),
+            index,
+            problem,
+        })
     }
 
     fn describe(&self) -> String {

@@ -172,7 +172,11 @@ impl V4l2Camera {
                 self.open = Some(camera);
             }
             Err(error) => {
-                tracing::warn!("camera {} unavailable, trying again in {:?}: {error}", self.name(), self.backoff.delay());
+                tracing::warn!(
+                    "camera {} unavailable, trying again in {:?}: {error}",
+                    self.name(),
+                    self.backoff.delay()
+                );
                 self.status.offline(&self.name(), error, self.backoff.delay());
                 self.open_failed = true;
             }
@@ -259,9 +263,9 @@ fn convert(mode: CameraMode, bytes: &[u8]) -> Result<RgbImage, String> {
         PixelFormat::Mjpeg => decode_jpeg(bytes),
         PixelFormat::Yuyv => {
             let size = mode.width as usize * mode.height as usize * 2;
-            let frame = bytes
-                .get(..size)
-                .ok_or_else(|| format!("{} bytes is short of a {}x{} YUYV frame ({size})", bytes.len(), mode.width, mode.height))?;
+            let frame = bytes.get(..size).ok_or_else(|| {
+                format!("{} bytes is short of a {}x{} YUYV frame ({size})", bytes.len(), mode.width, mode.height)
+            })?;
             yuyv_to_rgb(frame, mode.width, mode.height)
         }
     }
@@ -301,7 +305,8 @@ impl OpenCamera {
             .into_iter()
             .map(|size| size.size)
             .collect();
-        let (width, height) = nearest_size(&sizes, settings.width, settings.height).unwrap_or((settings.width, settings.height));
+        let (width, height) =
+            nearest_size(&sizes, settings.width, settings.height).unwrap_or((settings.width, settings.height));
         // Drivers adjust a format they cannot do to one they can: what comes back is what streams.
         let set = device
             .set_format(&Format::new(width, height, fourcc))
@@ -342,7 +347,10 @@ fn choose_format(offered: &[FourCC], wanted: PixelFormat) -> Result<PixelFormat,
     };
     [wanted, other].into_iter().find(|format| offered.contains(&fourcc_of(*format))).ok_or_else(|| {
         let names: Vec<String> = offered.iter().map(ToString::to_string).collect();
-        format!("offers {} but outpostd reads MJPEG or YUYV", if names.is_empty() { "no format".into() } else { names.join(", ") })
+        format!(
+            "offers {} but outpostd reads MJPEG or YUYV",
+            if names.is_empty() { "no format".into() } else { names.join(", ") }
+        )
     })
 }
 

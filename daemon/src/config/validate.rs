@@ -136,7 +136,9 @@ fn sources(config: &Config, problems: &mut Problems) {
                     problems.add("microphone.path", "is required for `source = \"wav\"`: the recording to replay");
                 } else if chunk_ok {
                     // Opening a replay source reads and checks its recording.
-                    if let Err(e) = capture::open_microphone(microphone, &config.base_dir, &capture::StatusReporter::new().0) {
+                    if let Err(e) =
+                        capture::open_microphone(microphone, &config.base_dir, &capture::StatusReporter::new().0)
+                    {
                         problems.add("microphone.path", e.to_string());
                     }
                 }
