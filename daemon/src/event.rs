@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::gate::{MotionEvent, SoundEvent};
+use crate::gate::{MotionEvent, SoundEvent, SpeechEvent};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Event {
@@ -24,6 +24,8 @@ pub struct Event {
 pub enum EventDetail {
     Motion(MotionEvent),
     Sound(SoundEvent),
+    /// A whole utterance; its audio stays in the daemon (for the model), only the numbers go out.
+    Speech(SpeechEvent),
 }
 
 impl Event {
@@ -31,6 +33,7 @@ impl Event {
         let at = match &detail {
             EventDetail::Motion(motion) => motion.at,
             EventDetail::Sound(sound) => sound.at,
+            EventDetail::Speech(speech) => speech.at,
         };
         Self { id: Uuid::now_v7(), station: station.to_owned(), timestamp: rfc3339(at), detail }
     }
@@ -39,6 +42,7 @@ impl Event {
         match self.detail {
             EventDetail::Motion(_) => "motion",
             EventDetail::Sound(_) => "sound",
+            EventDetail::Speech(_) => "speech",
         }
     }
 
@@ -72,5 +76,29 @@ mod tests {
         assert_eq!(json["level_dbfs"], -12.5);
         assert_eq!(json["chunk_seq"], 42);
         assert_eq!(json["id"].as_str().unwrap().len(), 36);
+    }
+
+    #[test]
+    fn speech_event_leaves_its_audio_out() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_000_000_123);
+        let speech = SpeechEvent {
+            chunk_seq: 7,
+            at,
+            duration_ms: 1500,
+            mean_probability: 0.75,
+            peak_probability: 1.0,
+            truncated: false,
+            audio: vec![1i16; 24_000].into(),
+        };
+        let event = Event::new("gate-7", EventDetail::Speech(speech));
+        assert_eq!(event.kind(), "speech");
+        let json: serde_json::Value = serde_json::from_str(&event.to_json()).unwrap();
+        assert_eq!(json["type"], "speech");
+        assert_eq!(json["timestamp"], "2025-11-24T16:00:00.123Z");
+        assert_eq!(json["duration_ms"], 1500);
+        assert_eq!(json["mean_probability"], 0.75);
+        assert_eq!(json["truncated"], false);
+        assert!(json.get("audio").is_none(), "{json}");
+        assert!(json.get("at").is_none(), "{json}");
     }
 }

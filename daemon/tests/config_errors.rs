@@ -72,6 +72,14 @@ fn broken_files_name_file_line_key_and_problem() {
             "station.toml:10:1: mqtt.password: is set but mqtt.username is not: MQTT sends a password only with a user name\n\
              station.toml:12:1: mqtt.reconnect_max_secs: must not be less than mqtt.reconnect_min_secs (5 < 10)",
         ),
+        // The speech gate: a model is required when enabled (the file is not opened here), and ranges.
+        (
+            &format!("{GOOD}\n[gates.speech]\nenabled = true\nthreshold = 1.5\nspeech_pad_ms = 2000\nmax_speech_secs = 0"),
+            "station.toml:9:8: gates.speech.model: is required when the speech gate is enabled: the silero VAD model silero_vad_op18_ifless.onnx (deploy/models/fetch_silero_vad.sh fetches it)\n\
+             station.toml:11:1: gates.speech.threshold: must be a speech probability, more than 0 and less than 1, got 1.5\n\
+             station.toml:12:1: gates.speech.speech_pad_ms: must be from 0 to 1000 milliseconds, got 2000\n\
+             station.toml:13:1: gates.speech.max_speech_secs: must be more than 2.032 s (two pads and a 32 ms window) and at most 600 s, got 0",
+        ),
         // Media that is missing or not what it claims.
         (
             "[station]\nid = \"a\"\n[camera]\nsource = \"mjpeg\"\npath = \"clips/gate.mjpeg\"",

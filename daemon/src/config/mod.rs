@@ -197,6 +197,7 @@ fn default_buffer_ms() -> u32 {
 pub struct GatesConfig {
     pub motion: MotionGateConfig,
     pub sound: SoundGateConfig,
+    pub speech: SpeechGateConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -231,6 +232,42 @@ pub struct SoundGateConfig {
 impl Default for SoundGateConfig {
     fn default() -> Self {
         Self { enabled: true, threshold_dbfs: -30.0, cooldown_secs: 2.0 }
+    }
+}
+
+/// Speech: silero VAD marks whole utterances (see `gate/speech.rs`). The defaults are upstream's
+/// `get_speech_timestamps` defaults.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpeechGateConfig {
+    pub enabled: bool,
+    /// The silero VAD model, `silero_vad_op18_ifless.onnx`, relative to the config file
+    /// (`deploy/models/fetch_silero_vad.sh` fetches it). Required when enabled.
+    pub model: String,
+    /// A 32 ms window whose speech probability is at or above this is speech (0-1); inside an
+    /// utterance, one below `threshold - 0.15` is silence.
+    pub threshold: f64,
+    /// Silence this long ends an utterance.
+    pub min_silence_ms: u64,
+    /// Utterances shorter than this are dropped.
+    pub min_speech_ms: u64,
+    /// Audio kept before and after each utterance.
+    pub speech_pad_ms: u64,
+    /// Longer speech is cut here, padding included, and goes on in the next event.
+    pub max_speech_secs: f64,
+}
+
+impl Default for SpeechGateConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            model: String::new(),
+            threshold: 0.5,
+            min_silence_ms: 100,
+            min_speech_ms: 250,
+            speech_pad_ms: 30,
+            max_speech_secs: 30.0,
+        }
     }
 }
 

@@ -287,6 +287,47 @@ fn gates(config: &Config, problems: &mut Problems) {
         );
     }
     problems.seconds("gates.sound.cooldown_secs", sound.cooldown_secs, false);
+    speech_gate(config, problems);
+}
+
+/// Longest utterance the speech gate holds (10 minutes of 16 kHz audio is 19 MB).
+const MAX_SPEECH_SECS: f64 = 600.0;
+
+fn speech_gate(config: &Config, problems: &mut Problems) {
+    let speech = &config.gates.speech;
+    // The model file is not opened here: loading it is the gate's start (like an ALSA device).
+    if speech.enabled && speech.model.trim().is_empty() {
+        problems.add(
+            "gates.speech.model",
+            "is required when the speech gate is enabled: the silero VAD model silero_vad_op18_ifless.onnx (deploy/models/fetch_silero_vad.sh fetches it)",
+        );
+    }
+    if !(speech.threshold > 0.0 && speech.threshold < 1.0) {
+        problems.add(
+            "gates.speech.threshold",
+            format!("must be a speech probability, more than 0 and less than 1, got {}", speech.threshold),
+        );
+    }
+    for (key, value, max) in [
+        ("gates.speech.min_silence_ms", speech.min_silence_ms, 10_000),
+        ("gates.speech.min_speech_ms", speech.min_speech_ms, 60_000),
+        ("gates.speech.speech_pad_ms", speech.speech_pad_ms, 1_000),
+    ] {
+        if value > max {
+            problems.add(key, format!("must be from 0 to {max} milliseconds, got {value}"));
+        }
+    }
+    let max_secs = speech.max_speech_secs;
+    // The cap must leave room for the padding on both sides and one 32 ms window.
+    let least = (2 * speech.speech_pad_ms.min(1_000) + 32) as f64 / 1000.0;
+    if !(max_secs.is_finite() && max_secs > least && max_secs <= MAX_SPEECH_SECS) {
+        problems.add(
+            "gates.speech.max_speech_secs",
+            format!(
+                "must be more than {least} s (two pads and a 32 ms window) and at most {MAX_SPEECH_SECS} s, got {max_secs}"
+            ),
+        );
+    }
 }
 
 /// Most threads a model run may ask for: far more than a single-board computer has cores.

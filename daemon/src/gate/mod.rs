@@ -4,9 +4,14 @@
 
 mod motion;
 mod sound;
+mod speech;
 
 pub use motion::{MotionEvent, MotionGate, Region};
 pub use sound::{level_dbfs, SoundEvent, SoundGate, SILENCE_DBFS};
+pub use speech::{
+    Segment, Segmenter, SegmenterParams, SileroVad, SpeechEvent, SpeechGate, VadError, VAD_CONTEXT, VAD_SAMPLE_RATE,
+    VAD_WINDOW,
+};
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
-//! What the test set-up prepares outside the repository (`deploy/models/prepare_test_models.sh`,
-//! run by `test.sh`): the model tools' Python and the real Gemma 3 bundles, named in environment
-//! variables.
+//! What the test set-up prepares outside the repository (`deploy/models/prepare_test_models.sh`
+//! and `fetch_silero_vad.sh`, run by `test.sh`): the model tools' Python, the real Gemma 3
+//! bundles and the silero VAD model, named in environment variables.
 
 use std::path::PathBuf;
 
@@ -10,7 +10,7 @@ pub fn prepared_path(variable: &str) -> Option<PathBuf> {
     match std::env::var_os(variable) {
         Some(path) => Some(PathBuf::from(path)),
         None if std::env::var_os("OUTPOST_REQUIRE_REAL_MODEL").is_some() => {
-            panic!("{variable} is not set: run deploy/models/prepare_test_models.sh (test.sh does)")
+            panic!("{variable} is not set: run deploy/models/prepare_test_models.sh and fetch_silero_vad.sh (test.sh does)")
         }
         None => {
             eprintln!(
