@@ -18,7 +18,7 @@ use tracing::{debug, error, info, warn};
 use crate::capture::{self, AudioChunk, DeviceReporters, Frame, SourceError, StatusReporter};
 use crate::config::Config;
 use crate::event::{Event, EventDetail};
-use crate::gate::{MotionGate, SoundGate};
+use crate::gate::{MotionGate, SoundGate, SpeechGate, VadError};
 use crate::queue::{BoundedQueue, Pop};
 
 /// A source that fails this many times in a row is given up on.
@@ -35,6 +35,14 @@ pub struct PipelineStats {
     pub events: AtomicU64,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("cannot start the speech gate: {0}")]
+    SpeechGate(#[from] VadError),
+}
+
 /// The running sources and gates of one config.
 pub struct Pipeline {
     frames: Option<Arc<BoundedQueue<Frame>>>,
@@ -47,7 +55,11 @@ pub struct Pipeline {
 impl Pipeline {
     /// Opens the sources and starts every stage. Events go to `events`; what becomes of the
     /// camera and microphone goes to `devices`.
-    pub fn start(config: &Config, events: mpsc::Sender<Event>, devices: &DeviceReporters) -> Result<Self, SourceError> {
+    pub fn start(
+        config: &Config,
+        events: mpsc::Sender<Event>,
+        devices: &DeviceReporters,
+    ) -> Result<Self, PipelineError> {
         let (gate_alive, gates_done) = mpsc::channel(1);
         let lanes = Lanes { stats: Arc::new(PipelineStats::default()), events, gate_alive };
 
@@ -68,7 +80,11 @@ impl Pipeline {
                     lane,
                     move || source.next_frame(),
                     move |frame| {
-                        gate.observe(frame, Instant::now()).map(|m| Event::new(&station, EventDetail::Motion(m)))
+                        let Some(frame) = frame else { return Vec::new() };
+                        gate.observe(frame, Instant::now())
+                            .map(|m| Event::new(&station, EventDetail::Motion(m)))
+                            .into_iter()
+                            .collect()
                     },
                 ))
             }
@@ -79,11 +95,20 @@ impl Pipeline {
             None => None,
         };
 
+        let (sound, speech) = (&config.gates.sound, &config.gates.speech);
         let audio = match &config.microphone {
-            Some(microphone) if config.gates.sound.enabled => {
+            Some(microphone) if sound.enabled || speech.enabled => {
+                // The model first: a bad one stops the start before the device is opened.
+                let mut speech_gate = if speech.enabled {
+                    let gate = SpeechGate::new(speech, &config.base_dir)?;
+                    info!("speech gate: silero VAD from {}", config.base_dir.join(&speech.model).display());
+                    Some(gate)
+                } else {
+                    None
+                };
+                let mut sound_gate = sound.enabled.then(|| SoundGate::new(sound));
                 let mut source = capture::open_microphone(microphone, &config.base_dir, &devices.microphone)?;
                 info!("microphone: {}", source.describe());
-                let mut gate = SoundGate::new(&config.gates.sound);
                 let station = config.station.id.clone();
                 let lane = Lane {
                     names: ["microphone", "sound-gate"],
@@ -96,12 +121,38 @@ impl Pipeline {
                     lane,
                     move || source.next_chunk(),
                     move |chunk| {
-                        gate.observe(chunk, Instant::now()).map(|s| Event::new(&station, EventDetail::Sound(s)))
+                        let mut events = Vec::new();
+                        let Some(chunk) = chunk else {
+                            // The end of the input: an utterance still open ends here.
+                            if let Some(gate) = speech_gate.as_mut() {
+                                match gate.flush() {
+                                    Ok(speech) => {
+                                        events.extend(speech.map(|s| Event::new(&station, EventDetail::Speech(s))))
+                                    }
+                                    Err(e) => warn!("speech gate: {e}"),
+                                }
+                            }
+                            return events;
+                        };
+                        if let Some(gate) = sound_gate.as_mut() {
+                            events.extend(
+                                gate.observe(chunk, Instant::now())
+                                    .map(|s| Event::new(&station, EventDetail::Sound(s))),
+                            );
+                        }
+                        if let Some(gate) = speech_gate.as_mut() {
+                            match gate.observe(chunk) {
+                                Ok(speech) => events
+                                    .extend(speech.into_iter().map(|s| Event::new(&station, EventDetail::Speech(s)))),
+                                Err(e) => warn!("speech gate: chunk {} skipped: {e}", chunk.seq),
+                            }
+                        }
+                        events
                     },
                 ))
             }
             Some(_) => {
-                info!("microphone configured but the sound gate is off: not capturing audio");
+                info!("microphone configured but the sound and speech gates are off: not capturing audio");
                 None
             }
             None => None,
@@ -175,7 +226,7 @@ impl Lanes {
         &self,
         lane: Lane,
         mut next: impl FnMut() -> Result<Option<T>, SourceError> + Send + 'static,
-        mut gate: impl FnMut(&T) -> Option<Event> + Send + 'static,
+        mut gate: impl FnMut(Option<&T>) -> Vec<Event> + Send + 'static,
     ) -> Arc<BoundedQueue<T>> {
         let Lane { names: [source_name, gate_name], capacity, when_full, counter, status } = lane;
         let queue = Arc::new(BoundedQueue::new(capacity));
@@ -260,27 +311,38 @@ fn run_source<T>(
     end
 }
 
-/// Feeds queued items to a gate and sends what it reports, until the queue is closed and drained.
+/// Feeds queued items to a gate and sends what it reports, until the queue is closed and drained;
+/// then calls the gate once with `None`.
 fn run_gate<T>(
     queue: &BoundedQueue<T>,
     events: &mpsc::Sender<Event>,
     stats: &PipelineStats,
-    mut gate: impl FnMut(&T) -> Option<Event>,
+    mut gate: impl FnMut(Option<&T>) -> Vec<Event>,
 ) {
+    let send_all = |found: Vec<Event>| {
+        for event in found {
+            debug!("{} event {}", event.kind(), event.id);
+            stats.events.fetch_add(1, Ordering::Relaxed);
+            if !send_event(event, events, queue) {
+                return false;
+            }
+        }
+        true
+    };
     loop {
         match queue.pop_timeout(POLL_INTERVAL) {
             Pop::Item(item) => {
-                if let Some(event) = gate(&item) {
-                    debug!("{} event {}", event.kind(), event.id);
-                    stats.events.fetch_add(1, Ordering::Relaxed);
-                    if !send_event(event, events, queue) {
-                        queue.close();
-                        return;
-                    }
+                if !send_all(gate(Some(&item))) {
+                    queue.close();
+                    return;
                 }
             }
             Pop::TimedOut => {}
-            Pop::Closed => return,
+            Pop::Closed => {
+                // Input over: a gate holding something back (an utterance in progress) ends it.
+                send_all(gate(None));
+                return;
+            }
         }
     }
 }

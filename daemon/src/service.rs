@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
-use crate::capture::SourceError;
 use crate::config::{self, Config};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, PipelineError};
 use crate::publish::{self, PublisherReport};
 
 #[derive(Debug, thiserror::Error)]
@@ -15,7 +14,7 @@ pub enum ServiceError {
     #[error("cannot listen for signals: {0}")]
     Signals(std::io::Error),
     #[error("cannot start capture: {0}")]
-    Capture(#[from] SourceError),
+    Capture(#[from] PipelineError),
     #[error("the publisher task failed: {0}")]
     Publisher(#[from] tokio::task::JoinError),
 }

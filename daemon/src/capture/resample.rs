@@ -24,6 +24,11 @@ impl ToMono16k {
         Ok(Self { channels, frames_in, resampler, mono: vec![0.0; frames_in] })
     }
 
+    /// Output samples by which the converted audio lags the input (the resampler's filter delay).
+    pub fn delay(&self) -> usize {
+        self.resampler.as_ref().map_or(0, |r| r.output_delay())
+    }
+
     /// The frames one chunk takes in.
     pub fn frames_in(&self) -> usize {
         self.frames_in
@@ -46,6 +51,34 @@ impl ToMono16k {
         }
         Ok(())
     }
+}
+
+/// A whole mono recording at `rate_in` Hz as 16 kHz, aligned with the input (the filter delay
+/// is taken off the front) and as long as the input lasts.
+pub fn recording_to_16k(samples: &[i16], rate_in: u32) -> Result<Vec<i16>, String> {
+    const RATE_OUT: u32 = 16_000;
+    if rate_in == RATE_OUT {
+        return Ok(samples.to_vec());
+    }
+    let frames_in = (rate_in / 10).max(1) as usize;
+    let mut converter = ToMono16k::new(rate_in, 1, frames_in, RATE_OUT)?;
+    let wanted = (samples.len() as u64 * u64::from(RATE_OUT)).div_ceil(u64::from(rate_in)) as usize;
+    let mut out = Vec::with_capacity(wanted + converter.delay() + frames_in);
+    let mut chunk = vec![0i16; frames_in];
+    let mut fed = 0;
+    // Zero padding past the end flushes the delay line.
+    while out.len() < wanted + converter.delay() {
+        chunk.fill(0);
+        let end = (fed + frames_in).min(samples.len());
+        if fed < end {
+            chunk[..end - fed].copy_from_slice(&samples[fed..end]);
+        }
+        fed += frames_in;
+        converter.convert(&chunk, &mut out)?;
+    }
+    out.drain(..converter.delay());
+    out.truncate(wanted);
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -86,6 +119,18 @@ mod tests {
             let frequency = crossings as f32 / seconds;
             assert!((frequency - 1000.0).abs() < 5.0, "{rate} Hz: {frequency} Hz out");
         }
+    }
+
+    /// A click in a 44.1 kHz recording lands at the same time in the 16 kHz one.
+    #[test]
+    fn a_recording_keeps_its_length_and_timing() {
+        let mut samples = vec![0i16; 44_100];
+        samples[22_050] = 30_000; // at 0.5 s
+        let out = recording_to_16k(&samples, 44_100).unwrap();
+        assert_eq!(out.len(), 16_000);
+        let loudest = (0..out.len()).max_by_key(|&i| out[i].unsigned_abs()).unwrap();
+        assert!(loudest.abs_diff(8_000) <= 1, "the click is at sample {loudest}, not 8000");
+        assert_eq!(recording_to_16k(&[5, -5], 16_000).unwrap(), [5, -5]);
     }
 
     #[test]

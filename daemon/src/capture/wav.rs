@@ -1,16 +1,19 @@
-//! WAV files played back in real time, chunk by chunk, as a microphone would deliver them.
+//! WAV files played back in real time, chunk by chunk, as a microphone would deliver them: at
+//! 16 kHz mono like every audio source, whatever the file's rate and channels.
 
 use std::io::Cursor;
 use std::time::{Duration, SystemTime};
 
 use super::pacing::Pacer;
-use super::{AudioChunk, AudioSource, SourceError, MAX_CHUNK_SAMPLES};
+use super::resample::recording_to_16k;
+use super::{AudioChunk, AudioSource, SourceError, CAPTURE_RATE, MAX_CHUNK_SAMPLES};
 use crate::media::MediaRef;
 
 pub struct WavReplay {
     name: String,
-    sample_rate: u32,
-    /// Mono, 16-bit, the whole recording: replay files are short.
+    /// The file's own rate, for the log.
+    file_rate: u32,
+    /// Mono, 16-bit, 16 kHz, the whole recording: replay files are short.
     samples: Vec<i16>,
     chunk_len: usize,
     looping: bool,
@@ -23,7 +26,8 @@ impl WavReplay {
     pub fn open(media: &MediaRef, chunk_ms: u32, looping: bool) -> Result<Self, SourceError> {
         let recording = read_wav(media)?;
         let name = media.to_string();
-        let sample_rate = recording.sample_rate;
+        let file_rate = recording.sample_rate;
+        let sample_rate = CAPTURE_RATE;
         let chunk_len = (u64::from(sample_rate) * u64::from(chunk_ms) / 1000) as usize;
         if chunk_len == 0 || chunk_len > MAX_CHUNK_SAMPLES {
             return Err(SourceError::Format {
@@ -33,22 +37,25 @@ impl WavReplay {
                 ),
             });
         }
-        let samples =
+        let samples: Vec<i16> =
             recording.samples.iter().map(|&x| (x * 32768.0).round().clamp(-32768.0, 32767.0) as i16).collect();
+        let samples = recording_to_16k(&samples, file_rate)
+            .map_err(|problem| SourceError::Format { media: name.clone(), problem })?;
         Ok(Self {
             name,
-            sample_rate,
+            file_rate,
             samples,
             chunk_len,
             looping,
-            pacer: Pacer::new(Duration::from_secs_f64(chunk_len as f64 / f64::from(sample_rate))),
+            pacer: Pacer::new(Duration::from_secs_f64(chunk_len as f64 / f64::from(CAPTURE_RATE))),
             next_sample: 0,
             seq: 0,
         })
     }
 
-    pub fn sample_rate(&self) -> u32 {
-        self.sample_rate
+    /// The rate of the file (chunks are always at 16 kHz).
+    pub fn file_rate(&self) -> u32 {
+        self.file_rate
     }
 }
 
@@ -89,12 +96,13 @@ pub fn read_wav(media: &MediaRef) -> Result<Recording, SourceError> {
 impl AudioSource for WavReplay {
     fn describe(&self) -> String {
         let mode = if self.looping { ", looping" } else { "" };
+        let converted = if self.file_rate == CAPTURE_RATE { String::new() } else { format!(" as {CAPTURE_RATE} Hz") };
         format!(
-            "real-time replay of wav file {} ({} Hz, {:.1} s, {} ms chunks{mode})",
+            "real-time replay of wav file {} ({} Hz{converted}, {:.1} s, {} ms chunks{mode})",
             self.name,
-            self.sample_rate,
-            self.samples.len() as f64 / f64::from(self.sample_rate),
-            self.chunk_len as u64 * 1000 / u64::from(self.sample_rate)
+            self.file_rate,
+            self.samples.len() as f64 / f64::from(CAPTURE_RATE),
+            self.chunk_len as u64 * 1000 / u64::from(CAPTURE_RATE)
         )
     }
 
@@ -113,8 +121,7 @@ impl AudioSource for WavReplay {
         })?;
         self.next_sample = end;
         self.pacer.wait();
-        let chunk =
-            AudioChunk { seq: self.seq, captured_at: SystemTime::now(), sample_rate: self.sample_rate, samples };
+        let chunk = AudioChunk { seq: self.seq, captured_at: SystemTime::now(), sample_rate: CAPTURE_RATE, samples };
         self.seq += 1;
         Ok(Some(chunk))
     }
@@ -140,17 +147,17 @@ mod tests {
     fn replays_every_sample_in_order_and_in_real_time() {
         let spec = hound::WavSpec {
             channels: 1,
-            sample_rate: 8000,
+            sample_rate: 16000,
             bits_per_sample: 16,
             sample_format: hound::SampleFormat::Int,
         };
-        let input: Vec<i32> = (0..2000).map(|i| i * 7 - 7000).collect();
+        let input: Vec<i32> = (0..4000).map(|i| i * 7 - 14000).collect();
         let (_dir, media) = write_wav(spec, &input);
         let mut replay = WavReplay::open(&media, 50, false).unwrap();
         let start = std::time::Instant::now();
         let mut out = Vec::new();
         while let Some(chunk) = replay.next_chunk().unwrap() {
-            assert_eq!(chunk.seq as usize, out.len() / 400);
+            assert_eq!(chunk.seq as usize, out.len() / 800);
             out.extend(chunk.samples.iter().map(|&s| i32::from(s)));
         }
         assert_eq!(out, input);
@@ -176,23 +183,42 @@ mod tests {
     fn builtin_speech_is_sixteen_khz() {
         let media = MediaRef::parse(&format!("builtin:{SPEECH_WAV}"), std::path::Path::new(".")).unwrap();
         let replay = WavReplay::open(&media, 100, false).unwrap();
-        assert_eq!(replay.sample_rate(), 16000);
-        assert!(replay.describe().contains("16000 Hz, 6.7 s"), "{}", replay.describe());
+        assert_eq!(replay.file_rate(), 16000);
+        assert!(replay.describe().contains("(16000 Hz, 6.7 s"), "{}", replay.describe());
     }
 
+    /// Every audio source hands on 16 kHz, so that the speech gate and the model can take any file.
     #[test]
-    fn chunk_too_long_for_the_rate_is_refused() {
+    fn a_48_khz_file_is_replayed_at_16_khz() {
         let spec = hound::WavSpec {
             channels: 1,
             sample_rate: 48000,
             bits_per_sample: 16,
             sample_format: hound::SampleFormat::Int,
         };
+        let tone: Vec<i32> = (0..48_000)
+            .map(|i| (8000.0 * (i as f64 * 2.0 * std::f64::consts::PI * 500.0 / 48_000.0).sin()) as i32)
+            .collect();
+        let (_dir, media) = write_wav(spec, &tone);
+        let mut replay = WavReplay::open(&media, 100, false).unwrap();
+        assert!(replay.describe().contains("(48000 Hz as 16000 Hz, 1.0 s, 100 ms chunks"), "{}", replay.describe());
+        let chunk = replay.next_chunk().unwrap().unwrap();
+        assert_eq!((chunk.sample_rate, chunk.samples.len()), (16_000, 1600));
+    }
+
+    #[test]
+    fn chunk_too_long_is_refused() {
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: 16000,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
         let (_dir, media) = write_wav(spec, &[0; 10]);
-        let err = WavReplay::open(&media, 200, false).err().unwrap().to_string();
+        let err = WavReplay::open(&media, 400, false).err().unwrap().to_string();
         assert!(
             err.ends_with(
-                "200 ms at 48000 Hz is 9600 samples a chunk; a chunk holds 1 to 4800: use a shorter chunk_ms"
+                "400 ms at 16000 Hz is 6400 samples a chunk; a chunk holds 1 to 4800: use a shorter chunk_ms"
             ),
             "{err}"
         );

@@ -295,12 +295,16 @@ const MAX_SPEECH_SECS: f64 = 600.0;
 
 fn speech_gate(config: &Config, problems: &mut Problems) {
     let speech = &config.gates.speech;
-    // The model file is not opened here: loading it is the gate's start (like an ALSA device).
     if speech.enabled && speech.model.trim().is_empty() {
         problems.add(
             "gates.speech.model",
             "is required when the speech gate is enabled: the silero VAD model silero_vad_op18_ifless.onnx (deploy/models/fetch_silero_vad.sh fetches it)",
         );
+    } else if speech.enabled {
+        // Loading the model (2 MB, a tenth of a second) is how to know that it is one.
+        if let Err(e) = crate::gate::SileroVad::load(&config.base_dir.join(&speech.model)) {
+            problems.add("gates.speech.model", e.to_string());
+        }
     }
     if !(speech.threshold > 0.0 && speech.threshold < 1.0) {
         problems.add(
