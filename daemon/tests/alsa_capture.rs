@@ -1,8 +1,12 @@
 //! The ALSA microphone source through real alsa-lib. This machine has no sound card, so the
 //! capture PCMs are alsa-lib's `file` plugin reading a known recording (raw S16_LE mono 16 kHz)
-//! over the `null` device: everything from `snd_pcm_open` to `readi` is the real code path.
+//! over the `null` device (fast: not paced), and `alsa-emulator/`, an ioplug plugin of ours that
+//! delivers a file in real time like a device, offers only its own rate and channel count, and
+//! can overrun and vanish. Everything from `snd_pcm_open` to `readi` is the real code path.
 
 mod common;
+#[path = "common/prepared.rs"]
+mod prepared;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -29,8 +33,29 @@ fn alsa_dir() -> &'static Path {
                 infile.display()
             )
         };
+        // Paced, emulated devices: 16 kHz mono speech, a 48 kHz stereo tone, and two that can be
+        // unplugged (they exist while their `present` file does).
+        std::fs::write(dir.path().join("tone48k.raw"), tone_48k_stereo()).unwrap();
+        let emulated = |name: &str, infile: &str, rate: u32, channels: u32, present: bool| {
+            let present = if present {
+                std::fs::write(dir.path().join(format!("{name}.present")), "").unwrap();
+                format!("  present \"{}\"\n", dir.path().join(format!("{name}.present")).display())
+            } else {
+                String::new()
+            };
+            format!(
+                "pcm.{name} {{\n  type outpost_emu\n  infile \"{}\"\n  rate {rate}\n  channels {channels}\n{present}}}\n",
+                dir.path().join(infile).display()
+            )
+        };
+        let plugin = common::workspace_library("liboutpost_alsa_emulator.so", "outpost-alsa-emulator");
         let config = pcm("outpost_test_mic", &dir.path().join("speech.raw"))
-            + &pcm("outpost_late_mic", &dir.path().join("late.raw"));
+            + &pcm("outpost_late_mic", &dir.path().join("late.raw"))
+            + &format!("pcm_type.outpost_emu {{ lib \"{}\" }}\n", plugin.display())
+            + &emulated("outpost_paced_mic", "speech.raw", 16_000, 1, false)
+            + &emulated("outpost_usb_mic", "tone48k.raw", 48_000, 2, false)
+            + &emulated("outpost_vanishing_mic", "speech.raw", 16_000, 1, true)
+            + &emulated("outpost_daemon_mic", "speech.raw", 16_000, 1, true);
         std::fs::write(dir.path().join("test.conf"), config).unwrap();
         // The system configuration first: it defines the `null` slave.
         std::env::set_var(
@@ -48,6 +73,18 @@ fn speech() -> Vec<i16> {
     let recording = read_wav(&MediaRef::Path(path)).unwrap();
     assert_eq!(recording.sample_rate, 16_000);
     recording.samples.iter().map(|&x| (x * 32768.0).round().clamp(-32768.0, 32767.0) as i16).collect()
+}
+
+/// One second of a 440 Hz tone at -10 dBFS RMS in both channels, 48 kHz, as raw S16_LE.
+fn tone_48k_stereo() -> Vec<u8> {
+    let amplitude = 32768.0 * 10f64.powf(-10.0 / 20.0) * std::f64::consts::SQRT_2;
+    (0..48_000)
+        .flat_map(|i| {
+            let s = (amplitude * (2.0 * std::f64::consts::PI * 440.0 * f64::from(i) / 48_000.0).sin()) as i16;
+            [s, s]
+        })
+        .flat_map(i16::to_le_bytes)
+        .collect()
 }
 
 fn late_file() -> PathBuf {
@@ -111,6 +148,76 @@ fn an_unknown_pcm_is_retried_not_fatal() {
     assert_eq!(microphone.reopens(), 0);
 }
 
+#[test]
+fn a_device_at_48_khz_stereo_is_converted_to_16_khz_mono() {
+    alsa_dir();
+    let (status, status_rx) = StatusReporter::new();
+    let mut microphone = AlsaCapture::open("outpost_usb_mic", SETTINGS, status).unwrap();
+    let mode = status_rx.borrow().as_ref().unwrap().mode.clone().unwrap();
+    assert_eq!(mode, "S16_LE, 2 channel(s) at 48000 Hz, handed on as mono 16000 Hz");
+    let mut samples = Vec::new();
+    for _ in 0..8 {
+        let chunk = microphone.next_chunk().unwrap().unwrap();
+        assert_eq!((chunk.sample_rate, chunk.samples.len()), (16_000, CHUNK));
+        samples.extend_from_slice(&chunk.samples);
+    }
+    // Past the resampler's start-up: the same tone, at the same level.
+    let steady = &samples[4000..];
+    let level = outpost::gate::level_dbfs(steady);
+    assert!((level + 10.0).abs() < 0.2, "{level} dBFS, not -10");
+    let crossings = steady.windows(2).filter(|w| w[0] < 0 && w[1] >= 0).count() as f64;
+    let frequency = crossings / (steady.len() as f64 / 16_000.0);
+    assert!((frequency - 440.0).abs() < 5.0, "{frequency} Hz, not 440");
+}
+
+#[test]
+fn an_overrun_is_counted_and_capture_goes_on() {
+    alsa_dir();
+    let mut microphone = AlsaCapture::open("outpost_paced_mic", SETTINGS, StatusReporter::new().0).unwrap();
+    let first = microphone.next_chunk().unwrap().unwrap();
+    assert_eq!(first.samples[..], speech()[..CHUNK]);
+    // Not reading for twice the 500 ms buffer: the device overran and audio was lost.
+    std::thread::sleep(Duration::from_millis(2 * u64::from(SETTINGS.buffer_ms)));
+    let next = microphone.next_chunk().unwrap().unwrap();
+    assert_eq!(microphone.overruns(), 1);
+    assert_eq!(microphone.reopens(), 0, "an overrun is recovered in place");
+    assert_eq!(next.seq, 1);
+    assert_ne!(next.samples[..], speech()[CHUNK..2 * CHUNK], "what was lost is not pretended to be there");
+    microphone.next_chunk().unwrap().unwrap();
+    assert_eq!(microphone.overruns(), 1);
+}
+
+#[test]
+fn a_microphone_that_vanishes_is_reported_and_resumes_when_it_returns() {
+    let present = alsa_dir().join("outpost_vanishing_mic.present");
+    let (status, mut status_rx) = StatusReporter::new();
+    let mut microphone = AlsaCapture::open("outpost_vanishing_mic", SETTINGS, status).unwrap();
+    microphone.next_chunk().unwrap().unwrap();
+    std::fs::remove_file(&present).unwrap();
+    let replug = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let gone = loop {
+            if let Some(status) = status_rx.borrow_and_update().clone().filter(|s| s.state == DeviceState::Offline) {
+                break status;
+            }
+            assert!(std::time::Instant::now() < deadline, "no offline status");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        std::fs::write(&present, "").unwrap();
+        (gone, status_rx)
+    });
+    // Blocks through the outage: the source reopens the device once it is back.
+    let chunk = microphone.next_chunk().unwrap().unwrap();
+    let (gone, status_rx) = replug.join().unwrap();
+    let error = gone.error.unwrap();
+    assert!(error.contains("No such device"), "{error}");
+    assert_eq!(chunk.seq, 1, "numbering goes on across the outage");
+    assert_eq!(chunk.samples[..], speech()[..CHUNK], "the device starts afresh");
+    assert_eq!(microphone.reopens(), 1);
+    assert_eq!(status_rx.borrow().as_ref().unwrap().state, DeviceState::Online);
+}
+
 /// The daemon itself with `[microphone] source = "alsa"`: speech captured through alsa-lib
 /// reaches the sound gate and comes out as events on a real broker.
 #[test]
@@ -119,23 +226,73 @@ fn the_daemon_publishes_sound_events_from_an_alsa_microphone() {
     let broker = common::Mosquitto::start();
     let mut subscriber = common::Subscriber::connect(broker.port, "outpost/#");
     let dir = tempfile::tempdir().unwrap();
-    let microphone = "[microphone]\nsource = \"alsa\"\ndevice = \"outpost_test_mic\"\nchunk_ms = 100\n";
+    let microphone = "[microphone]\nsource = \"alsa\"\ndevice = \"outpost_daemon_mic\"\nchunk_ms = 100\n";
     let config = common::write_config(dir.path(), "mic", broker.port, microphone);
     let daemon = common::Daemon::start_with_env(
         &["run", "--config", config.to_str().unwrap()],
         &[("ALSA_CONFIG_PATH", alsa_config.as_str())],
     );
     let wait = Duration::from_secs(20);
+    let status_is = |state: &'static str| {
+        move |m: &common::Message| m.topic == "outpost/mic/microphone/status" && m.json()["state"] == state
+    };
+    let online = subscriber.wait_for("the microphone online", wait, status_is("online")).json();
+    assert_eq!(online["source"], "outpost_daemon_mic");
     let event = subscriber.wait_for("a sound event", wait, |m| m.topic == "outpost/mic/events");
     let event = event.json();
     assert_eq!(event["type"], "sound");
     // speech.wav is spoken at -26 to -19 dBFS (see the demo): far above silence.
     let level = event["level_dbfs"].as_f64().unwrap();
     assert!((-40.0..0.0).contains(&level), "{level}");
+
+    // Unplugged: the microphone goes offline, the station stays up; back: online again.
+    let present = alsa_dir().join("outpost_daemon_mic.present");
+    std::fs::remove_file(&present).unwrap();
+    let offline = subscriber.wait_for("the microphone offline", wait, status_is("offline")).json();
+    assert!(offline["error"].as_str().unwrap().contains("No such device"), "{offline}");
+    std::fs::write(&present, "").unwrap();
+    subscriber.wait_for("the microphone back online", wait, status_is("online"));
+    let station: Vec<_> = subscriber.received().iter().filter(|m| m.topic == "outpost/mic/status").cloned().collect();
+    assert!(station.iter().all(|m| m.payload == "online"), "{station:?}");
+
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
     subscriber.wait_for_payload("outpost/mic/status", "stopped", wait);
     let log = daemon.stderr();
-    assert!(log.contains("ALSA capture from outpost_test_mic"), "{log}");
+    assert!(log.contains("ALSA capture from outpost_daemon_mic"), "{log}");
+}
+
+/// Speech from a live microphone through the silero VAD: the whole utterance comes out as one
+/// `speech` event (the recording's sentences are a short pause apart), timed from capture.
+#[test]
+fn the_daemon_publishes_speech_heard_through_an_alsa_microphone() {
+    let Some(vad) = prepared::prepared_path("OUTPOST_SILERO_VAD") else { return };
+    let alsa_config = format!("/usr/share/alsa/alsa.conf:{}", alsa_dir().join("test.conf").display());
+    let broker = common::Mosquitto::start();
+    let mut subscriber = common::Subscriber::connect(broker.port, "outpost/#");
+    let dir = tempfile::tempdir().unwrap();
+    let station = format!(
+        "[microphone]\nsource = \"alsa\"\ndevice = \"outpost_paced_mic\"\n\
+         [gates.sound]\nenabled = false\n\
+         [gates.speech]\nenabled = true\nmodel = \"{}\"\nmin_silence_ms = 1000\n",
+        vad.display()
+    );
+    let config = common::write_config(dir.path(), "ears", broker.port, &station);
+    let started = std::time::SystemTime::now();
+    let daemon = common::Daemon::start_with_env(
+        &["run", "--config", config.to_str().unwrap()],
+        &[("ALSA_CONFIG_PATH", alsa_config.as_str())],
+    );
+    let speech = subscriber.wait_for("a speech event", Duration::from_secs(30), |m| m.topic == "outpost/ears/events");
+    let speech = speech.json();
+    assert_eq!(speech["type"], "speech");
+    // speech.wav: 1 s of silence, 4.3 s of speech (with pauses under 1 s), then silence.
+    let duration = speech["duration_ms"].as_u64().unwrap();
+    assert!((4_200..=4_500).contains(&duration), "{speech}");
+    let at = humantime::parse_rfc3339(speech["timestamp"].as_str().unwrap()).unwrap();
+    let offset = at.duration_since(started).unwrap();
+    assert!(offset >= Duration::from_millis(900) && offset < Duration::from_secs(3), "speech began {offset:?} in");
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    subscriber.wait_for_payload("outpost/ears/status", "stopped", Duration::from_secs(20));
 }
 
 #[test]

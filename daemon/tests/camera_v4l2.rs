@@ -19,16 +19,8 @@ const CHILD: &str = "OUTPOST_V4L2_TEST_CHILD";
 const WIDTH: u32 = 64;
 const HEIGHT: u32 = 48;
 
-/// The emulator, built beside this test binary (target/<profile>/deps/<test> → target/<profile>).
 fn emulator_library() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let library = exe.parent().and_then(Path::parent).unwrap().join("liboutpost_v4l2_emulator.so");
-    assert!(
-        library.is_file(),
-        "{} is missing: build it with `cargo build -p outpost-v4l2-emulator` (test.sh does)",
-        library.display()
-    );
-    library
+    common::workspace_library("liboutpost_v4l2_emulator.so", "outpost-v4l2-emulator")
 }
 
 fn clip() -> PathBuf {

@@ -59,17 +59,17 @@ fn frames_for(format: &str) -> Vec<Vec<u8>> {
 
 // ---- parent side ----
 
-/// The emulator built next to this test binary (target/<profile>/deps/<test> → target/<profile>).
+/// The emulator, built beside this test binary.
 fn emulator_library() -> PathBuf {
+    const NAME: &str = "liboutpost_v4l2_emulator.so";
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
-    let library = dir.join("liboutpost_v4l2_emulator.so");
-    assert!(
-        library.is_file(),
-        "{} is missing: build it first with `cargo build -p outpost-v4l2-emulator`",
-        library.display()
-    );
-    library
+    let deps = exe.parent().expect("target/<profile>/deps");
+    // `cargo test` builds the library into deps/; `cargo build` copies it one level up, and only
+    // it refreshes that copy.
+    let candidates = [deps.join(NAME), deps.parent().expect("target/<profile>").join(NAME)];
+    candidates.into_iter().find(|path| path.is_file()).unwrap_or_else(|| {
+        panic!("{NAME} is missing: build it first with `cargo build -p outpost-v4l2-emulator`")
+    })
 }
 
 /// A scratch directory with an emulated camera node and its media.

@@ -293,3 +293,16 @@ pub fn write_config(dir: &Path, station: &str, port: u16, extra: &str) -> PathBu
 
 pub const CLIP_CAMERA: &str = "[camera]\nsource = \"mjpeg\"\npath = \"builtin:people.mjpeg\"\nfps = 20\n";
 pub const FAST_MOTION_GATE: &str = "[gates.motion]\ncooldown_secs = 0.3\n";
+
+/// A library of this workspace that the tests load into a process (the camera emulator, the
+/// ALSA plugin). Test programs are in `$CARGO_TARGET_DIR/<profile>/deps/`; `cargo test
+/// --workspace` builds the library there, `cargo build` copies it one level up. The copy in
+/// `deps/` comes first: `cargo test` does not refresh the other.
+pub fn workspace_library(file: &str, package: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    let candidates = [deps.join(file), deps.parent().unwrap().join(file)];
+    candidates.iter().find(|path| path.is_file()).cloned().unwrap_or_else(|| {
+        panic!("{file} is not built: run `cargo build -p {package}` (test.sh builds the whole workspace)")
+    })
+}
