@@ -67,9 +67,10 @@ fn emulator_library() -> PathBuf {
     // `cargo test` builds the library into deps/; `cargo build` copies it one level up, and only
     // it refreshes that copy.
     let candidates = [deps.join(NAME), deps.parent().expect("target/<profile>").join(NAME)];
-    candidates.into_iter().find(|path| path.is_file()).unwrap_or_else(|| {
-        panic!("{NAME} is missing: build it first with `cargo build -p outpost-v4l2-emulator`")
-    })
+    candidates
+        .into_iter()
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| panic!("{NAME} is missing: build it first with `cargo build -p outpost-v4l2-emulator`"))
 }
 
 /// A scratch directory with an emulated camera node and its media.

@@ -1,0 +1,139 @@
+//! The daemon's capture sources on the real devices of the machine they run on: a USB camera
+//! (V4L2), a CSI camera module (rpicam-vid) and a USB microphone (ALSA). Each test looks for its
+//! device first and, without it, passes with a line saying what it skipped and why, so that the
+//! suite runs everywhere; on a field kit it proves the hardware end of the pipeline.
+//!
+//! Choose devices with `OUTPOST_HW_CAMERA` (a V4L2 node) and `OUTPOST_HW_MICROPHONE` (an ALSA PCM
+//! name); by default the first `/dev/v4l/by-id` camera and the first `plughw:` PCM are used.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use outpost::capture::{
+    AlsaCapture, AlsaSettings, AudioSource, FrameSource, PipeCamera, StatusReporter, V4l2Camera, V4l2Settings,
+};
+use outpost::config::PixelFormat;
+use outpost::gate::level_dbfs;
+use outpost::probe::{camera_nodes, capture_pcms};
+
+/// Says what was skipped where it is seen: straight to stderr, past the test harness's capture
+/// (which holds back a passing test's `println!`).
+fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "hw-tests: skipped {test}: {why}");
+}
+
+/// A USB camera: the one named, else the first with a stable by-id name (the Pi's own /dev/video*
+/// nodes belong to its ISP and CSI receiver, not to a camera that can stream on its own).
+fn usb_camera() -> Option<PathBuf> {
+    if let Some(node) = std::env::var_os("OUTPOST_HW_CAMERA") {
+        return Some(node.into());
+    }
+    camera_nodes(Path::new("/dev")).into_iter().find(|node| node.starts_with("/dev/v4l/by-id"))
+}
+
+#[test]
+fn a_usb_camera_streams_frames_of_the_negotiated_size() {
+    let Some(node) = usb_camera() else {
+        return skip("usb camera", "no /dev/v4l/by-id camera (plug in a USB camera, or set OUTPOST_HW_CAMERA)");
+    };
+    let settings = V4l2Settings { format: PixelFormat::Mjpeg, width: 640, height: 480, fps: 10.0 };
+    let (status, status_rx) = StatusReporter::new();
+    let mut camera = V4l2Camera::open(node.clone(), settings, status);
+    let Some(mode) = camera.mode() else {
+        panic!("{} did not open: {:?}", node.display(), status_rx.borrow());
+    };
+    println!("{}: {mode}", node.display());
+    let start = Instant::now();
+    for _ in 0..20 {
+        let frame = camera.next_frame().unwrap().unwrap();
+        assert_eq!(frame.image.dimensions(), (mode.width, mode.height));
+    }
+    println!("20 frames in {:.2} s", start.elapsed().as_secs_f64());
+    assert_eq!(camera.reopens(), 0, "the camera failed while streaming: {:?}", status_rx.borrow());
+}
+
+#[test]
+fn a_csi_camera_streams_through_rpicam_vid() {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join("rpicam-vid").is_file()));
+    if !found {
+        return skip("csi camera", "rpicam-vid is not installed (Raspberry Pi OS: apt install rpicam-apps)");
+    }
+    let command = [
+        "rpicam-vid",
+        "-t",
+        "0",
+        "-n",
+        "--codec",
+        "mjpeg",
+        "--width",
+        "640",
+        "--height",
+        "480",
+        "--framerate",
+        "10",
+        "-o",
+        "-",
+    ];
+    let (status, status_rx) = StatusReporter::new();
+    let mut camera = PipeCamera::start(command.map(String::from).to_vec(), 10.0, status);
+    // rpicam-vid with no camera connected exits at once; the source would retry for ever.
+    let (frames, frames_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in 0..10 {
+            if frames.send(camera.next_frame().map(|f| f.map(|f| f.image.dimensions()))).is_err() {
+                return;
+            }
+        }
+    });
+    for _ in 0..10 {
+        match frames_rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(frame) => assert_eq!(frame.unwrap().unwrap(), (640, 480)),
+            Err(_) => {
+                let status = status_rx.borrow().clone();
+                let no_camera = status
+                    .as_ref()
+                    .and_then(|s| s.error.as_deref())
+                    .is_some_and(|e| e.contains("no cameras available"));
+                if no_camera {
+                    return skip("csi camera", "rpicam-vid finds no camera module on the CSI connector");
+                }
+                panic!("no frame from rpicam-vid within 15 s: {status:?}");
+            }
+        }
+    }
+}
+
+/// A USB microphone: the PCM named, else the first `plughw:` one alsa-lib lists (a sound card's).
+fn usb_microphone() -> Option<String> {
+    if let Ok(name) = std::env::var("OUTPOST_HW_MICROPHONE") {
+        return Some(name);
+    }
+    capture_pcms().ok()?.into_iter().map(|pcm| pcm.name).find(|name| name.starts_with("plughw:"))
+}
+
+#[test]
+fn a_usb_microphone_captures_16_khz_mono_without_overruns() {
+    let Some(device) = usb_microphone() else {
+        return skip(
+            "usb microphone",
+            "alsa-lib lists no sound card to capture from (plug in a USB microphone, or set OUTPOST_HW_MICROPHONE)",
+        );
+    };
+    let (status, status_rx) = StatusReporter::new();
+    let settings = AlsaSettings { chunk_ms: 100, buffer_ms: 500 };
+    let mut microphone = AlsaCapture::open(&device, settings, status).unwrap();
+    println!("{device}: {:?}", status_rx.borrow().as_ref().and_then(|s| s.mode.clone()));
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    for _ in 0..30 {
+        let chunk = microphone.next_chunk().unwrap().unwrap();
+        assert_eq!((chunk.sample_rate, chunk.samples.len()), (16_000, 1600));
+        samples.extend_from_slice(&chunk.samples);
+    }
+    let elapsed = start.elapsed();
+    println!("3 s of audio in {:.2} s, level {:.1} dBFS", elapsed.as_secs_f64(), level_dbfs(&samples));
+    assert_eq!(microphone.overruns(), 0);
+    assert_eq!(microphone.reopens(), 0, "the microphone failed while capturing: {:?}", status_rx.borrow());
+}
