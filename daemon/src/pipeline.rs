@@ -1,9 +1,9 @@
 //! Wires sources to gates to the publisher's event channel, each stage on its own thread.
 //!
 //! ```text
-//! camera source ──DropOldestQueue<Frame>──▶ motion gate ──┐
-//!                                                          ├──mpsc<Event>──▶ publisher
-//! microphone ─────BoundedQueue<AudioChunk>──▶ sound gate ──┘
+//! camera source ──BoundedQueue<Frame>──▶ motion gate ─────────────┐
+//!                                                                  ├──mpsc<Event>──▶ publisher
+//! microphone ─────BoundedQueue<AudioChunk>──▶ sound + speech gates ┘
 //! ```
 //! Frames are dropped (oldest first, counted) when the motion gate falls behind; audio is never
 //! dropped: the microphone waits instead.
@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use crate::capture::{self, AudioChunk, DeviceReporters, Frame, SourceError, StatusReporter};
+use crate::capture::{self, AudioChunk, DeviceReporters, Frame, SourceError, StatusReporter, StopFlag};
 use crate::config::Config;
 use crate::event::{Event, EventDetail};
-use crate::gate::{MotionGate, SoundGate, SpeechGate, VadError};
+use crate::gate::{MotionGate, SoundGate, SpeechEvent, SpeechGate, VadError};
 use crate::queue::{BoundedQueue, Pop};
 
 /// A source that fails this many times in a row is given up on.
@@ -50,6 +50,9 @@ pub struct Pipeline {
     stats: Arc<PipelineStats>,
     /// Never sent on: `recv` returns `None` once every gate thread has finished.
     gates_done: mpsc::Receiver<()>,
+    /// Tells live sources to leave their retry loops.
+    stop: StopFlag,
+    sources: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Pipeline {
@@ -61,11 +64,17 @@ impl Pipeline {
         devices: &DeviceReporters,
     ) -> Result<Self, PipelineError> {
         let (gate_alive, gates_done) = mpsc::channel(1);
-        let lanes = Lanes { stats: Arc::new(PipelineStats::default()), events, gate_alive };
+        let lanes = Lanes {
+            stats: Arc::new(PipelineStats::default()),
+            events,
+            gate_alive,
+            sources: std::sync::Mutex::new(Vec::new()),
+        };
+        let stop = StopFlag::default();
 
         let frames = match &config.camera {
             Some(camera) if config.gates.motion.enabled => {
-                let mut source = capture::open_camera(camera, &config.base_dir, &devices.camera)?;
+                let mut source = capture::open_camera(camera, &config.base_dir, &devices.camera, &stop)?;
                 info!("camera: {}", source.describe());
                 let mut gate = MotionGate::new(&config.gates.motion);
                 let station = config.station.id.clone();
@@ -107,11 +116,11 @@ impl Pipeline {
                     None
                 };
                 let mut sound_gate = sound.enabled.then(|| SoundGate::new(sound));
-                let mut source = capture::open_microphone(microphone, &config.base_dir, &devices.microphone)?;
+                let mut source = capture::open_microphone(microphone, &config.base_dir, &devices.microphone, &stop)?;
                 info!("microphone: {}", source.describe());
                 let station = config.station.id.clone();
                 let lane = Lane {
-                    names: ["microphone", "sound-gate"],
+                    names: ["microphone", "audio-gates"],
                     capacity: config.queues.audio_chunks,
                     when_full: WhenFull::Wait,
                     counter: |stats| &stats.audio_chunks_captured,
@@ -126,9 +135,7 @@ impl Pipeline {
                             // The end of the input: an utterance still open ends here.
                             if let Some(gate) = speech_gate.as_mut() {
                                 match gate.flush() {
-                                    Ok(speech) => {
-                                        events.extend(speech.map(|s| Event::new(&station, EventDetail::Speech(s))))
-                                    }
+                                    Ok(speech) => events.extend(speech.map(|s| speech_event(&station, s))),
                                     Err(e) => warn!("speech gate: {e}"),
                                 }
                             }
@@ -142,9 +149,8 @@ impl Pipeline {
                         }
                         if let Some(gate) = speech_gate.as_mut() {
                             match gate.observe(chunk) {
-                                Ok(speech) => events
-                                    .extend(speech.into_iter().map(|s| Event::new(&station, EventDetail::Speech(s)))),
-                                Err(e) => warn!("speech gate: chunk {} skipped: {e}", chunk.seq),
+                                Ok(speech) => events.extend(speech.into_iter().map(|s| speech_event(&station, s))),
+                                Err(e) => warn!("speech gate: chunk {}: {e}", chunk.seq),
                             }
                         }
                         events
@@ -160,7 +166,8 @@ impl Pipeline {
         if frames.is_none() && audio.is_none() {
             warn!("no gate is enabled: nothing will be published but the station's status");
         }
-        Ok(Self { frames, audio, stats: lanes.stats, gates_done })
+        let sources = lanes.sources.into_inner().unwrap_or_default();
+        Ok(Self { frames, audio, stats: lanes.stats, gates_done, stop, sources })
     }
 
     /// Resolves once every gate has finished: all sources ended, or [`Pipeline::stop`] was called.
@@ -172,13 +179,32 @@ impl Pipeline {
         while self.gates_done.recv().await.is_some() {}
     }
 
-    /// Stops capture. Gates still process what is queued, then finish; wait with `finished`.
+    /// Stops capture. Gates still process what is queued, then finish; wait with `finished`,
+    /// then `sources_stopped`.
     pub fn stop(&self) {
+        self.stop.set();
         if let Some(queue) = &self.frames {
             queue.close();
         }
         if let Some(queue) = &self.audio {
             queue.close();
+        }
+    }
+
+    /// Waits up to `timeout` for the source threads to let go of their devices (a reload opens
+    /// them again). False if one is still busy: a camera blocked in a dequeue returns within its
+    /// stall timeout, and is left to finish on its own.
+    pub async fn sources_stopped(&mut self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            self.sources.retain(|source| !source.is_finished());
+            if self.sources.is_empty() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -212,12 +238,19 @@ struct Lane {
     status: StatusReporter,
 }
 
+/// The utterance's samples are for the model stage (issue #5); until it takes them they are not
+/// held in the publisher's queue, where a broker outage could pile up hundreds of them.
+fn speech_event(station: &str, speech: SpeechEvent) -> Event {
+    Event::new(station, EventDetail::Speech(SpeechEvent { audio: Arc::from([]), ..speech }))
+}
+
 /// What every lane shares.
 struct Lanes {
     stats: Arc<PipelineStats>,
     events: mpsc::Sender<Event>,
     /// Each gate thread holds a clone; `gates_done` sees them all dropped.
     gate_alive: mpsc::Sender<()>,
+    sources: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl Lanes {
@@ -230,7 +263,7 @@ impl Lanes {
     ) -> Arc<BoundedQueue<T>> {
         let Lane { names: [source_name, gate_name], capacity, when_full, counter, status } = lane;
         let queue = Arc::new(BoundedQueue::new(capacity));
-        spawn_thread(source_name, {
+        let source = spawn_thread(source_name, {
             let (queue, stats) = (Arc::clone(&queue), Arc::clone(&self.stats));
             move || {
                 let push = |item| match when_full {
@@ -244,6 +277,9 @@ impl Lanes {
                 }
             }
         });
+        if let (Some(source), Ok(mut sources)) = (source, self.sources.lock()) {
+            sources.push(source);
+        }
         spawn_thread(gate_name, {
             let (queue, events, stats, alive) =
                 (Arc::clone(&queue), self.events.clone(), Arc::clone(&self.stats), self.gate_alive.clone());
@@ -256,9 +292,30 @@ impl Lanes {
     }
 }
 
-fn spawn_thread(name: &str, body: impl FnOnce() + Send + 'static) {
-    if let Err(e) = std::thread::Builder::new().name(name.to_owned()).spawn(body) {
-        error!("cannot start the {name} thread: {e}");
+fn spawn_thread(name: &str, body: impl FnOnce() + Send + 'static) -> Option<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            block_service_signals();
+            body();
+        })
+        .map_err(|e| error!("cannot start the {name} thread: {e}"))
+        .ok()
+}
+
+/// Leaves SIGTERM, SIGINT and SIGHUP to the service's own threads. Delivered to a capture thread,
+/// one would interrupt a V4L2 dequeue (EINTR), which the `v4l` crate cannot resume, and the
+/// camera would be reset by a reload. (std clears the mask again in a command's child process.)
+fn block_service_signals() {
+    // SAFETY: a zeroed sigset_t is a valid argument to sigemptyset, which fully initialises it;
+    // pthread_sigmask only changes the calling thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
@@ -290,6 +347,8 @@ fn run_source<T>(
                     break;
                 }
             }
+            // A live source returns None when told to stop: that is not the end of its input.
+            Ok(None) if queue.is_closed() => break,
             Ok(None) => {
                 info!("{name}: end of input");
                 end = SourceEnd::EndOfInput;

@@ -1,6 +1,7 @@
 //! The daemon's life: start the stages, react to signals, reload the config, stop cleanly.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
@@ -107,9 +108,15 @@ pub async fn run(mut config: Config, options: ServiceOptions) -> Result<Publishe
     Ok(report)
 }
 
+/// How long a stop waits for the sources to let go of their devices.
+const SOURCE_STOP_TIMEOUT: Duration = Duration::from_secs(6);
+
 async fn stop_pipeline(pipeline: &mut Pipeline) {
     pipeline.stop();
     pipeline.finished().await;
+    if !pipeline.sources_stopped(SOURCE_STOP_TIMEOUT).await {
+        warn!("a capture source did not stop within {SOURCE_STOP_TIMEOUT:?}; it is left to finish on its own");
+    }
     info!("capture stopped: {}", pipeline.summary());
 }
 

@@ -7,7 +7,9 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use outpost::capture::{split_jpeg_frames, DeviceState, DeviceStatus, FrameSource, PipeCamera, StatusReporter};
+use outpost::capture::{
+    split_jpeg_frames, DeviceState, DeviceStatus, FrameSource, PipeCamera, StatusReporter, StopFlag,
+};
 use tokio::sync::watch;
 
 fn clip() -> PathBuf {
@@ -52,7 +54,7 @@ fn frames_equal_the_commands_output_and_a_command_that_exits_is_restarted() {
     let (status, mut status_rx) = StatusReporter::new();
     let command = vec!["cat".to_string(), clip().display().to_string()];
     // `cat` writes the whole clip at once; a rate limit far above that keeps every frame.
-    let mut camera = PipeCamera::start(command, 1e9, status);
+    let mut camera = PipeCamera::start(command, 1e9, status, StopFlag::default());
     println!("{}", camera.describe());
     for round in 0..2 {
         for (index, want) in expected.iter().enumerate() {
@@ -75,7 +77,7 @@ fn frames_equal_the_commands_output_and_a_command_that_exits_is_restarted() {
 fn a_failing_command_is_reported_with_its_exit_status_and_last_message() {
     let (status, mut status_rx) = StatusReporter::new();
     let command = ["sh", "-c", "echo 'ERROR: no cameras available' >&2; exit 3"].map(String::from).to_vec();
-    let mut camera = PipeCamera::start(command, 10.0, status);
+    let mut camera = PipeCamera::start(command, 10.0, status, StopFlag::default());
     // The source retries for ever: run it on a thread of its own and watch its status.
     std::thread::spawn(move || camera.next_frame());
     let offline = wait_for_status(&mut status_rx, Duration::from_secs(10), |s| s.state == DeviceState::Offline);
@@ -88,7 +90,7 @@ fn a_failing_command_is_reported_with_its_exit_status_and_last_message() {
 #[test]
 fn a_command_that_does_not_exist_is_retried_not_fatal() {
     let (status, status_rx) = StatusReporter::new();
-    let camera = PipeCamera::start(vec!["/nonexistent/rpicam-vid".into()], 10.0, status);
+    let camera = PipeCamera::start(vec!["/nonexistent/rpicam-vid".into()], 10.0, status, StopFlag::default());
     assert!(camera.describe().contains("/nonexistent/rpicam-vid"));
     let offline = status_rx.borrow().clone().unwrap();
     assert_eq!(offline.state, DeviceState::Offline);
@@ -133,4 +135,41 @@ fn the_daemon_publishes_motion_and_camera_status_from_a_pipe() {
     assert!(offline.json()["error"].as_str().unwrap().starts_with("its output ended"), "{}", offline.payload);
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
     subscriber.wait_for_payload("outpost/csi/status", "stopped", wait);
+}
+
+/// A reload replaces a failing command with a working one: the old source stops retrying (it
+/// would otherwise go on overwriting the camera's status with its own outage).
+#[test]
+fn a_reload_stops_the_old_source() {
+    let broker = common::Mosquitto::start();
+    let mut subscriber = common::Subscriber::connect(broker.port, "outpost/#");
+    let dir = tempfile::tempdir().unwrap();
+    let broken = "[camera]\nsource = \"pipe\"\ncommand = [\"sh\", \"-c\", \"echo 'no camera here' >&2; exit 1\"]\n";
+    let config = common::write_config(dir.path(), "reload", broker.port, broken);
+    let mut daemon = common::Daemon::run_config(&config);
+    let wait = Duration::from_secs(20);
+    let status_is = |state: &'static str| {
+        move |m: &common::Message| m.topic == "outpost/reload/camera/status" && m.json()["state"] == state
+    };
+    let offline = subscriber.wait_for("the broken command offline", wait, status_is("offline")).json();
+    assert!(offline["error"].as_str().unwrap().ends_with("its last message: no camera here"), "{offline}");
+
+    let working = format!("[camera]\nsource = \"pipe\"\ncommand = [\"cat\", \"{}\"]\n", clip().display());
+    common::write_config(dir.path(), "reload", broker.port, &working);
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let online = subscriber.wait_for("the new command online", wait, status_is("online")).json();
+    assert_eq!(online["source"], format!("cat {}", clip().display()));
+    // The old source would retry within its back-off (at most 4 s by now): nothing of it comes.
+    std::thread::sleep(Duration::from_secs(5));
+    let late: Vec<_> = subscriber
+        .received()
+        .iter()
+        .filter(|m| m.topic == "outpost/reload/camera/status" && m.payload.contains("no camera here"))
+        .filter(|m| m.received_at > humantime::parse_rfc3339(online["since"].as_str().unwrap()).unwrap())
+        .cloned()
+        .collect();
+    assert!(late.is_empty(), "the old source still reports: {late:?}");
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    subscriber.wait_for_payload("outpost/reload/status", "stopped", wait);
+    daemon.wait(wait);
 }

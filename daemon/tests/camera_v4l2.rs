@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use outpost::capture::{
-    split_jpeg_frames, yuyv_to_rgb, DeviceState, DeviceStatus, FrameSource, StatusReporter, V4l2Camera, V4l2Settings,
+    split_jpeg_frames, yuyv_to_rgb, DeviceState, DeviceStatus, FrameSource, StatusReporter, StopFlag, V4l2Camera,
+    V4l2Settings,
 };
 use outpost::config::PixelFormat;
 use tokio::sync::watch;
@@ -126,11 +127,17 @@ fn wait_for_status(
 fn child_yuyv_frames() {
     let dir = child_dir();
     let (status, status_rx) = StatusReporter::new();
-    let mut camera = V4l2Camera::open(dir.join("video0"), settings(PixelFormat::Yuyv, WIDTH, HEIGHT, 20.0), status);
-    assert_eq!(status_rx.borrow().as_ref().unwrap().mode.as_deref(), Some("YUYV 64x48 at 20 fps"));
+    let mut camera = V4l2Camera::open(
+        dir.join("video0"),
+        settings(PixelFormat::Yuyv, WIDTH, HEIGHT, 20.0),
+        status,
+        StopFlag::default(),
+    );
+    assert!(status_rx.borrow().is_none(), "online only once a frame has come");
     let media = yuyv_frames();
     for index in 0..7 {
         let frame = camera.next_frame().unwrap().unwrap();
+        assert_eq!(status_rx.borrow().as_ref().unwrap().mode.as_deref(), Some("YUYV 64x48 at 20 fps"));
         assert_eq!(frame.seq, index as u64);
         let expected = yuyv_to_rgb(&media[index % media.len()], WIDTH, HEIGHT).unwrap();
         assert!(*frame.image == expected, "frame {index} differs from the media's");
@@ -148,7 +155,7 @@ fn child_mjpeg_frames() {
     let dir = child_dir();
     let (status, _status_rx) = StatusReporter::new();
     let by_id = dir.join("by-id/usb-Outpost_Emulated_Camera-video-index0");
-    let mut camera = V4l2Camera::open(by_id, settings(PixelFormat::Mjpeg, 320, 240, 30.0), status);
+    let mut camera = V4l2Camera::open(by_id, settings(PixelFormat::Mjpeg, 320, 240, 30.0), status, StopFlag::default());
     let bytes = std::fs::read(clip()).unwrap();
     let clip: Vec<_> = split_jpeg_frames(&bytes).unwrap().into_iter().take(12).map(|r| bytes[r].to_vec()).collect();
     for (index, jpeg) in clip.iter().enumerate() {
@@ -169,9 +176,15 @@ fn child_negotiation() {
     let dir = child_dir();
     let (status, status_rx) = StatusReporter::new();
     // Asked for what this camera does not have: MJPEG at 1280x720, 10 fps.
-    let camera = V4l2Camera::open(dir.join("video0"), settings(PixelFormat::Mjpeg, 1280, 720, 10.0), status);
+    let mut camera = V4l2Camera::open(
+        dir.join("video0"),
+        settings(PixelFormat::Mjpeg, 1280, 720, 10.0),
+        status,
+        StopFlag::default(),
+    );
     let mode = camera.mode().unwrap();
     assert_eq!(mode.to_string(), "YUYV 64x48 at 15 fps", "the other format, its only size, the slowest rate >= 10");
+    assert_eq!(camera.next_frame().unwrap().unwrap().image.dimensions(), (64, 48));
     assert_eq!(status_rx.borrow().as_ref().unwrap().mode.as_deref(), Some("YUYV 64x48 at 15 fps"));
 }
 
@@ -186,7 +199,8 @@ fn child_unplug_and_return() {
     let dir = child_dir();
     let node = dir.join("video0");
     let (status, mut status_rx) = StatusReporter::new();
-    let mut camera = V4l2Camera::open(node.clone(), settings(PixelFormat::Yuyv, WIDTH, HEIGHT, 20.0), status);
+    let mut camera =
+        V4l2Camera::open(node.clone(), settings(PixelFormat::Yuyv, WIDTH, HEIGHT, 20.0), status, StopFlag::default());
     for _ in 0..3 {
         camera.next_frame().unwrap().unwrap();
     }
@@ -226,7 +240,8 @@ fn child_missing_at_start() {
     let node = dir.join("video0");
     std::fs::remove_file(&node).unwrap();
     let (status, status_rx) = StatusReporter::new();
-    let mut camera = V4l2Camera::open(node.clone(), settings(PixelFormat::Yuyv, WIDTH, HEIGHT, 20.0), status);
+    let mut camera =
+        V4l2Camera::open(node.clone(), settings(PixelFormat::Yuyv, WIDTH, HEIGHT, 20.0), status, StopFlag::default());
     let missing = status_rx.borrow().clone().unwrap();
     assert_eq!(missing.state, DeviceState::Offline);
     assert_eq!(missing.error.as_deref(), Some("cannot open it: No such file or directory (os error 2)"));

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use outpost::capture::{
-    AlsaCapture, AlsaSettings, AudioSource, FrameSource, PipeCamera, StatusReporter, V4l2Camera, V4l2Settings,
+    AlsaCapture, AlsaSettings, AudioSource, FrameSource, PipeCamera, StatusReporter, StopFlag, V4l2Camera, V4l2Settings,
 };
 use outpost::config::PixelFormat;
 use outpost::gate::level_dbfs;
@@ -39,7 +39,7 @@ fn a_usb_camera_streams_frames_of_the_negotiated_size() {
     };
     let settings = V4l2Settings { format: PixelFormat::Mjpeg, width: 640, height: 480, fps: 10.0 };
     let (status, status_rx) = StatusReporter::new();
-    let mut camera = V4l2Camera::open(node.clone(), settings, status);
+    let mut camera = V4l2Camera::open(node.clone(), settings, status, StopFlag::default());
     let Some(mode) = camera.mode() else {
         panic!("{} did not open: {:?}", node.display(), status_rx.borrow());
     };
@@ -77,7 +77,7 @@ fn a_csi_camera_streams_through_rpicam_vid() {
         "-",
     ];
     let (status, status_rx) = StatusReporter::new();
-    let mut camera = PipeCamera::start(command.map(String::from).to_vec(), 10.0, status);
+    let mut camera = PipeCamera::start(command.map(String::from).to_vec(), 10.0, status, StopFlag::default());
     // rpicam-vid with no camera connected exits at once; the source would retry for ever.
     let (frames, frames_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -123,8 +123,7 @@ fn a_usb_microphone_captures_16_khz_mono_without_overruns() {
     };
     let (status, status_rx) = StatusReporter::new();
     let settings = AlsaSettings { chunk_ms: 100, buffer_ms: 500 };
-    let mut microphone = AlsaCapture::open(&device, settings, status).unwrap();
-    println!("{device}: {:?}", status_rx.borrow().as_ref().and_then(|s| s.mode.clone()));
+    let mut microphone = AlsaCapture::open(&device, settings, status, StopFlag::default()).unwrap();
     let start = Instant::now();
     let mut samples = Vec::new();
     for _ in 0..30 {
@@ -133,6 +132,7 @@ fn a_usb_microphone_captures_16_khz_mono_without_overruns() {
         samples.extend_from_slice(&chunk.samples);
     }
     let elapsed = start.elapsed();
+    println!("{device}: {:?}", status_rx.borrow().as_ref().and_then(|s| s.mode.clone()));
     println!("3 s of audio in {:.2} s, level {:.1} dBFS", elapsed.as_secs_f64(), level_dbfs(&samples));
     assert_eq!(microphone.overruns(), 0);
     assert_eq!(microphone.reopens(), 0, "the microphone failed while capturing: {:?}", status_rx.borrow());

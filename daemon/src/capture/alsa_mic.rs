@@ -7,13 +7,13 @@
 //! and capture goes on; a device that fails or disappears is closed and opened again with
 //! back-off, without ending the source, so the rest of the daemon keeps running.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use alsa::pcm::{Access, Format, HwParams, PCM};
 use alsa::{Direction, ValueOr};
 
 use super::resample::ToMono16k;
-use super::status::{Backoff, StatusReporter};
+use super::status::{Reconnect, StatusReporter, StopFlag};
 use super::{AudioChunk, AudioSource, SourceError, MAX_CHUNK_SAMPLES};
 
 /// What the gates and the model take: 16 kHz mono.
@@ -27,7 +27,6 @@ pub struct AlsaSettings {
 }
 
 pub struct AlsaCapture {
-    device: String,
     settings: AlsaSettings,
     pcm: Option<OpenPcm>,
     buffer: Vec<i16>,
@@ -35,16 +34,19 @@ pub struct AlsaCapture {
     seq: u64,
     overruns: u64,
     reopens: u64,
-    /// Set while the device cannot be opened: the next attempt waits its back-off first.
-    open_failed: bool,
-    backoff: Backoff,
-    status: StatusReporter,
+    opened_before: bool,
+    reconnect: Reconnect,
 }
 
 impl AlsaCapture {
     /// Opens the PCM now. A device that cannot be opened is logged and tried again from
     /// `next_chunk`, with back-off: a microphone plugged in later is picked up then.
-    pub fn open(device: &str, settings: AlsaSettings, status: StatusReporter) -> Result<Self, SourceError> {
+    pub fn open(
+        device: &str,
+        settings: AlsaSettings,
+        status: StatusReporter,
+        stop: StopFlag,
+    ) -> Result<Self, SourceError> {
         let chunk_len = (u64::from(CAPTURE_RATE) * u64::from(settings.chunk_ms) / 1000) as usize;
         if chunk_len == 0 || chunk_len > MAX_CHUNK_SAMPLES {
             return Err(SourceError::Format {
@@ -55,32 +57,19 @@ impl AlsaCapture {
                 ),
             });
         }
-        let backoff = Backoff::new();
-        let pcm = match OpenPcm::open(device, settings) {
-            Ok(pcm) => {
-                status.online(device, pcm.mode());
-                Some(pcm)
-            }
-            Err(e) => {
-                tracing::warn!("microphone unavailable at start, trying again in {:?}: {e}", backoff.delay());
-                status.offline(device, e.to_string(), backoff.delay());
-                None
-            }
-        };
-        let open_failed = pcm.is_none();
-        Ok(Self {
-            device: device.to_owned(),
+        let mut capture = Self {
             settings,
-            pcm,
+            pcm: None,
             buffer: Vec::new(),
             converted: Vec::with_capacity(MAX_CHUNK_SAMPLES),
             seq: 0,
             overruns: 0,
             reopens: 0,
-            open_failed,
-            backoff,
-            status,
-        })
+            opened_before: false,
+            reconnect: Reconnect::new("microphone", device.to_owned(), status, stop),
+        };
+        capture.try_open();
+        Ok(capture)
     }
 
     /// Overruns seen so far: each one lost the audio the daemon did not read in time.
@@ -93,34 +82,46 @@ impl AlsaCapture {
         self.reopens
     }
 
-    /// Reads one period from the open PCM and converts it into `converted`. `Err` leaves the
-    /// PCM to be reopened.
-    fn read_chunk(&mut self, open: &mut OpenPcm) -> Result<(), alsa::Error> {
+    fn try_open(&mut self) {
+        match OpenPcm::open(self.reconnect.source(), self.settings) {
+            Ok(pcm) => {
+                if self.opened_before {
+                    self.reopens += 1;
+                    tracing::info!(device = %self.reconnect.source(), "microphone opened again");
+                }
+                self.opened_before = true;
+                self.pcm = Some(pcm);
+            }
+            Err(e) => self.reconnect.failed(e.to_string()),
+        }
+    }
+
+    /// Reads one period from the open PCM and converts it into `converted`. `Err` says why the
+    /// PCM must be closed and opened again.
+    fn read_chunk(&mut self, open: &mut OpenPcm) -> Result<(), String> {
         let channels = open.channels;
         self.buffer.resize(open.converter.frames_in() * channels, 0);
-        let io = open.pcm.io_i16()?;
+        let io = open.pcm.io_i16().map_err(|e| e.to_string())?;
         let mut filled = 0;
         while filled < self.buffer.len() {
             match io.readi(&mut self.buffer[filled..]) {
-                Ok(0) => open.pcm.wait(Some(1000)).map(|_| ())?,
+                // A blocking read returns at least one frame; a zero would spin, so wait instead.
+                Ok(0) => open.pcm.wait(Some(1000)).map(drop).map_err(|e| e.to_string())?,
                 Ok(frames) => filled += frames * channels,
                 // EPIPE: overrun; ESTRPIPE: the system was suspended. Both are recovered in place.
                 Err(e) if e.errno() == libc::EPIPE || e.errno() == libc::ESTRPIPE => {
                     if e.errno() == libc::EPIPE {
                         self.overruns += 1;
-                        tracing::warn!(device = %self.device, overruns = self.overruns, "microphone overrun: audio was lost, capture goes on");
+                        tracing::warn!(device = %self.reconnect.source(), overruns = self.overruns, "microphone overrun: audio was lost, capture goes on");
                     }
-                    open.pcm.try_recover(e, true)?;
+                    open.pcm.try_recover(e, true).map_err(|e| format!("cannot recover from an overrun: {e}"))?;
                     filled = 0;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.to_string()),
             }
         }
         self.converted.clear();
-        open.converter.convert(&self.buffer, &mut self.converted).map_err(|problem| {
-            tracing::error!(device = %self.device, "cannot convert the microphone's audio: {problem}");
-            alsa::Error::new("convert", libc::EINVAL)
-        })
+        open.converter.convert(&self.buffer, &mut self.converted).map_err(|e| format!("cannot convert its audio: {e}"))
     }
 }
 
@@ -155,6 +156,15 @@ impl OpenPcm {
         let frames_in = (u64::from(rate) * u64::from(settings.chunk_ms) / 1000) as usize;
         let converter = ToMono16k::new(rate, channels, frames_in, CAPTURE_RATE)
             .map_err(|problem| SourceError::Format { media: media.clone(), problem })?;
+        if converter.frames_out() > MAX_CHUNK_SAMPLES {
+            return Err(SourceError::Format {
+                media,
+                problem: format!(
+                    "{} samples a chunk at {CAPTURE_RATE} Hz is more than a chunk holds ({MAX_CHUNK_SAMPLES})",
+                    converter.frames_out()
+                ),
+            });
+        }
         if rate != CAPTURE_RATE || channels != 1 {
             tracing::info!(
                 device,
@@ -177,60 +187,38 @@ impl AudioSource for AlsaCapture {
     fn describe(&self) -> String {
         format!(
             "ALSA capture from {} (16-bit, as mono {CAPTURE_RATE} Hz, {} ms chunks, {} ms buffer)",
-            self.device, self.settings.chunk_ms, self.settings.buffer_ms
+            self.reconnect.source(),
+            self.settings.chunk_ms,
+            self.settings.buffer_ms
         )
     }
 
     /// Blocks until a chunk is captured. A failing device is reopened with back-off (1 s doubling
-    /// to 30 s) for as long as it takes: a microphone that comes back resumes the stream.
+    /// to 30 s) for as long as it takes; `Ok(None)` once the pipeline stops.
     fn next_chunk(&mut self) -> Result<Option<AudioChunk>, SourceError> {
         loop {
-            let mut pcm = match self.pcm.take() {
-                Some(pcm) => pcm,
-                None => {
-                    if self.open_failed {
-                        self.backoff.wait();
-                    }
-                    match OpenPcm::open(&self.device, self.settings) {
-                        Ok(pcm) => {
-                            self.reopens += 1;
-                            self.open_failed = false;
-                            self.backoff.reset();
-                            tracing::info!(device = %self.device, "microphone is available again");
-                            self.status.online(&self.device, pcm.mode());
-                            pcm
-                        }
-                        Err(e) => {
-                            tracing::warn!("microphone unavailable, trying again in {:?}: {e}", self.backoff.delay());
-                            self.status.offline(&self.device, e.to_string(), self.backoff.delay());
-                            self.open_failed = true;
-                            continue;
-                        }
-                    }
+            let Some(mut pcm) = self.pcm.take() else {
+                if !self.reconnect.ready_to_open() {
+                    return Ok(None);
                 }
+                self.try_open();
+                continue;
             };
-            match self.read_chunk(&mut pcm) {
-                Ok(()) => {
-                    self.pcm = Some(pcm);
-                    let samples = heapless::Vec::from_slice(&self.converted).map_err(|_| SourceError::Format {
-                        media: self.device.clone(),
-                        problem: "chunk larger than an AudioChunk".into(),
-                    })?;
-                    let chunk = AudioChunk {
-                        seq: self.seq,
-                        captured_at: SystemTime::now(),
-                        sample_rate: CAPTURE_RATE,
-                        samples,
-                    };
-                    self.seq += 1;
-                    return Ok(Some(chunk));
-                }
-                Err(e) => {
-                    tracing::warn!(device = %self.device, "microphone failed, closing it to open it again: {e}");
-                    self.status.offline(&self.device, e.to_string(), Duration::ZERO);
-                    drop(pcm);
-                }
+            if let Err(error) = self.read_chunk(&mut pcm) {
+                drop(pcm);
+                self.reconnect.failed(format!("capture failed: {error}"));
+                continue;
             }
+            self.reconnect.delivered(|| pcm.mode());
+            self.pcm = Some(pcm);
+            let samples = heapless::Vec::from_slice(&self.converted).map_err(|_| SourceError::Format {
+                media: self.reconnect.source().to_owned(),
+                problem: "chunk larger than an AudioChunk".into(),
+            })?;
+            let chunk =
+                AudioChunk { seq: self.seq, captured_at: SystemTime::now(), sample_rate: CAPTURE_RATE, samples };
+            self.seq += 1;
+            return Ok(Some(chunk));
         }
     }
 }

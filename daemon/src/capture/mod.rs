@@ -29,7 +29,7 @@ pub use image_dir::ImageDirReplay;
 pub use mjpeg::{split_jpeg_frames, MjpegReplay};
 pub use pipe_camera::PipeCamera;
 pub use replay::{FrameStore, Replay};
-pub use status::{Backoff, DeviceReporters, DeviceState, DeviceStatus, StatusReporter};
+pub use status::{DeviceReporters, DeviceState, DeviceStatus, Reconnect, StatusReporter, StopFlag};
 pub use v4l2_camera::{describe_camera, CameraMode, V4l2Camera, V4l2Settings};
 pub use wav::{read_wav, Recording, WavReplay};
 pub use yuyv::{yuyv_to_rgb, YuyvReplay};
@@ -94,6 +94,7 @@ pub fn open_camera(
     config: &CameraConfig,
     base_dir: &std::path::Path,
     status: &StatusReporter,
+    stop: &StopFlag,
 ) -> Result<Box<dyn FrameSource>, SourceError> {
     let missing = |key: &str| SourceError::Format { media: "[camera]".into(), problem: format!("`{key}` is not set") };
     let replay_media = || {
@@ -121,11 +122,16 @@ pub fn open_camera(
                 height: config.height.unwrap_or(V4l2Settings::DEFAULT_HEIGHT),
                 fps: config.fps,
             };
-            return Ok(Box::new(V4l2Camera::open(base_dir.join(device), settings, status.clone())));
+            return Ok(Box::new(V4l2Camera::open(base_dir.join(device), settings, status.clone(), stop.clone())));
         }
         CameraSourceKind::Pipe => {
-            let command = config.command.clone().ok_or_else(|| missing("command"))?;
-            return Ok(Box::new(PipeCamera::start(command, config.fps, status.clone())));
+            let mut command = config.command.clone().ok_or_else(|| missing("command"))?;
+            // A program named by a relative path is found from the config file, like every other
+            // path in it; a bare name is looked up in PATH.
+            if let Some(program) = command.first_mut().filter(|p| p.contains('/') && !p.starts_with('/')) {
+                *program = base_dir.join(&*program).display().to_string();
+            }
+            return Ok(Box::new(PipeCamera::start(command, config.fps, status.clone(), stop.clone())));
         }
     };
     status.online(config.path.as_deref().unwrap_or_default(), source.describe());
@@ -137,6 +143,7 @@ pub fn open_microphone(
     config: &MicrophoneConfig,
     base_dir: &std::path::Path,
     status: &StatusReporter,
+    stop: &StopFlag,
 ) -> Result<Box<dyn AudioSource>, SourceError> {
     let missing =
         |key: &str| SourceError::Format { media: "[microphone]".into(), problem: format!("`{key}` is not set") };
@@ -152,7 +159,7 @@ pub fn open_microphone(
         MicrophoneSourceKind::Alsa => {
             let device = config.device.as_deref().ok_or_else(|| missing("device"))?;
             let settings = AlsaSettings { chunk_ms: config.chunk_ms, buffer_ms: config.buffer_ms };
-            Box::new(AlsaCapture::open(device, settings, status.clone())?)
+            Box::new(AlsaCapture::open(device, settings, status.clone(), stop.clone())?)
         }
     })
 }

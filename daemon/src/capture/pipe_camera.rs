@@ -2,43 +2,42 @@
 //! not plain V4L2, and `rpicam-vid --codec mjpeg -t 0 -o -` is the supported way to stream them;
 //! any other program that writes JPEG frames back to back works the same way.
 //!
-//! The command runs without a shell. When it exits, stalls or writes something that is not MJPEG,
-//! it is stopped and started again with back-off, like a camera that was unplugged.
+//! The command runs without a shell, in a process group of its own (so that a wrapper script's
+//! children stop with it). When it exits, stalls or writes something that is not MJPEG, it is
+//! stopped and started again with back-off, like a camera that was unplugged.
 
-use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::mjpeg::{decode_jpeg, JpegStreamSplitter};
 use super::pacing::RateLimiter;
-use super::status::{Backoff, StatusReporter};
+use super::status::{Reconnect, StatusReporter, StopFlag};
 use super::{Frame, FrameSource, SourceError};
 
 /// A command that writes nothing for this long is taken as stalled (rpicam-vid needs a second or
 /// two to start the sensor).
 const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a wait for output looks up to see whether the pipeline is stopping.
+const STOP_CHECK: Duration = Duration::from_millis(250);
+/// How long a stopped command gets to exit on SIGTERM before SIGKILL.
+const EXIT_GRACE: Duration = Duration::from_millis(500);
 /// Frames in a row that cannot be decoded before the command is restarted.
 const MAX_BAD_FRAMES: u32 = 10;
-/// Lines of the command's standard error kept to explain why it stopped.
-const STDERR_LINES: usize = 5;
 
 pub struct PipeCamera {
     command: Vec<String>,
-    status: StatusReporter,
     running: Option<Running>,
     splitter: JpegStreamSplitter,
     read_buffer: Vec<u8>,
-    /// Set while the command cannot be started or keeps failing: the next start waits first.
-    start_failed: bool,
-    /// Whether `online` has been reported since the command last (re)started.
-    online: bool,
-    backoff: Backoff,
+    reconnect: Reconnect,
     limiter: RateLimiter,
     seq: u64,
     bad_frames_in_a_row: u32,
+    started_before: bool,
     restarts: u64,
 }
 
@@ -46,24 +45,23 @@ pub struct PipeCamera {
 struct Running {
     child: Child,
     stdout: ChildStdout,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    /// The last line it wrote to standard error: why it stopped, usually.
+    last_message: Arc<Mutex<Option<String>>>,
 }
 
 impl PipeCamera {
     /// Starts the command now; if it cannot start, says so and tries again from `next_frame`.
-    pub fn start(command: Vec<String>, fps: f64, status: StatusReporter) -> Self {
+    pub fn start(command: Vec<String>, fps: f64, status: StatusReporter, stop: StopFlag) -> Self {
         let mut camera = Self {
+            reconnect: Reconnect::new("camera command", command.join(" "), status, stop),
             command,
-            status,
             running: None,
             splitter: JpegStreamSplitter::default(),
             read_buffer: vec![0; 64 << 10],
-            start_failed: false,
-            online: false,
-            backoff: Backoff::new(),
             limiter: RateLimiter::new(Duration::from_secs_f64(1.0 / fps)),
             seq: 0,
             bad_frames_in_a_row: 0,
+            started_before: false,
             restarts: 0,
         };
         camera.try_start();
@@ -75,59 +73,50 @@ impl PipeCamera {
         self.restarts
     }
 
-    fn name(&self) -> String {
-        self.command.join(" ")
-    }
-
     fn try_start(&mut self) {
         let Some((program, args)) = self.command.split_first() else {
-            self.status.offline("", "the command is empty", self.backoff.delay());
-            self.start_failed = true;
-            return;
+            return self.reconnect.failed("the command is empty".into());
         };
-        let spawned =
-            Command::new(program).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+        let spawned = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn();
         let mut child = match spawned {
             Ok(child) => child,
-            Err(e) => {
-                let error = format!("cannot start `{program}`: {e}");
-                tracing::warn!("camera command: {error}; trying again in {:?}", self.backoff.delay());
-                self.status.offline(&self.name(), error, self.backoff.delay());
-                self.start_failed = true;
-                return;
-            }
+            Err(e) => return self.reconnect.failed(format!("cannot start `{program}`: {e}")),
         };
         let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
             // Both were asked for as pipes: std always provides them.
             let _ = child.kill();
             let _ = child.wait();
-            self.start_failed = true;
-            return;
+            return self.reconnect.failed("its output pipes could not be set up".into());
         };
-        let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_LINES)));
-        let tail = Arc::clone(&stderr_tail);
+        let last_message = Arc::new(Mutex::new(None));
+        let last = Arc::clone(&last_message);
         let name = program.clone();
-        // The command's own log (rpicam-vid writes plenty) goes to ours at debug level.
+        // The command's own log (rpicam-vid writes plenty) goes to ours at debug level; the
+        // thread ends when the command's stderr closes.
         let spawned = std::thread::Builder::new().name("camera-command-log".into()).spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 tracing::debug!("{name}: {line}");
-                if let Ok(mut tail) = tail.lock() {
-                    if tail.len() == STDERR_LINES {
-                        tail.pop_front();
-                    }
-                    tail.push_back(line);
+                if let Ok(mut last) = last.lock() {
+                    *last = Some(line);
                 }
             }
         });
         if let Err(e) = spawned {
             tracing::warn!("cannot start the thread that logs the camera command's messages: {e}");
         }
-        if self.start_failed || self.seq > 0 {
+        if self.started_before {
             self.restarts += 1;
         }
-        tracing::info!("camera command started (pid {}): {}", child.id(), self.name());
+        self.started_before = true;
+        tracing::info!("camera command started (pid {}): {}", child.id(), self.reconnect.source());
         self.splitter.clear();
-        self.running = Some(Running { child, stdout, stderr_tail });
+        self.running = Some(Running { child, stdout, last_message });
     }
 
     /// Stops a command that failed; the next `next_frame` starts it again after its back-off.
@@ -136,18 +125,26 @@ impl PipeCamera {
             Some(running) => running.stop(error),
             None => error,
         };
-        tracing::warn!("camera command failed, starting it again in {:?}: {error}", self.backoff.delay());
-        self.status.offline(&self.name(), error, self.backoff.delay());
-        self.start_failed = true;
-        self.online = false;
         self.bad_frames_in_a_row = 0;
+        self.reconnect.failed(error);
     }
 
-    /// Reads what the command has written into the splitter. `Err` says why the stream is over.
-    fn read_some(&mut self) -> Result<(), String> {
+    /// Reads what the command has written into the splitter. `Err` says why the stream is over;
+    /// `Ok(false)`: the pipeline is stopping.
+    fn read_some(&mut self) -> Result<bool, String> {
         let Some(running) = self.running.as_mut() else { return Err("not running".into()) };
-        if !wait_readable(&running.stdout, STALL_TIMEOUT)? {
-            return Err(format!("wrote nothing for {} s", STALL_TIMEOUT.as_secs()));
+        let deadline = Instant::now() + STALL_TIMEOUT;
+        loop {
+            if self.reconnect.stopping() {
+                return Ok(false);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("wrote nothing for {} s", STALL_TIMEOUT.as_secs()));
+            }
+            if wait_readable(&running.stdout, left.min(STOP_CHECK))? {
+                break;
+            }
         }
         match running.stdout.read(&mut self.read_buffer) {
             Ok(0) => Err("its output ended".into()),
@@ -159,44 +156,56 @@ impl PipeCamera {
                         JpegStreamSplitter::MAX_PENDING >> 20
                     ));
                 }
-                Ok(())
+                Ok(true)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(true),
             Err(e) => Err(format!("cannot read its output: {e}")),
         }
     }
 }
 
 impl Running {
-    /// Stops the command (if it has not stopped) and adds how it ended to `error`.
-    fn stop(mut self, error: String) -> String {
-        let exited = match self.child.try_wait() {
-            Ok(Some(status)) => Some(status),
-            _ => {
-                let _ = self.child.kill();
-                None
-            }
-        };
+    /// Stops the command's process group (if the command has not exited) and adds how it ended
+    /// to `error`.
+    fn stop(mut self, mut error: String) -> String {
+        let exited = matches!(self.child.try_wait(), Ok(Some(_)));
+        if !exited {
+            self.terminate();
+        }
         let status = self.child.wait().ok();
-        // The log thread sees the pipe close once the command is gone; give it a moment to
-        // take the last lines.
+        // The log thread sees the pipe close once the command is gone; give it a moment to take
+        // the last line.
         std::thread::sleep(Duration::from_millis(50));
-        let last_words = self.stderr_tail.lock().map(|tail| tail.back().cloned()).unwrap_or_default();
-        let mut error = error;
-        if let (Some(status), true) = (status, exited.is_some()) {
+        if let (Some(status), true) = (status, exited) {
             error.push_str(&format!(" ({status})"));
         }
-        if let Some(line) = last_words {
+        if let Some(line) = self.last_message.lock().ok().and_then(|last| last.clone()) {
             error.push_str(&format!("; its last message: {line}"));
         }
         error
+    }
+
+    /// SIGTERM to the whole group, SIGKILL after a grace period.
+    fn terminate(&mut self) {
+        let Ok(group) = i32::try_from(self.child.id()) else { return };
+        // SAFETY: kill(2) with a negative pid signals the process group the child leads.
+        unsafe { libc::kill(-group, libc::SIGTERM) };
+        let deadline = Instant::now() + EXIT_GRACE;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
     }
 }
 
 impl Drop for PipeCamera {
     fn drop(&mut self) {
         if let Some(mut running) = self.running.take() {
-            let _ = running.child.kill();
+            running.terminate();
             let _ = running.child.wait();
         }
     }
@@ -205,19 +214,17 @@ impl Drop for PipeCamera {
 /// Waits until the pipe has bytes (or has closed); false after `timeout` with nothing.
 fn wait_readable(stdout: &ChildStdout, timeout: Duration) -> Result<bool, String> {
     let mut fds = [libc::pollfd { fd: stdout.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        // SAFETY: one valid pollfd for the length given; the descriptor stays open meanwhile.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, left.as_millis().min(i32::MAX as u128) as i32) };
-        match ready {
-            0 => return Ok(false),
-            n if n > 0 => return Ok(true),
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(format!("cannot wait for its output: {e}"));
-                }
+    // SAFETY: one valid pollfd for the length given; the descriptor stays open meanwhile.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+    match ready {
+        0 => Ok(false),
+        n if n > 0 => Ok(true),
+        _ => {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(format!("cannot wait for its output: {e}"))
             }
         }
     }
@@ -225,18 +232,20 @@ fn wait_readable(stdout: &ChildStdout, timeout: Duration) -> Result<bool, String
 
 impl FrameSource for PipeCamera {
     fn describe(&self) -> String {
-        format!("MJPEG from the command `{}`", self.name())
+        format!("MJPEG from the command `{}`", self.reconnect.source())
     }
 
     /// Blocks until a frame arrives. A command that stops or fails is started again with
-    /// back-off (1 s doubling to 30 s) for as long as it takes.
+    /// back-off (1 s doubling to 30 s) for as long as it takes; `Ok(None)` once the pipeline stops.
     fn next_frame(&mut self) -> Result<Option<Frame>, SourceError> {
         loop {
+            if self.reconnect.stopping() {
+                return Ok(None);
+            }
             if self.running.is_none() {
-                if self.start_failed {
-                    self.backoff.wait();
+                if self.reconnect.ready_to_open() {
+                    self.try_start();
                 }
-                self.try_start();
                 continue;
             }
             let Some(jpeg) = self.splitter.next_frame() else {
@@ -250,14 +259,9 @@ impl FrameSource for PipeCamera {
             }
             match decode_jpeg(&jpeg) {
                 Ok(image) => {
-                    // Only a frame proves the command works: starting it is not enough.
-                    if !self.online {
-                        self.status.online(&self.name(), format!("MJPEG {}x{}", image.width(), image.height()));
-                        self.online = true;
-                        self.start_failed = false;
-                        self.backoff.reset();
-                    }
                     self.bad_frames_in_a_row = 0;
+                    // Only a frame proves the command works: starting it is not enough.
+                    self.reconnect.delivered(|| format!("MJPEG {}x{}", image.width(), image.height()));
                     let seq = self.seq;
                     self.seq += 1;
                     return Ok(Some(Frame { seq, captured_at: SystemTime::now(), image: Arc::new(image) }));

@@ -13,14 +13,17 @@ pub struct ToMono16k {
 }
 
 impl ToMono16k {
-    /// For chunks of `frames_in` frames of `channels` channels at `rate_in` Hz.
-    pub fn new(rate_in: u32, channels: usize, frames_in: usize, rate_out: u32) -> Result<Self, String> {
+    /// For chunks of about `frames_wanted` frames of `channels` channels at `rate_in` Hz. The
+    /// resampler may need a slightly different size (a multiple of what makes the ratio whole, e.g.
+    /// 441 frames at 44.1 kHz): [`ToMono16k::frames_in`] is what each chunk must hold.
+    pub fn new(rate_in: u32, channels: usize, frames_wanted: usize, rate_out: u32) -> Result<Self, String> {
         let resampler = (rate_in != rate_out)
             .then(|| {
-                Fft::new(rate_in as usize, rate_out as usize, frames_in, 1, FixedSync::Both)
+                Fft::new(rate_in as usize, rate_out as usize, frames_wanted.max(1), 1, FixedSync::Both)
                     .map_err(|e| format!("cannot resample {rate_in} Hz to {rate_out} Hz: {e}"))
             })
             .transpose()?;
+        let frames_in = resampler.as_ref().map_or(frames_wanted, |r| r.input_frames_next());
         Ok(Self { channels, frames_in, resampler, mono: vec![0.0; frames_in] })
     }
 
@@ -34,9 +37,21 @@ impl ToMono16k {
         self.frames_in
     }
 
+    /// Samples one chunk gives out.
+    pub fn frames_out(&self) -> usize {
+        self.resampler.as_ref().map_or(self.frames_in, |r| r.output_frames_next())
+    }
+
     /// Converts one chunk of `frames_in * channels` interleaved samples, appending to `out`.
     pub fn convert(&mut self, interleaved: &[i16], out: &mut Vec<i16>) -> Result<(), String> {
-        debug_assert_eq!(interleaved.len(), self.frames_in * self.channels);
+        if interleaved.len() != self.frames_in * self.channels {
+            return Err(format!(
+                "a chunk of {} samples where {} frames of {} channel(s) were expected",
+                interleaved.len(),
+                self.frames_in,
+                self.channels
+            ));
+        }
         for (mono, frame) in self.mono.iter_mut().zip(interleaved.chunks_exact(self.channels)) {
             *mono = frame.iter().map(|&s| f32::from(s)).sum::<f32>() / self.channels as f32;
         }
@@ -60,8 +75,8 @@ pub fn recording_to_16k(samples: &[i16], rate_in: u32) -> Result<Vec<i16>, Strin
     if rate_in == RATE_OUT {
         return Ok(samples.to_vec());
     }
-    let frames_in = (rate_in / 10).max(1) as usize;
-    let mut converter = ToMono16k::new(rate_in, 1, frames_in, RATE_OUT)?;
+    let mut converter = ToMono16k::new(rate_in, 1, (rate_in / 10).max(1) as usize, RATE_OUT)?;
+    let frames_in = converter.frames_in();
     let wanted = (samples.len() as u64 * u64::from(RATE_OUT)).div_ceil(u64::from(rate_in)) as usize;
     let mut out = Vec::with_capacity(wanted + converter.delay() + frames_in);
     let mut chunk = vec![0i16; frames_in];
@@ -118,6 +133,31 @@ mod tests {
             let seconds = steady.len() as f32 / 16_000.0;
             let frequency = crossings as f32 / seconds;
             assert!((frequency - 1000.0).abs() < 5.0, "{rate} Hz: {frequency} Hz out");
+        }
+    }
+
+    /// 25 ms at 44.1 kHz is 1102.5 frames; the resampler needs a multiple of 441. Whatever was
+    /// asked for, chunks of `frames_in` convert.
+    #[test]
+    fn chunk_sizes_that_do_not_fit_the_ratio_are_rounded_to_one_that_does() {
+        for (rate, wanted) in [(44_100, 1102), (44_100, 1411), (11_025, 1102), (48_000, 1200), (22_050, 7)] {
+            let mut converter = ToMono16k::new(rate, 2, wanted, 16_000).unwrap();
+            let frames = converter.frames_in();
+            let mut out = Vec::new();
+            converter.convert(&vec![100; frames * 2], &mut out).unwrap();
+            assert_eq!(out.len(), converter.frames_out(), "{rate} Hz, {wanted} frames asked, {frames} taken");
+            // The nearest whole number of the ratio's blocks (441 frames at 44.1 kHz, 3 at 48 kHz).
+            let block = rate as usize / gcd(rate as usize, 16_000);
+            assert_eq!(frames % block, 0, "{rate} Hz: {frames} frames");
+            assert!(frames.abs_diff(wanted) < block, "{rate} Hz: {frames} frames for {wanted}");
+        }
+    }
+
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
         }
     }
 

@@ -5,6 +5,7 @@
 //! state matters, and a source thread never waits on the publisher); the publisher watches the
 //! other end.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -92,11 +93,6 @@ impl StatusReporter {
         self.sender.borrow().as_ref().map(|s| s.source.clone()).unwrap_or_default()
     }
 
-    /// The latest report, if any.
-    pub fn current(&self) -> Option<DeviceStatus> {
-        self.sender.borrow().clone()
-    }
-
     fn set(
         &self,
         state: DeviceState,
@@ -125,6 +121,36 @@ pub struct DeviceReporters {
     pub microphone: StatusReporter,
 }
 
+/// Set when the pipeline stops: a live source leaves its retry loop and its back-off wait.
+#[derive(Debug, Clone, Default)]
+pub struct StopFlag(Arc<AtomicBool>);
+
+impl StopFlag {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Sleeps for `duration`, or less if the flag is set meanwhile. False when it was set.
+    pub fn sleep(&self, duration: Duration) -> bool {
+        const SLICE: Duration = Duration::from_millis(100);
+        let deadline = std::time::Instant::now() + duration;
+        loop {
+            if self.is_set() {
+                return false;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            std::thread::sleep(left.min(SLICE));
+        }
+    }
+}
+
 /// Waits between attempts to open a device that is missing or failed: 1 s, doubling up to 30 s,
 /// back to 1 s once it works.
 #[derive(Debug)]
@@ -140,13 +166,9 @@ impl Backoff {
         Self { next: Self::MIN }
     }
 
-    /// How long the next `wait` sleeps.
+    /// How long the next wait lasts.
     pub fn delay(&self) -> Duration {
         self.next
-    }
-
-    pub fn wait(&mut self) {
-        std::thread::sleep(self.advance());
     }
 
     /// The delay to wait now; the one after it is twice as long, up to `MAX`.
@@ -164,6 +186,71 @@ impl Backoff {
 impl Default for Backoff {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// How a live source (camera, command, microphone) comes back when its device fails: a back-off
+/// wait before every attempt after a failure, one status change per outage, and `online` only
+/// once a frame or chunk has arrived. A device that opens and then fails at once (a USB camera
+/// without the bandwidth to stream) waits like one that cannot be opened, instead of flapping.
+#[derive(Debug)]
+pub struct Reconnect {
+    /// What the device is called in logs and on its status topic.
+    source: String,
+    what: &'static str,
+    status: StatusReporter,
+    stop: StopFlag,
+    backoff: Backoff,
+    wait_first: bool,
+    delivering: bool,
+}
+
+impl Reconnect {
+    /// `what` names the kind of device in log lines: "camera", "microphone".
+    pub fn new(what: &'static str, source: String, status: StatusReporter, stop: StopFlag) -> Self {
+        Self { source, what, status, stop, backoff: Backoff::new(), wait_first: false, delivering: false }
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Before an attempt to open: waits out the back-off after a failure. False once the
+    /// pipeline is stopping.
+    pub fn ready_to_open(&mut self) -> bool {
+        if self.wait_first {
+            let delay = self.backoff.advance();
+            if !self.stop.sleep(delay) {
+                return false;
+            }
+        }
+        !self.stop.is_set()
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.is_set()
+    }
+
+    /// The device cannot be opened, or failed while open: says so and makes the next attempt wait.
+    pub fn failed(&mut self, error: String) {
+        let delay = self.backoff.delay();
+        tracing::warn!("{} {} unavailable, trying again in {delay:?}: {error}", self.what, self.source);
+        self.status.offline(&self.source, error, delay);
+        self.wait_first = true;
+        self.delivering = false;
+    }
+
+    /// A frame or chunk arrived: the first since the device was opened reports it online, in
+    /// `mode`, and resets the back-off. True for that first one.
+    pub fn delivered(&mut self, mode: impl FnOnce() -> String) -> bool {
+        if self.delivering {
+            return false;
+        }
+        self.status.online(&self.source, mode());
+        self.backoff.reset();
+        self.wait_first = false;
+        self.delivering = true;
+        true
     }
 }
 
@@ -189,6 +276,40 @@ mod tests {
         assert_eq!(json["error"], "No such device");
         assert_eq!(json["retry_in_secs"], 1.0);
         assert!(json.get("mode").is_none());
+    }
+
+    #[test]
+    fn a_device_that_opens_and_fails_at_once_waits_longer_each_time_and_is_online_only_when_it_delivers() {
+        let (status, receiver) = StatusReporter::new();
+        let mut reconnect = Reconnect::new("camera", "/dev/video0".into(), status, StopFlag::default());
+        assert!(reconnect.ready_to_open(), "the first attempt does not wait");
+        reconnect.failed("VIDIOC_STREAMON: No space left on device".into());
+        assert_eq!(receiver.borrow().as_ref().unwrap().state, DeviceState::Offline);
+        assert_eq!(reconnect.backoff.delay(), Backoff::MIN);
+        reconnect.backoff.advance(); // what ready_to_open would have waited
+        reconnect.failed("VIDIOC_STREAMON: No space left on device".into());
+        assert_eq!(reconnect.backoff.delay(), Duration::from_secs(2), "the wait grows");
+        assert_eq!(receiver.borrow().as_ref().unwrap().retry_in_secs, Some(1.0), "one report per outage");
+        assert!(reconnect.delivered(|| "MJPEG 640x480 at 30 fps".into()));
+        assert!(!reconnect.delivered(|| unreachable!("reported once")));
+        assert_eq!(receiver.borrow().as_ref().unwrap().state, DeviceState::Online);
+        assert_eq!(reconnect.backoff.delay(), Backoff::MIN);
+    }
+
+    #[test]
+    fn a_stop_cuts_the_wait_short() {
+        let (status, _receiver) = StatusReporter::new();
+        let stop = StopFlag::default();
+        let mut reconnect = Reconnect::new("microphone", "default".into(), status, stop.clone());
+        reconnect.failed("gone".into());
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            stop.set();
+        });
+        let start = std::time::Instant::now();
+        assert!(!reconnect.ready_to_open());
+        assert!(start.elapsed() < Duration::from_millis(900), "{:?}", start.elapsed());
+        stopper.join().unwrap();
     }
 
     #[test]

@@ -19,15 +19,15 @@ use v4l::capability::Flags as CapabilityFlags;
 use v4l::frameinterval::FrameIntervalEnum;
 use v4l::framesize::FrameSizeEnum;
 use v4l::io::mmap::Stream as MmapStream;
-use v4l::io::traits::CaptureStream;
+use v4l::io::traits::{CaptureStream, Stream as StreamTrait};
 use v4l::video::capture::Parameters;
 use v4l::video::Capture;
 use v4l::{Device, Format, FourCC, Fraction};
 
 use super::mjpeg::decode_jpeg;
 use super::pacing::RateLimiter;
-use super::status::{Backoff, StatusReporter};
-use super::yuyv::yuyv_to_rgb;
+use super::status::{Reconnect, StatusReporter, StopFlag};
+use super::yuyv::yuyv_to_rgb_with_stride;
 use super::{Frame, FrameSource, SourceError};
 use crate::config::PixelFormat;
 
@@ -96,31 +96,28 @@ fn format_of(fourcc: FourCC) -> Option<PixelFormat> {
 pub struct V4l2Camera {
     path: PathBuf,
     settings: V4l2Settings,
-    status: StatusReporter,
     open: Option<OpenCamera>,
-    /// Set while the camera cannot be opened: the next attempt waits its back-off first.
-    open_failed: bool,
-    backoff: Backoff,
+    reconnect: Reconnect,
     limiter: RateLimiter,
     seq: u64,
     bad_frames_in_a_row: u32,
+    opened_before: bool,
     reopens: u64,
 }
 
 impl V4l2Camera {
     /// Opens the camera now if it is there; if not, says so and tries again from `next_frame`,
     /// with back-off: a camera plugged in later is picked up then.
-    pub fn open(path: PathBuf, settings: V4l2Settings, status: StatusReporter) -> Self {
+    pub fn open(path: PathBuf, settings: V4l2Settings, status: StatusReporter, stop: StopFlag) -> Self {
         let mut camera = Self {
+            reconnect: Reconnect::new("camera", path.display().to_string(), status, stop),
             path,
             settings,
-            status,
             open: None,
-            open_failed: false,
-            backoff: Backoff::new(),
             limiter: RateLimiter::new(Duration::from_secs_f64(1.0 / settings.fps)),
             seq: 0,
             bad_frames_in_a_row: 0,
+            opened_before: false,
             reopens: 0,
         };
         camera.try_open();
@@ -137,86 +134,64 @@ impl V4l2Camera {
         self.open.as_ref().map(|camera| camera.mode)
     }
 
-    fn name(&self) -> String {
-        self.path.display().to_string()
+    fn asked(&self) -> CameraMode {
+        let V4l2Settings { format, width, height, fps } = self.settings;
+        CameraMode { format, width, height, fps }
     }
 
     fn try_open(&mut self) {
         match OpenCamera::open(&self.path, &self.settings) {
             Ok(camera) => {
-                let asked = CameraMode {
-                    format: self.settings.format,
-                    width: self.settings.width,
-                    height: self.settings.height,
-                    fps: self.settings.fps,
-                };
-                let card = &camera.card;
+                let (asked, name, card) = (self.asked(), self.reconnect.source(), &camera.card);
                 if camera.mode == asked {
-                    tracing::info!("camera {} ({card}): {}", self.name(), camera.mode);
+                    tracing::info!("camera {name} ({card}): {}", camera.mode);
                 } else {
+                    let skipped = if camera.mode.fps > asked.fps { " (extra frames are skipped)" } else { "" };
                     tracing::info!(
-                        "camera {} ({card}): {}, the nearest it offers to the {asked} asked for{}",
-                        self.name(),
-                        camera.mode,
-                        if camera.mode.fps > asked.fps { " (extra frames are skipped)" } else { "" },
+                        "camera {name} ({card}): {}, the nearest it offers to the {asked} asked for{skipped}",
+                        camera.mode
                     );
                 }
                 // A rate below the one asked for is all there is: take every frame.
                 self.limiter = RateLimiter::new(Duration::from_secs_f64(1.0 / self.settings.fps.min(camera.mode.fps)));
-                self.status.online(&self.name(), camera.mode.to_string());
-                if self.open_failed || self.seq > 0 {
+                if self.opened_before {
                     self.reopens += 1;
                 }
-                self.open_failed = false;
-                self.backoff.reset();
+                self.opened_before = true;
                 self.open = Some(camera);
             }
-            Err(error) => {
-                tracing::warn!(
-                    "camera {} unavailable, trying again in {:?}: {error}",
-                    self.name(),
-                    self.backoff.delay()
-                );
-                self.status.offline(&self.name(), error, self.backoff.delay());
-                self.open_failed = true;
-            }
+            Err(error) => self.reconnect.failed(error),
         }
     }
 
-    /// Closes a camera that failed; the next `next_frame` opens it again.
+    /// Closes a camera that failed; the next `next_frame` opens it again after its back-off.
     fn fail(&mut self, error: String) {
-        tracing::warn!("camera {} failed, closing it to open it again: {error}", self.name());
-        self.status.offline(&self.name(), error, Duration::ZERO);
         self.bad_frames_in_a_row = 0;
         if let Some(camera) = self.open.take() {
             camera.close(&self.path);
         }
+        self.reconnect.failed(error);
     }
 }
 
 impl FrameSource for V4l2Camera {
     fn describe(&self) -> String {
-        let asked = CameraMode {
-            format: self.settings.format,
-            width: self.settings.width,
-            height: self.settings.height,
-            fps: self.settings.fps,
-        };
-        format!("V4L2 camera {} (asked for {asked})", self.name())
+        format!("V4L2 camera {} (asked for {})", self.reconnect.source(), self.asked())
     }
 
     /// Blocks until a frame is captured. A failing camera is reopened with back-off (1 s doubling
-    /// to 30 s) for as long as it takes.
+    /// to 30 s) for as long as it takes; `Ok(None)` once the pipeline stops.
     fn next_frame(&mut self) -> Result<Option<Frame>, SourceError> {
         loop {
-            if self.open.is_none() {
-                if self.open_failed {
-                    self.backoff.wait();
-                }
-                self.try_open();
-                continue;
+            if self.reconnect.stopping() {
+                return Ok(None);
             }
-            let Some(camera) = self.open.as_mut() else { continue };
+            let Some(camera) = self.open.as_mut() else {
+                if self.reconnect.ready_to_open() {
+                    self.try_open();
+                }
+                continue;
+            };
             let (bytes, used) = match CaptureStream::next(&mut camera.stream) {
                 Ok((bytes, meta)) => (bytes, meta.bytesused as usize),
                 Err(e) => {
@@ -235,10 +210,11 @@ impl FrameSource for V4l2Camera {
             if !self.limiter.admit(Instant::now()) {
                 continue;
             }
-            let mode = camera.mode;
-            match convert(mode, &bytes[..used.min(bytes.len())]) {
+            let (mode, stride) = (camera.mode, camera.stride);
+            match convert(mode, stride, &bytes[..used.min(bytes.len())]) {
                 Ok(image) => {
                     self.bad_frames_in_a_row = 0;
+                    self.reconnect.delivered(|| mode.to_string());
                     let seq = self.seq;
                     self.seq += 1;
                     return Ok(Some(Frame { seq, captured_at: SystemTime::now(), image: Arc::new(image) }));
@@ -246,7 +222,8 @@ impl FrameSource for V4l2Camera {
                 Err(problem) => {
                     self.bad_frames_in_a_row += 1;
                     if self.bad_frames_in_a_row == 1 {
-                        tracing::warn!("camera {}: a frame cannot be decoded, skipping it: {problem}", self.name());
+                        let name = self.reconnect.source();
+                        tracing::warn!("camera {name}: a frame cannot be decoded, skipping it: {problem}");
                     }
                     if self.bad_frames_in_a_row >= MAX_BAD_FRAMES {
                         self.fail(format!("{MAX_BAD_FRAMES} frames in a row cannot be decoded: {problem}"));
@@ -257,27 +234,29 @@ impl FrameSource for V4l2Camera {
     }
 }
 
-/// One buffer's bytes as an RGB image.
-fn convert(mode: CameraMode, bytes: &[u8]) -> Result<RgbImage, String> {
+/// One buffer's bytes as an RGB image; YUYV rows are `stride` bytes apart (a driver may pad them).
+fn convert(mode: CameraMode, stride: u32, bytes: &[u8]) -> Result<RgbImage, String> {
     match mode.format {
         PixelFormat::Mjpeg => decode_jpeg(bytes),
         PixelFormat::Yuyv => {
-            let size = mode.width as usize * mode.height as usize * 2;
+            let stride = stride.max(mode.width * 2);
+            let size = stride as usize * mode.height as usize;
             let frame = bytes.get(..size).ok_or_else(|| {
                 format!("{} bytes is short of a {}x{} YUYV frame ({size})", bytes.len(), mode.width, mode.height)
             })?;
-            yuyv_to_rgb(frame, mode.width, mode.height)
+            yuyv_to_rgb_with_stride(frame, mode.width, mode.height, stride)
         }
     }
 }
 
 /// A camera that is streaming.
 struct OpenCamera {
-    /// Declared before `_device` so that it is dropped first: buffers go before the descriptor.
     stream: MmapStream<'static>,
     _device: Device,
     card: String,
     mode: CameraMode,
+    /// Bytes from one row to the next in a YUYV buffer.
+    stride: u32,
 }
 
 impl OpenCamera {
@@ -299,12 +278,10 @@ impl OpenCamera {
             .collect();
         let format = choose_format(&offered, settings.format)?;
         let fourcc = fourcc_of(format);
-        let sizes: Vec<FrameSizeEnum> = device
-            .enum_framesizes(fourcc)
-            .map_err(|e| format!("cannot list its {} frame sizes: {e}", format_name(format)))?
-            .into_iter()
-            .map(|size| size.size)
-            .collect();
+        // Listing sizes and setting the rate are optional for a driver: without them, ask for the
+        // configured values and take what S_FMT gives.
+        let sizes: Vec<FrameSizeEnum> =
+            device.enum_framesizes(fourcc).unwrap_or_default().into_iter().map(|size| size.size).collect();
         let (width, height) =
             nearest_size(&sizes, settings.width, settings.height).unwrap_or((settings.width, settings.height));
         // Drivers adjust a format they cannot do to one they can: what comes back is what streams.
@@ -318,21 +295,33 @@ impl OpenCamera {
             .map(|intervals| intervals.into_iter().map(|i| i.interval).collect())
             .unwrap_or_default();
         let interval = choose_interval(&intervals, settings.fps);
-        let params = device
-            .set_params(&Parameters::new(interval))
-            .map_err(|e| format!("refuses a frame interval of {interval}: {e}"))?;
-        let fps = fps_of(params.interval).unwrap_or(settings.fps);
+        let fps = match device.set_params(&Parameters::new(interval)) {
+            Ok(params) => fps_of(params.interval).unwrap_or(settings.fps),
+            Err(e) => {
+                tracing::warn!("camera {}: cannot set its frame rate ({e}); taking what it sends", path.display());
+                fps_of(interval).unwrap_or(settings.fps)
+            }
+        };
         let mode = CameraMode { format, width: set.width, height: set.height, fps };
 
         let mut stream = MmapStream::with_buffers(&device, Type::VideoCapture, BUFFER_COUNT)
             .map_err(|e| format!("cannot map {BUFFER_COUNT} capture buffers: {e}"))?;
         stream.set_timeout(STALL_TIMEOUT);
-        Ok(Self { stream, _device: device, card: caps.card, mode })
+        Ok(Self { stream, _device: device, card: caps.card, mode, stride: set.stride })
     }
 
-    /// Stops streaming and closes the device. The `v4l` crate panics when releasing buffers fails
-    /// with anything but ENODEV; a half-dead camera must not take the source thread down with it.
-    fn close(self, path: &Path) {
+    /// Stops streaming and closes the device. The `v4l` crate panics in `drop` when stopping the
+    /// stream or releasing its buffers fails with anything but ENODEV, and a second panic while
+    /// unwinding the first would abort the daemon: stop it here first, and if that fails, leak the
+    /// stream (one descriptor and its buffers) rather than drop it.
+    fn close(mut self, path: &Path) {
+        if let Err(e) = StreamTrait::stop(&mut self.stream) {
+            if e.raw_os_error() != Some(libc::ENODEV) {
+                tracing::warn!("camera {}: cannot stop streaming ({e}); leaving its buffers mapped", path.display());
+                std::mem::forget(self.stream);
+                return;
+            }
+        }
         if catch_unwind(AssertUnwindSafe(|| drop(self))).is_err() {
             tracing::warn!("camera {}: releasing its buffers failed; it is closed anyway", path.display());
         }
@@ -371,7 +360,12 @@ fn nearest_size(sizes: &[FrameSizeEnum], width: u32, height: u32) -> Option<(u32
                 snap(height, s.min_height, s.max_height, s.step_height),
             ),
         })
-        .min_by_key(|&(w, h)| (w.abs_diff(width) + h.abs_diff(height), std::cmp::Reverse(w * h)))
+        .min_by_key(|&(w, h)| {
+            (
+                u64::from(w.abs_diff(width)) + u64::from(h.abs_diff(height)),
+                std::cmp::Reverse(u64::from(w) * u64::from(h)),
+            )
+        })
 }
 
 /// The frame interval to ask for: the slowest rate at or above the one configured (extra frames
@@ -384,8 +378,8 @@ fn choose_interval(intervals: &[FrameIntervalEnum], fps: f64) -> Fraction {
             let fraction = match interval {
                 FrameIntervalEnum::Discrete(fraction) => *fraction,
                 FrameIntervalEnum::Stepwise(s) => {
-                    let (min, max) = (fps_of(s.max)?, fps_of(s.min)?);
-                    interval_for(fps.clamp(min, max))
+                    let (a, b) = (fps_of(s.max)?, fps_of(s.min)?);
+                    interval_for(fps.clamp(a.min(b), a.max(b)))
                 }
             };
             Some((fps_of(fraction)?, fraction))
@@ -405,6 +399,7 @@ fn fps_of(interval: Fraction) -> Option<f64> {
         .then(|| f64::from(interval.denominator) / f64::from(interval.numerator))
         // 30000/1001 and the like: two decimals are what a person reads.
         .map(|fps| (fps * 100.0).round() / 100.0)
+        .filter(|fps| *fps > 0.0)
 }
 
 /// What `outpostd probe` prints for one camera node: its name, then each format it offers with
@@ -508,7 +503,17 @@ mod tests {
     #[test]
     fn short_yuyv_buffer_is_a_named_problem() {
         let mode = CameraMode { format: PixelFormat::Yuyv, width: 4, height: 2, fps: 10.0 };
-        assert_eq!(convert(mode, &[0; 15]).unwrap_err(), "15 bytes is short of a 4x2 YUYV frame (16)");
-        assert_eq!(convert(mode, &[128; 16]).unwrap().dimensions(), (4, 2));
+        assert_eq!(convert(mode, 8, &[0; 15]).unwrap_err(), "15 bytes is short of a 4x2 YUYV frame (16)");
+        assert_eq!(convert(mode, 8, &[128; 16]).unwrap().dimensions(), (4, 2));
+    }
+
+    #[test]
+    fn padded_yuyv_rows_are_read_at_their_stride() {
+        let mode = CameraMode { format: PixelFormat::Yuyv, width: 2, height: 2, fps: 10.0 };
+        // Rows of 4 bytes padded to 8: a grey row and a white one.
+        let padded = [128, 128, 128, 128, 0, 0, 0, 0, 235, 128, 235, 128, 0, 0, 0, 0];
+        let image = convert(mode, 8, &padded).unwrap();
+        let tight = convert(mode, 4, &[128, 128, 128, 128, 235, 128, 235, 128]).unwrap();
+        assert_eq!(image, tight);
     }
 }

@@ -67,7 +67,12 @@ impl FrameStore for YuyvFrames {
 
 /// Converts one packed YUYV frame to RGB (BT.601, limited range, as UVC cameras send it).
 pub fn yuyv_to_rgb(yuyv: &[u8], width: u32, height: u32) -> Result<RgbImage, String> {
-    let packed = YuvPackedImage { yuy: yuyv, yuy_stride: width * 2, width, height };
+    yuyv_to_rgb_with_stride(yuyv, width, height, width * 2)
+}
+
+/// The same, for rows `stride` bytes apart (a driver may pad each row).
+pub(super) fn yuyv_to_rgb_with_stride(yuyv: &[u8], width: u32, height: u32, stride: u32) -> Result<RgbImage, String> {
+    let packed = YuvPackedImage { yuy: yuyv, yuy_stride: stride, width, height };
     let mut rgb = vec![0u8; width as usize * height as usize * 3];
     yuv::yuyv422_to_rgb(&packed, &mut rgb, width * 3, YuvRange::Limited, YuvStandardMatrix::Bt601)
         .map_err(|e| e.to_string())?;

@@ -136,9 +136,12 @@ fn sources(config: &Config, problems: &mut Problems) {
                     problems.add("microphone.path", "is required for `source = \"wav\"`: the recording to replay");
                 } else if chunk_ok {
                     // Opening a replay source reads and checks its recording.
-                    if let Err(e) =
-                        capture::open_microphone(microphone, &config.base_dir, &capture::StatusReporter::new().0)
-                    {
+                    if let Err(e) = capture::open_microphone(
+                        microphone,
+                        &config.base_dir,
+                        &capture::StatusReporter::new().0,
+                        &capture::StopFlag::default(),
+                    ) {
                         problems.add("microphone.path", e.to_string());
                     }
                 }
@@ -224,7 +227,7 @@ fn camera_source(camera: &CameraConfig, config: &Config, problems: &mut Problems
             }
             // Opening a replay source reads and checks its media: what is wrong is reported now.
             if ready {
-                if let Err(e) = capture::open_camera(&probe, &config.base_dir, &capture::StatusReporter::new().0) {
+                if let Err(e) = capture::open_camera(&probe, &config.base_dir, &capture::StatusReporter::new().0, &capture::StopFlag::default()) {
                     problems.add("camera.path", e.to_string());
                 }
             }

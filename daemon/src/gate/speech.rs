@@ -143,12 +143,13 @@ impl SileroVad {
         let mut input = [0f32; VAD_CONTEXT + VAD_WINDOW];
         input[..VAD_CONTEXT].copy_from_slice(&self.context);
         input[VAD_CONTEXT..].copy_from_slice(window);
-        self.context.copy_from_slice(&window[VAD_WINDOW - VAD_CONTEXT..]);
         let input = Tensor::from_shape(&[1, VAD_CONTEXT + VAD_WINDOW], &input).map_err(VadError::Run)?;
         let state = self.state.clone().into_tvalue();
         let mut outputs = self.plan.run(tvec![input.into_tvalue(), state]).map_err(VadError::Run)?;
         let next_state = outputs.remove(1 - self.probability_output);
         let probability = values::<f32>(&outputs[0]).map_err(VadError::Run)?.first().copied().unwrap_or(0.0);
+        // The stream moves on only once the window has run.
+        self.context.copy_from_slice(&window[VAD_WINDOW - VAD_CONTEXT..]);
         self.state = next_state.into_tensor();
         Ok(probability)
     }
@@ -248,11 +249,6 @@ impl Segmenter {
     pub fn keep_from(&self) -> u64 {
         let next = self.start.unwrap_or(self.windows * VAD_WINDOW as u64);
         next.saturating_sub(self.params.pad).max(self.last_end)
-    }
-
-    /// True while an utterance is in progress.
-    pub fn in_speech(&self) -> bool {
-        self.start.is_some()
     }
 
     /// The next window's probability; an utterance when this window ends one.
@@ -394,11 +390,6 @@ impl SpeechGate {
         }
     }
 
-    /// True while an utterance is in progress.
-    pub fn in_speech(&self) -> bool {
-        self.segmenter.in_speech()
-    }
-
     /// Takes the next chunk; returns the utterances it ended, in order (nearly always none or
     /// one; a single chunk of up to 300 ms can end two when the config allows very short
     /// utterances and silences).
@@ -417,7 +408,12 @@ impl SpeechGate {
         while self.segmenter.windows * window + window <= self.total {
             let start = self.segmenter.windows * window;
             let samples = self.window_at(start);
-            let probability = self.vad.probability(&samples)?;
+            // A window the model cannot judge counts as silence: the stream must go on, and the
+            // utterances already found in this chunk must not be lost.
+            let probability = self.vad.probability(&samples).unwrap_or_else(|e| {
+                tracing::warn!("speech gate: window at sample {start} taken as silence: {e}");
+                0.0
+            });
             if let Some(segment) = self.segmenter.push(probability) {
                 events.push(self.event(&segment));
             }
