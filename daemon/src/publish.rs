@@ -177,7 +177,7 @@ struct Publisher {
     session: Option<Session>,
     /// The latest state of each device, by topic, published again on every new connection: a
     /// broker restarted without persistence has forgotten the retained copies.
-    devices_last: Vec<(String, String)>,
+    devices_last: Vec<(String, DeviceStatus)>,
     sessions_started: u64,
     reconnect_at: Option<Instant>,
     notices_tx: mpsc::UnboundedSender<(u64, SessionNotice)>,
@@ -232,6 +232,10 @@ impl Publisher {
         loop {
             self.hand_over();
             if stopping && flush_deadline.is_none() {
+                // The devices' retained states would otherwise say `online` after the station stopped.
+                for (topic, last) in self.devices_last.clone() {
+                    self.enqueue_device(topic, Some(DeviceStatus::stopped(&last.source)));
+                }
                 self.enqueue_status(STATUS_STOPPED);
                 self.hand_over();
                 flush_deadline = Some(Instant::now() + FLUSH_TIMEOUT);
@@ -315,7 +319,7 @@ impl Publisher {
             !(p.message.kind == Kind::Device && p.message.topic == topic && p.delivery == Delivery::Queued)
         });
         self.devices_last.retain(|(t, _)| *t != topic);
-        self.devices_last.push((topic.clone(), payload.clone()));
+        self.devices_last.push((topic.clone(), status));
         self.enqueue(Message { topic, payload, retain: true, kind: Kind::Device });
     }
 
@@ -371,8 +375,9 @@ impl Publisher {
                     kind: Kind::Status,
                 };
                 self.unacked.push_front(Pending { seq, message, delivery: Delivery::Queued });
-                for (topic, payload) in self.devices_last.clone() {
+                for (topic, status) in self.devices_last.clone() {
                     if !self.unacked.iter().any(|p| p.message.kind == Kind::Device && p.message.topic == topic) {
+                        let payload = status.to_json();
                         let seq = self.next_seq;
                         self.next_seq += 1;
                         let message = Message { topic, payload, retain: true, kind: Kind::Device };

@@ -134,6 +134,11 @@ fn the_daemon_publishes_motion_and_camera_status_from_a_pipe() {
     });
     assert!(offline.json()["error"].as_str().unwrap().starts_with("its output ended"), "{}", offline.payload);
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    // A clean stop leaves `stopped` on the camera's topic too, before the station's.
+    let stopped = subscriber.wait_for("the camera stopped", wait, |m| {
+        m.topic == "outpost/csi/camera/status" && m.json()["state"] == "stopped"
+    });
+    assert_eq!(stopped.json()["source"], format!("sh -c {script}"));
     subscriber.wait_for_payload("outpost/csi/status", "stopped", wait);
 }
 

@@ -18,6 +18,8 @@ use super::{AudioChunk, AudioSource, SourceError, MAX_CHUNK_SAMPLES};
 
 /// What the gates and the model take: 16 kHz mono.
 pub const CAPTURE_RATE: u32 = 16_000;
+/// A microphone that delivers nothing for this long is taken as failed.
+const STALL_TIMEOUT_MS: u32 = 5_000;
 
 /// How the PCM is asked to buffer: a period is one chunk, the buffer holds `buffer_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,9 +106,14 @@ impl AlsaCapture {
         let io = open.pcm.io_i16().map_err(|e| e.to_string())?;
         let mut filled = 0;
         while filled < self.buffer.len() {
-            match io.readi(&mut self.buffer[filled..]) {
-                // A blocking read returns at least one frame; a zero would spin, so wait instead.
-                Ok(0) => open.pcm.wait(Some(1000)).map(drop).map_err(|e| e.to_string())?,
+            // Waiting first bounds a read: a microphone that stops sending without an error (a
+            // hung USB device) is taken as failed instead of blocking the source for ever.
+            let read = match open.pcm.wait(Some(STALL_TIMEOUT_MS)) {
+                Ok(true) => io.readi(&mut self.buffer[filled..]),
+                Ok(false) => return Err(format!("no audio for {} s: the microphone stalled", STALL_TIMEOUT_MS / 1000)),
+                Err(e) => Err(e),
+            };
+            match read {
                 Ok(frames) => filled += frames * channels,
                 // EPIPE: overrun; ESTRPIPE: the system was suspended. Both are recovered in place.
                 Err(e) if e.errno() == libc::EPIPE || e.errno() == libc::ESTRPIPE => {
@@ -115,6 +122,8 @@ impl AlsaCapture {
                         tracing::warn!(device = %self.reconnect.source(), overruns = self.overruns, "microphone overrun: audio was lost, capture goes on");
                     }
                     open.pcm.try_recover(e, true).map_err(|e| format!("cannot recover from an overrun: {e}"))?;
+                    // Recovery leaves a capture stream prepared, not running: waiting needs it started.
+                    open.pcm.start().map_err(|e| format!("cannot restart capture after an overrun: {e}"))?;
                     filled = 0;
                 }
                 Err(e) => return Err(e.to_string()),
@@ -174,6 +183,8 @@ impl OpenPcm {
             );
         }
         pcm.prepare().map_err(|e| fail("cannot prepare it", e))?;
+        // Started now rather than by the first read, so that reads can wait with a timeout.
+        pcm.start().map_err(|e| fail("cannot start capture", e))?;
         Ok(Self { pcm, rate, channels, converter })
     }
 

@@ -21,6 +21,8 @@ pub enum DeviceState {
     Offline,
     /// A replayed file reached its end (live devices never end).
     Ended,
+    /// The station stopped capturing (a clean stop).
+    Stopped,
 }
 
 /// One report, published as JSON: `{"state":"offline","source":"...","error":"...","retry_in_secs":4.0,"since":"..."}`.
@@ -43,6 +45,18 @@ pub struct DeviceStatus {
 }
 
 impl DeviceStatus {
+    /// What a device's topic says once the station has stopped.
+    pub fn stopped(source: &str) -> Self {
+        Self {
+            state: DeviceState::Stopped,
+            source: source.to_owned(),
+            mode: None,
+            error: None,
+            retry_in_secs: None,
+            since: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        }
+    }
+
     pub fn to_json(&self) -> String {
         // Plain data with string keys: serialising cannot fail.
         serde_json::to_string(self).unwrap_or_default()
