@@ -198,14 +198,8 @@ fn a_microphone_that_vanishes_is_reported_and_resumes_when_it_returns() {
     microphone.next_chunk().unwrap().unwrap();
     std::fs::remove_file(&present).unwrap();
     let replug = std::thread::spawn(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let gone = loop {
-            if let Some(status) = status_rx.borrow_and_update().clone().filter(|s| s.state == DeviceState::Offline) {
-                break status;
-            }
-            assert!(std::time::Instant::now() < deadline, "no offline status");
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let gone =
+            common::wait_for_status(&mut status_rx, Duration::from_secs(10), |s| s.state == DeviceState::Offline);
         std::thread::sleep(Duration::from_millis(200));
         std::fs::write(&present, "").unwrap();
         (gone, status_rx)

@@ -5,12 +5,9 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use outpost::capture::{
-    split_jpeg_frames, DeviceState, DeviceStatus, FrameSource, PipeCamera, StatusReporter, StopFlag,
-};
-use tokio::sync::watch;
+use outpost::capture::{split_jpeg_frames, DeviceState, FrameSource, PipeCamera, StatusReporter, StopFlag};
 
 fn clip() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("media/people.mjpeg")
@@ -24,28 +21,6 @@ fn clip_frames() -> Vec<image::RgbImage> {
         .into_iter()
         .map(|range| image::load_from_memory(&bytes[range]).unwrap().to_rgb8())
         .collect()
-}
-
-/// Waits until the status matches, failing with every state seen.
-fn wait_for_status(
-    receiver: &mut watch::Receiver<Option<DeviceStatus>>,
-    timeout: Duration,
-    wanted: impl Fn(&DeviceStatus) -> bool,
-) -> DeviceStatus {
-    let deadline = Instant::now() + timeout;
-    let mut seen = Vec::new();
-    loop {
-        if let Some(status) = receiver.borrow_and_update().clone() {
-            if wanted(&status) {
-                return status;
-            }
-            if seen.last() != Some(&status) {
-                seen.push(status);
-            }
-        }
-        assert!(Instant::now() < deadline, "no such status within {timeout:?}; seen: {seen:#?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -80,7 +55,7 @@ fn a_failing_command_is_reported_with_its_exit_status_and_last_message() {
     let mut camera = PipeCamera::start(command, 10.0, status, StopFlag::default());
     // The source retries for ever: run it on a thread of its own and watch its status.
     std::thread::spawn(move || camera.next_frame());
-    let offline = wait_for_status(&mut status_rx, Duration::from_secs(10), |s| s.state == DeviceState::Offline);
+    let offline = common::wait_for_status(&mut status_rx, Duration::from_secs(10), |s| s.state == DeviceState::Offline);
     let error = offline.error.unwrap();
     assert!(error.starts_with("its output ended (exit status: 3)"), "{error}");
     assert!(error.ends_with("its last message: ERROR: no cameras available"), "{error}");

@@ -7,14 +7,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use outpost::capture::{
-    split_jpeg_frames, yuyv_to_rgb, DeviceState, DeviceStatus, FrameSource, StatusReporter, StopFlag, V4l2Camera,
-    V4l2Settings,
+    split_jpeg_frames, yuyv_to_rgb, DeviceState, FrameSource, StatusReporter, StopFlag, V4l2Camera, V4l2Settings,
 };
 use outpost::config::PixelFormat;
-use tokio::sync::watch;
 
 const CHILD: &str = "OUTPOST_V4L2_TEST_CHILD";
 const WIDTH: u32 = 64;
@@ -107,21 +105,6 @@ fn settings(format: PixelFormat, width: u32, height: u32, fps: f64) -> V4l2Setti
     V4l2Settings { format, width, height, fps }
 }
 
-fn wait_for_status(
-    receiver: &mut watch::Receiver<Option<DeviceStatus>>,
-    timeout: Duration,
-    wanted: impl Fn(&DeviceStatus) -> bool,
-) -> DeviceStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = receiver.borrow_and_update().clone().filter(|s| wanted(s)) {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "no such status within {timeout:?}; last: {:?}", receiver.borrow());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 #[ignore = "runs under the camera emulator, started by yuyv_frames_equal_the_media"]
 fn child_yuyv_frames() {
@@ -208,7 +191,7 @@ fn child_unplug_and_return() {
     std::fs::remove_file(&node).unwrap();
     let mut watcher = status_rx.clone();
     let replug = std::thread::spawn(move || {
-        let gone = wait_for_status(&mut watcher, Duration::from_secs(5), |s| s.state == DeviceState::Offline);
+        let gone = common::wait_for_status(&mut watcher, Duration::from_secs(5), |s| s.state == DeviceState::Offline);
         std::thread::sleep(Duration::from_millis(300));
         std::fs::write(&node, b"").unwrap();
         gone
@@ -224,7 +207,7 @@ fn child_unplug_and_return() {
     assert_eq!(frame.seq, 3, "numbering goes on across the outage");
     assert_eq!(*frame.image, yuyv_to_rgb(&yuyv_frames()[0], WIDTH, HEIGHT).unwrap(), "a fresh stream starts");
     assert_eq!(camera.reopens(), 1);
-    let back = wait_for_status(&mut status_rx, Duration::ZERO, |s| s.state == DeviceState::Online);
+    let back = common::wait_for_status(&mut status_rx, Duration::ZERO, |s| s.state == DeviceState::Online);
     assert_eq!(back.mode.as_deref(), Some("YUYV 64x48 at 20 fps"));
 }
 

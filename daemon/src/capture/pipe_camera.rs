@@ -25,8 +25,6 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_CHECK: Duration = Duration::from_millis(250);
 /// How long a stopped command gets to exit on SIGTERM before SIGKILL.
 const EXIT_GRACE: Duration = Duration::from_millis(500);
-/// Frames in a row that cannot be decoded before the command is restarted.
-const MAX_BAD_FRAMES: u32 = 10;
 
 pub struct PipeCamera {
     command: Vec<String>,
@@ -36,7 +34,6 @@ pub struct PipeCamera {
     reconnect: Reconnect,
     limiter: RateLimiter,
     seq: u64,
-    bad_frames_in_a_row: u32,
     started_before: bool,
     restarts: u64,
 }
@@ -60,7 +57,6 @@ impl PipeCamera {
             read_buffer: vec![0; 64 << 10],
             limiter: RateLimiter::new(Duration::from_secs_f64(1.0 / fps)),
             seq: 0,
-            bad_frames_in_a_row: 0,
             started_before: false,
             restarts: 0,
         };
@@ -125,7 +121,6 @@ impl PipeCamera {
             Some(running) => running.stop(error),
             None => error,
         };
-        self.bad_frames_in_a_row = 0;
         self.reconnect.failed(error);
     }
 
@@ -168,7 +163,8 @@ impl Running {
     /// Stops the command's process group (if the command has not exited) and adds how it ended
     /// to `error`.
     fn stop(mut self, mut error: String) -> String {
-        let exited = matches!(self.child.try_wait(), Ok(Some(_)));
+        // A command whose output ended is usually exiting: a moment lets its status be told.
+        let exited = self.exited_within(Duration::from_millis(200));
         if !exited {
             self.terminate();
         }
@@ -190,15 +186,23 @@ impl Running {
         let Ok(group) = i32::try_from(self.child.id()) else { return };
         // SAFETY: kill(2) with a negative pid signals the process group the child leads.
         unsafe { libc::kill(-group, libc::SIGTERM) };
-        let deadline = Instant::now() + EXIT_GRACE;
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if !self.exited_within(EXIT_GRACE) {
+            // SAFETY: as above.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
         }
-        // SAFETY: as above.
-        unsafe { libc::kill(-group, libc::SIGKILL) };
+    }
+
+    fn exited_within(&mut self, time: Duration) -> bool {
+        let deadline = Instant::now() + time;
+        loop {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
@@ -259,7 +263,6 @@ impl FrameSource for PipeCamera {
             }
             match decode_jpeg(&jpeg) {
                 Ok(image) => {
-                    self.bad_frames_in_a_row = 0;
                     // Only a frame proves the command works: starting it is not enough.
                     self.reconnect.delivered(|| format!("MJPEG {}x{}", image.width(), image.height()));
                     let seq = self.seq;
@@ -267,12 +270,8 @@ impl FrameSource for PipeCamera {
                     return Ok(Some(Frame { seq, captured_at: SystemTime::now(), image: Arc::new(image) }));
                 }
                 Err(problem) => {
-                    self.bad_frames_in_a_row += 1;
-                    if self.bad_frames_in_a_row == 1 {
-                        tracing::warn!("camera command: a frame cannot be decoded, skipping it: {problem}");
-                    }
-                    if self.bad_frames_in_a_row >= MAX_BAD_FRAMES {
-                        self.fail(format!("{MAX_BAD_FRAMES} frames in a row cannot be decoded: {problem}"));
+                    if let Some(error) = self.reconnect.bad_frame(&problem) {
+                        self.fail(error);
                     }
                 }
             }

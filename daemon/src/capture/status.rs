@@ -217,12 +217,25 @@ pub struct Reconnect {
     backoff: Backoff,
     wait_first: bool,
     delivering: bool,
+    bad_in_a_row: u32,
 }
 
 impl Reconnect {
+    /// Frames in a row that cannot be decoded before the device is taken as failing.
+    pub const MAX_BAD_IN_A_ROW: u32 = 10;
+
     /// `what` names the kind of device in log lines: "camera", "microphone".
     pub fn new(what: &'static str, source: String, status: StatusReporter, stop: StopFlag) -> Self {
-        Self { source, what, status, stop, backoff: Backoff::new(), wait_first: false, delivering: false }
+        Self {
+            source,
+            what,
+            status,
+            stop,
+            backoff: Backoff::new(),
+            wait_first: false,
+            delivering: false,
+            bad_in_a_row: 0,
+        }
     }
 
     pub fn source(&self) -> &str {
@@ -252,11 +265,24 @@ impl Reconnect {
         self.status.offline(&self.source, error, delay);
         self.wait_first = true;
         self.delivering = false;
+        self.bad_in_a_row = 0;
+    }
+
+    /// A frame that cannot be decoded: the first of a run is logged and skipped; a run of
+    /// `MAX_BAD_IN_A_ROW` means the device is failing, and the error to fail it with comes back.
+    pub fn bad_frame(&mut self, problem: &str) -> Option<String> {
+        self.bad_in_a_row += 1;
+        if self.bad_in_a_row == 1 {
+            tracing::warn!("{} {}: a frame cannot be decoded, skipping it: {problem}", self.what, self.source);
+        }
+        (self.bad_in_a_row >= Self::MAX_BAD_IN_A_ROW)
+            .then(|| format!("{} frames in a row cannot be decoded: {problem}", Self::MAX_BAD_IN_A_ROW))
     }
 
     /// A frame or chunk arrived: the first since the device was opened reports it online, in
     /// `mode`, and resets the back-off. True for that first one.
     pub fn delivered(&mut self, mode: impl FnOnce() -> String) -> bool {
+        self.bad_in_a_row = 0;
         if self.delivering {
             return false;
         }

@@ -36,8 +36,6 @@ const BUFFER_COUNT: u32 = 4;
 /// A camera that sends nothing for this long is taken as failed (a first frame after STREAMON can
 /// take a second while exposure settles).
 const STALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// Frames in a row that cannot be decoded before the camera is reopened.
-const MAX_BAD_FRAMES: u32 = 10;
 
 const MJPG: FourCC = FourCC { repr: *b"MJPG" };
 const YUYV: FourCC = FourCC { repr: *b"YUYV" };
@@ -100,7 +98,6 @@ pub struct V4l2Camera {
     reconnect: Reconnect,
     limiter: RateLimiter,
     seq: u64,
-    bad_frames_in_a_row: u32,
     opened_before: bool,
     reopens: u64,
 }
@@ -116,7 +113,6 @@ impl V4l2Camera {
             open: None,
             limiter: RateLimiter::new(Duration::from_secs_f64(1.0 / settings.fps)),
             seq: 0,
-            bad_frames_in_a_row: 0,
             opened_before: false,
             reopens: 0,
         };
@@ -166,7 +162,6 @@ impl V4l2Camera {
 
     /// Closes a camera that failed; the next `next_frame` opens it again after its back-off.
     fn fail(&mut self, error: String) {
-        self.bad_frames_in_a_row = 0;
         if let Some(camera) = self.open.take() {
             camera.close(&self.path);
         }
@@ -213,20 +208,14 @@ impl FrameSource for V4l2Camera {
             let (mode, stride) = (camera.mode, camera.stride);
             match convert(mode, stride, &bytes[..used.min(bytes.len())]) {
                 Ok(image) => {
-                    self.bad_frames_in_a_row = 0;
                     self.reconnect.delivered(|| mode.to_string());
                     let seq = self.seq;
                     self.seq += 1;
                     return Ok(Some(Frame { seq, captured_at: SystemTime::now(), image: Arc::new(image) }));
                 }
                 Err(problem) => {
-                    self.bad_frames_in_a_row += 1;
-                    if self.bad_frames_in_a_row == 1 {
-                        let name = self.reconnect.source();
-                        tracing::warn!("camera {name}: a frame cannot be decoded, skipping it: {problem}");
-                    }
-                    if self.bad_frames_in_a_row >= MAX_BAD_FRAMES {
-                        self.fail(format!("{MAX_BAD_FRAMES} frames in a row cannot be decoded: {problem}"));
+                    if let Some(error) = self.reconnect.bad_frame(&problem) {
+                        self.fail(error);
                     }
                 }
             }

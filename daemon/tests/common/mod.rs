@@ -306,3 +306,25 @@ pub fn workspace_library(file: &str, package: &str) -> PathBuf {
         panic!("{file} is not built: run `cargo build -p {package}` (test.sh builds the whole workspace)")
     })
 }
+
+/// Waits until a device's status matches, failing with every state seen meanwhile.
+pub fn wait_for_status(
+    receiver: &mut tokio::sync::watch::Receiver<Option<outpost::capture::DeviceStatus>>,
+    timeout: Duration,
+    wanted: impl Fn(&outpost::capture::DeviceStatus) -> bool,
+) -> outpost::capture::DeviceStatus {
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    loop {
+        if let Some(status) = receiver.borrow_and_update().clone() {
+            if wanted(&status) {
+                return status;
+            }
+            if seen.last() != Some(&status) {
+                seen.push(status);
+            }
+        }
+        assert!(Instant::now() < deadline, "no such status within {timeout:?}; seen: {seen:#?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
