@@ -74,14 +74,18 @@ pub fn report(cameras: &[PathBuf]) -> String {
         out.push_str("  none: no /dev/video* (is a USB camera plugged in? `dmesg` says whether the kernel saw one)\n");
         out.push_str("  A Pi camera module on the CSI connector is read through libcamera: use source = \"pipe\" with rpicam-vid.\n");
     }
+    // A by-id name and the /dev/videoN it points to are one camera: described once, by-id first.
+    let mut seen = std::collections::HashSet::new();
     for node in cameras {
-        match std::fs::read_link(&node) {
-            Ok(target) => {
-                let _ = writeln!(out, "  {} -> {}", node.display(), target.display());
-            }
-            Err(_) => {
-                let _ = writeln!(out, "  {}", node.display());
-            }
+        let real = std::fs::canonicalize(&node).unwrap_or_else(|_| node.clone());
+        if real == node {
+            let _ = writeln!(out, "  {}", node.display());
+        } else {
+            let _ = writeln!(out, "  {} -> {}", node.display(), real.display());
+        }
+        if !seen.insert(real) {
+            let _ = writeln!(out, "    (the same camera as above)");
+            continue;
         }
         match describe_camera(&node) {
             Ok(lines) => {

@@ -243,19 +243,24 @@ fn a_camera_missing_at_start_is_picked_up_later() {
 #[test]
 fn probe_describes_an_emulated_camera() {
     let camera = EmulatedCamera::mjpeg("30,15");
+    let node = camera.dir.path().join("video0");
     let output = Command::new(env!("CARGO_BIN_EXE_outpostd"))
         .args(["probe", "--camera"])
         .arg(camera.by_id())
+        .arg("--camera")
+        .arg(&node)
         .envs(camera.env())
         .output()
         .unwrap();
     assert!(output.status.success(), "{output:?}");
     let shown = String::from_utf8(output.stdout).unwrap();
     println!("{shown}");
+    // Named twice, by its stable name and its node: described once.
     let expected = format!(
-        "  {} -> {}\n    Outpost emulated camera (outpost-emu, usb-emulated)\n    MJPG (Motion-JPEG):\n      320x240 at 30, 15 fps\n",
+        "  {} -> {}\n    Outpost emulated camera (outpost-emu, usb-emulated)\n    MJPG (Motion-JPEG):\n      320x240 at 30, 15 fps\n  {}\n    (the same camera as above)\n",
         camera.by_id().display(),
-        camera.dir.path().join("video0").display()
+        node.display(),
+        node.display()
     );
     assert!(shown.contains(&expected), "{shown}");
 }

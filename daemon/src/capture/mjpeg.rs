@@ -76,14 +76,23 @@ impl JpegStreamSplitter {
         self.pending.extend_from_slice(bytes);
     }
 
-    /// The next complete image, if one has arrived. Bytes before an image's start marker are
-    /// dropped.
-    pub(super) fn next_frame(&mut self) -> Option<Vec<u8>> {
+    /// The next complete image, if one has arrived; `Err` for one that is broken, which is
+    /// dropped so that the stream picks up again at the next start marker. Bytes before an
+    /// image's start marker are dropped.
+    pub(super) fn next_frame(&mut self) -> Option<Result<Vec<u8>, String>> {
         let start = self.pending.windows(2).position(|w| w == [0xFF, SOI])?;
         self.pending.drain(..start);
-        let end = jpeg_end(&self.pending, 0)?;
-        let rest = self.pending.split_off(end);
-        Some(std::mem::replace(&mut self.pending, rest))
+        match scan_jpeg(&self.pending, 0) {
+            Scan::Complete(end) => {
+                let rest = self.pending.split_off(end);
+                Some(Ok(std::mem::replace(&mut self.pending, rest)))
+            }
+            Scan::Incomplete => None,
+            Scan::Invalid(at) => {
+                self.pending.drain(..2);
+                Some(Err(format!("a broken JPEG frame (bad marker at byte {at}) was dropped")))
+            }
+        }
     }
 
     pub(super) fn pending(&self) -> usize {
@@ -111,8 +120,18 @@ pub fn split_jpeg_frames(bytes: &[u8]) -> Result<Vec<Range<usize>>, String> {
         // Tolerate padding between frames, as some cameras write it.
         let Some(offset) = bytes[pos..].windows(2).position(|w| w == [0xFF, SOI]) else { break };
         let start = pos + offset;
-        let end = jpeg_end(bytes, start)
-            .ok_or_else(|| format!("frame {} (at byte {start}) is cut off before its end marker", frames.len() + 1))?;
+        let end = match scan_jpeg(bytes, start) {
+            Scan::Complete(end) => end,
+            Scan::Incomplete => {
+                return Err(format!("frame {} (at byte {start}) is cut off before its end marker", frames.len() + 1))
+            }
+            Scan::Invalid(at) => {
+                return Err(format!(
+                    "frame {} (at byte {start}) is broken: no JPEG marker at byte {at}",
+                    frames.len() + 1
+                ))
+            }
+        };
         frames.push(start..end);
         pos = end;
     }
@@ -122,26 +141,46 @@ pub fn split_jpeg_frames(bytes: &[u8]) -> Result<Vec<Range<usize>>, String> {
     Ok(frames)
 }
 
-/// Offset just past the end-of-image marker of the JPEG that starts at `start`.
-fn jpeg_end(bytes: &[u8], start: usize) -> Option<usize> {
+/// How far the JPEG that starts at a given offset goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// Offset just past its end-of-image marker.
+    Complete(usize),
+    /// The bytes end before it does.
+    Incomplete,
+    /// Something that is not a JPEG marker where one must be, at this offset.
+    Invalid(usize),
+}
+
+/// Walks the JPEG that starts at `start` to its end-of-image marker.
+fn scan_jpeg(bytes: &[u8], start: usize) -> Scan {
     let mut pos = start + 2;
     // Marker segments up to start-of-scan carry their own lengths.
     loop {
-        while *bytes.get(pos)? == 0xFF && *bytes.get(pos + 1)? == 0xFF {
-            pos += 1; // fill bytes
+        let (Some(&first), Some(&marker)) = (bytes.get(pos), bytes.get(pos + 1)) else { return Scan::Incomplete };
+        if first != 0xFF {
+            return Scan::Invalid(pos);
         }
-        if *bytes.get(pos)? != 0xFF {
-            return None;
-        }
-        let marker = *bytes.get(pos + 1)?;
         match marker {
-            EOI => return Some(pos + 2),
+            0xFF => pos += 1, // a fill byte
+            EOI => return Scan::Complete(pos + 2),
+            // A new image inside this one: this one was cut short.
+            SOI | 0x00 => return Scan::Invalid(pos),
             0xD0..=0xD7 | 0x01 => pos += 2,
             _ => {
-                let length = usize::from(u16::from_be_bytes([*bytes.get(pos + 2)?, *bytes.get(pos + 3)?]));
+                let (Some(&high), Some(&low)) = (bytes.get(pos + 2), bytes.get(pos + 3)) else {
+                    return Scan::Incomplete;
+                };
+                let length = usize::from(u16::from_be_bytes([high, low]));
+                if length < 2 {
+                    return Scan::Invalid(pos);
+                }
                 pos += 2 + length;
                 if marker == SOS {
-                    pos = scan_entropy_coded(bytes, pos)?;
+                    match scan_entropy_coded(bytes, pos) {
+                        Some(next) => pos = next,
+                        None => return Scan::Incomplete,
+                    }
                 }
             }
         }
@@ -212,7 +251,7 @@ mod tests {
         for piece in bytes.chunks(4093) {
             splitter.push(piece);
             while let Some(frame) = splitter.next_frame() {
-                out.push(frame);
+                out.push(frame.unwrap());
             }
         }
         assert_eq!(out.len(), frames.len());
@@ -220,6 +259,24 @@ mod tests {
             assert_eq!(got.as_slice(), &bytes[range.clone()]);
         }
         assert_eq!(splitter.pending(), 0);
+    }
+
+    #[test]
+    fn stream_splitter_drops_a_broken_frame_and_picks_up_at_the_next() {
+        let bytes = builtin_people().read().unwrap();
+        let frames = split_jpeg_frames(&bytes).unwrap();
+        let mut splitter = JpegStreamSplitter::default();
+        // Frame 0 cut short in its image data (a camera glitch), then frames 1 and 2 whole.
+        let cut = &bytes[frames[0].start..frames[0].start + 5000];
+        splitter.push(cut);
+        splitter.push(&bytes[frames[1].start..frames[2].end]);
+        let first = splitter.next_frame().unwrap();
+        assert!(first.unwrap_err().starts_with("a broken JPEG frame"), "the cut frame is reported");
+        let mut whole = Vec::new();
+        while let Some(frame) = splitter.next_frame() {
+            whole.push(frame.unwrap());
+        }
+        assert_eq!(whole, [bytes[frames[1].clone()].to_vec(), bytes[frames[2].clone()].to_vec()]);
     }
 
     #[test]

@@ -252,11 +252,20 @@ impl FrameSource for PipeCamera {
                 }
                 continue;
             }
-            let Some(jpeg) = self.splitter.next_frame() else {
-                if let Err(error) = self.read_some() {
-                    self.fail(error);
+            let jpeg = match self.splitter.next_frame() {
+                Some(Ok(jpeg)) => jpeg,
+                Some(Err(problem)) => {
+                    if let Some(error) = self.reconnect.bad_frame(&problem) {
+                        self.fail(error);
+                    }
+                    continue;
                 }
-                continue;
+                None => {
+                    if let Err(error) = self.read_some() {
+                        self.fail(error);
+                    }
+                    continue;
+                }
             };
             if !self.limiter.admit(Instant::now()) {
                 continue;
