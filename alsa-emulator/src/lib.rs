@@ -10,6 +10,8 @@
 //! - With `present`, the device exists only while that file exists: opening fails with -ENODEV
 //!   while it is missing, and an open PCM whose file disappears reports itself disconnected
 //!   (`readi` returns -ENODEV).
+//! - With `stall`, the device delivers nothing while that file exists (its clock stands still,
+//!   without an error), so a program's stall timeout can be tested.
 //!
 //! The samples come from `infile` (raw S16_LE interleaved), played like a tape that runs while the
 //! PCM runs and loops at the end of the file.
@@ -23,7 +25,7 @@ mod ffi;
 use std::ffi::{c_char, c_int, c_long, c_uint, c_ushort, c_void, CStr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ffi::*;
 
@@ -57,6 +59,8 @@ struct Emu {
     present: Option<PathBuf>,
     /// Set once `present` was seen missing: the PCM stays disconnected until closed.
     disconnected: bool,
+    /// With `stall`: while this file exists the device's clock stands still.
+    stall: Option<Stall>,
     /// A timerfd ticking once a period while running: the poll descriptor, so that a blocking
     /// `readi` (or `snd_pcm_wait`) sleeps in poll until the next period is due.
     timer: OwnedFd,
@@ -68,12 +72,75 @@ struct Emu {
     last_hw: snd_pcm_sframes_t,
 }
 
+/// The `stall` file, and the inotify watch that wakes poll when it goes: with the timer stopped
+/// during a stall, a blocking read (which alsa-lib lets wait without a timeout) has nothing else
+/// to wake it. The poll descriptor is then an epoll of the timer and the inotify descriptor.
+struct Stall {
+    path: PathBuf,
+    inotify: OwnedFd,
+    epoll: OwnedFd,
+    /// The watch on the file while stalled.
+    watch: Option<c_int>,
+}
+
+impl Stall {
+    fn new(path: PathBuf, timer: &OwnedFd) -> Result<Stall, c_int> {
+        // SAFETY: plain syscalls; each descriptor is owned as soon as it exists.
+        unsafe {
+            let inotify = libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC);
+            if inotify < 0 {
+                return Err(-errno());
+            }
+            let inotify = OwnedFd::from_raw_fd(inotify);
+            let epoll = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+            if epoll < 0 {
+                return Err(-errno());
+            }
+            let epoll = OwnedFd::from_raw_fd(epoll);
+            for fd in [timer.as_raw_fd(), inotify.as_raw_fd()] {
+                let mut event = libc::epoll_event { events: libc::EPOLLIN as u32, u64: 0 };
+                if libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) < 0 {
+                    return Err(-errno());
+                }
+            }
+            Ok(Stall { path, inotify, epoll, watch: None })
+        }
+    }
+
+    /// Watches the file for its removal; false when it is already gone.
+    fn watch(&mut self) -> bool {
+        let Ok(path) = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()) else { return false };
+        let mask = libc::IN_DELETE_SELF | libc::IN_MOVE_SELF | libc::IN_ATTRIB;
+        // SAFETY: a valid inotify descriptor and a NUL-terminated path.
+        let watch = unsafe { libc::inotify_add_watch(self.inotify.as_raw_fd(), path.as_ptr(), mask) };
+        self.watch = (watch >= 0).then_some(watch);
+        self.watch.is_some()
+    }
+
+    fn unwatch(&mut self) {
+        if let Some(watch) = self.watch.take() {
+            // SAFETY: plain syscall; fails harmlessly when the kernel already dropped the watch.
+            unsafe { libc::inotify_rm_watch(self.inotify.as_raw_fd(), watch) };
+        }
+    }
+
+    /// Reads away pending events, so that poll sleeps again.
+    fn drain(&self) {
+        let mut events = [0u8; 4096];
+        // SAFETY: reads into `events` from a non-blocking descriptor (EAGAIN when none).
+        while unsafe { libc::read(self.inotify.as_raw_fd(), events.as_mut_ptr().cast(), events.len()) } > 0 {}
+    }
+}
+
 struct Run {
     start: Instant,
     /// Frames handed to the application in this run.
     consumed: u64,
     /// Set when an overrun was detected: the frames the device had recorded by then.
     overrun_at: Option<u64>,
+    /// Time spent stalled in earlier stalls, and when the current one began: neither records.
+    frozen: Duration,
+    stalled_since: Option<Instant>,
 }
 
 impl Emu {
@@ -81,9 +148,45 @@ impl Emu {
         self.channels as usize * 2
     }
 
-    /// Frames the device has recorded since `start`, by CLOCK_MONOTONIC (`Instant`).
+    /// Frames the device has recorded since `start`, by CLOCK_MONOTONIC (`Instant`), less the
+    /// time it was stalled.
     fn elapsed_frames(&self, run: &Run) -> u64 {
-        (run.start.elapsed().as_nanos() * u128::from(self.rate) / 1_000_000_000) as u64
+        let until = run.stalled_since.unwrap_or_else(Instant::now);
+        let recording = until.saturating_duration_since(run.start).saturating_sub(run.frozen);
+        (recording.as_nanos() * u128::from(self.rate) / 1_000_000_000) as u64
+    }
+
+    /// One timer tick a period, rounded up so that a period is always due when it fires.
+    fn period_ns(&self) -> u64 {
+        let rate = u128::from(self.rate);
+        (self.io.period_size as u128 * 1_000_000_000).div_ceil(rate).max(1) as u64
+    }
+
+    /// Whether the running device is stalled (`stall` exists: one `stat`). Freezes or resumes its
+    /// clock when that changes; the timer stops meanwhile, so that poll (`snd_pcm_wait`) waits
+    /// out its timeout rather than waking each period to find nothing.
+    fn stalled(&mut self) -> bool {
+        let Some(stall) = &mut self.stall else { return false };
+        let stalled = stall.path.exists();
+        let Some(run) = &mut self.run else { return stalled };
+        match (stalled, run.stalled_since) {
+            (true, None) => {
+                // A file gone before the watch is set is a stall that already ended.
+                if !stall.watch() {
+                    return false;
+                }
+                run.stalled_since = Some(Instant::now());
+                self.set_timer(None);
+            }
+            (false, Some(since)) => {
+                stall.unwatch();
+                run.frozen += since.elapsed();
+                run.stalled_since = None;
+                self.set_timer(Some(self.period_ns()));
+            }
+            _ => {}
+        }
+        stalled
     }
 
     /// Whether the emulated device has gone: `present` is set and missing (one `stat`), now or
@@ -147,6 +250,9 @@ impl Emu {
         }
         self.last_hw = 0;
         self.set_timer(None);
+        if let Some(stall) = &mut self.stall {
+            stall.unwatch();
+        }
     }
 }
 
@@ -167,12 +273,12 @@ unsafe extern "C" fn emu_start(io: *mut snd_pcm_ioplug_t) -> c_int {
     if emu.vanished() {
         return -libc::ENODEV;
     }
-    emu.run = Some(Run { start: Instant::now(), consumed: 0, overrun_at: None });
+    emu.run =
+        Some(Run { start: Instant::now(), consumed: 0, overrun_at: None, frozen: Duration::ZERO, stalled_since: None });
     emu.last_hw = 0;
-    // One tick a period, rounded up so that a period is always due when it fires.
-    let rate = u128::from(emu.rate);
-    let period_ns = (emu.io.period_size as u128 * 1_000_000_000).div_ceil(rate).max(1);
-    emu.set_timer(Some(period_ns as u64))
+    let err = emu.set_timer(Some(emu.period_ns()));
+    emu.stalled();
+    err
 }
 
 unsafe extern "C" fn emu_stop(io: *mut snd_pcm_ioplug_t) -> c_int {
@@ -191,6 +297,7 @@ unsafe extern "C" fn emu_pointer(io: *mut snd_pcm_ioplug_t) -> snd_pcm_sframes_t
         // hide the disconnection. The state is DISCONNECTED now; readi reports -ENODEV.
         return emu.last_hw;
     }
+    emu.stalled();
     if emu.overrun() {
         return -(libc::EPIPE as snd_pcm_sframes_t);
     }
@@ -241,8 +348,9 @@ unsafe extern "C" fn emu_prepare(io: *mut snd_pcm_ioplug_t) -> c_int {
     0
 }
 
-/// Called after poll woke up on the timer: a period is due, so POLLIN; POLLERR (with the state
-/// set) when the device has gone or the application has overrun, as a sound card's driver does.
+/// Called after poll woke up on the timer (or the stall file's watch): a period is due, so POLLIN;
+/// POLLERR (with the state set) when the device has gone or the application has overrun, as a
+/// sound card's driver does; nothing while stalled.
 unsafe extern "C" fn emu_poll_revents(
     io: *mut snd_pcm_ioplug_t,
     pfd: *mut libc::pollfd,
@@ -251,9 +359,15 @@ unsafe extern "C" fn emu_poll_revents(
 ) -> c_int {
     let emu = unsafe { emu(io) };
     emu.drain_timer();
+    if let Some(stall) = &emu.stall {
+        stall.drain();
+    }
     let mut events = if nfds > 0 { unsafe { (*pfd).revents as c_ushort } } else { 0 };
     if emu.vanished() {
         events = libc::POLLERR as c_ushort;
+    } else if emu.stalled() {
+        // A tick from before the stall: nothing is due.
+        events = 0;
     } else if emu.overrun() {
         // SAFETY: the live ioplug handle; set_state only stores the state.
         unsafe { snd_pcm_ioplug_set_state(io, alsa_sys::SND_PCM_STATE_XRUN) };
@@ -320,14 +434,15 @@ struct Config {
     rate: u32,
     channels: u32,
     present: Option<PathBuf>,
+    stall: Option<PathBuf>,
 }
 
-/// Reads the PCM's config node: `infile`, `rate`, `channels` (required) and `present`.
+/// Reads the PCM's config node: `infile`, `rate`, `channels` (required), `present` and `stall`.
 ///
 /// # Safety
 /// `conf` must be a valid compound config node.
 unsafe fn read_config(name: &str, conf: *mut snd_config_t) -> Result<Config, c_int> {
-    let (mut infile, mut rate, mut channels, mut present) = (None, None, None, None);
+    let (mut infile, mut rate, mut channels, mut present, mut stall) = (None, None, None, None, None);
     unsafe {
         let end = alsa_sys::snd_config_iterator_end(conf);
         let mut it = alsa_sys::snd_config_iterator_first(conf);
@@ -357,6 +472,7 @@ unsafe fn read_config(name: &str, conf: *mut snd_config_t) -> Result<Config, c_i
                 "comment" | "type" | "hint" => {}
                 "infile" => infile = Some(string()?),
                 "present" => present = Some(string()?),
+                "stall" => stall = Some(string()?),
                 "rate" => rate = Some(integer()?),
                 "channels" => channels = Some(integer()?),
                 _ => return Err(config_error(libc::EINVAL, format!("{name}: unknown field {id}"))),
@@ -373,7 +489,7 @@ unsafe fn read_config(name: &str, conf: *mut snd_config_t) -> Result<Config, c_i
     if !(1..=MAX_CHANNELS).contains(&channels) {
         return Err(config_error(libc::EINVAL, format!("{name}: channels {channels} is outside 1..={MAX_CHANNELS}")));
     }
-    Ok(Config { infile, rate: rate as u32, channels: channels as u32, present })
+    Ok(Config { infile, rate: rate as u32, channels: channels as u32, present, stall })
 }
 
 /// The open function alsa-lib calls for a PCM of type `outpost_emu`: what
@@ -428,12 +544,17 @@ pub unsafe extern "C" fn _snd_pcm_outpost_emu_open(
         return -errno();
     }
     let timer = unsafe { OwnedFd::from_raw_fd(timer) };
+    let stall = match config.stall.map(|path| Stall::new(path, &timer)).transpose() {
+        Ok(stall) => stall,
+        Err(err) => return err,
+    };
+    let poll_fd = stall.as_ref().map_or(timer.as_raw_fd(), |stall| stall.epoll.as_raw_fd());
     let emu = Box::new(Emu {
         io: snd_pcm_ioplug_t {
             version: SND_PCM_IOPLUG_VERSION,
             name: c"Outpost emulated microphone".as_ptr(),
             flags: SND_PCM_IOPLUG_FLAG_MONOTONIC,
-            poll_fd: timer.as_raw_fd(),
+            poll_fd,
             poll_events: libc::POLLIN as c_uint,
             mmap_rw: 0,
             callback: &CALLBACKS,
@@ -457,6 +578,7 @@ pub unsafe extern "C" fn _snd_pcm_outpost_emu_open(
         samples,
         present: config.present,
         disconnected: false,
+        stall,
         timer,
         tape: 0,
         run: None,

@@ -31,6 +31,10 @@ impl Setup {
     fn present(&self) -> PathBuf {
         self.dir.path().join("mic-present")
     }
+
+    fn stall(&self) -> PathBuf {
+        self.dir.path().join("mic-stall")
+    }
 }
 
 /// The recordings and one ALSA config with all the test PCMs, installed before the first open.
@@ -46,7 +50,12 @@ fn setup() -> &'static Setup {
         let pcms = common::pcm("emu_mono", &mono_raw, 16_000, 1, None)
             + &common::pcm("emu_overrun", &mono_raw, 16_000, 1, None)
             + &common::pcm("emu_stereo", &stereo_raw, 48_000, 2, None)
-            + &common::pcm("emu_present", &mono_raw, 16_000, 1, Some(&present));
+            + &common::pcm("emu_present", &mono_raw, 16_000, 1, Some(&present))
+            + &format!(
+                "pcm.emu_stall {{ type outpost_emu infile \"{}\" rate 16000 channels 1 stall \"{}\" }}\n",
+                mono_raw.display(),
+                dir.path().join("mic-stall").display()
+            );
         common::install_config(dir.path(), &pcms);
         Setup { dir }
     })
@@ -220,4 +229,33 @@ fn waiting_sleeps_until_a_period_is_due() {
     let err = pcm.wait(Some(1000)).unwrap_err();
     println!("waiting after an overrun: {err} (errno {})", err.errno());
     assert_eq!(err.errno(), libc::EPIPE);
+}
+
+/// A device that stays present but stops delivering (a hung USB microphone): `snd_pcm_wait`
+/// times out, a blocking read waits, and when it resumes the audio goes on where it froze.
+#[test]
+fn a_stalled_device_delivers_nothing_and_resumes_where_it_froze() {
+    let stall = setup().stall();
+    let (pcm, _, _) = open("emu_stall", 1600, 4800);
+    assert_eq!(position_in_mono(&read(&pcm, 1600, 1).unwrap()), Some(0));
+    std::fs::write(&stall, "").unwrap();
+    let started = Instant::now();
+    assert!(!pcm.wait(Some(500)).unwrap(), "a stalled device has nothing to wait for");
+    let waited = started.elapsed();
+    println!("waited {waited:?} on a stalled device");
+    assert!(waited >= Duration::from_millis(450), "{waited:?}");
+    // Stalled for longer than the buffer (0.3 s), and a blocking read waits through more of it.
+    let resume = {
+        let stall = stall.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            std::fs::remove_file(&stall).unwrap();
+            Instant::now()
+        })
+    };
+    let after = read(&pcm, 6400, 1).unwrap();
+    let resumed = resume.join().unwrap();
+    println!("read went on {:?} after the stall ended", resumed.elapsed());
+    assert_eq!(position_in_mono(&after), Some(1600), "the audio goes on where it froze, without an overrun");
+    assert_eq!(pcm.state(), State::Running);
 }

@@ -36,26 +36,27 @@ fn alsa_dir() -> &'static Path {
         // Paced, emulated devices: 16 kHz mono speech, a 48 kHz stereo tone, and two that can be
         // unplugged (they exist while their `present` file does).
         std::fs::write(dir.path().join("tone48k.raw"), tone_48k_stereo()).unwrap();
-        let emulated = |name: &str, infile: &str, rate: u32, channels: u32, present: bool| {
-            let present = if present {
-                std::fs::write(dir.path().join(format!("{name}.present")), "").unwrap();
-                format!("  present \"{}\"\n", dir.path().join(format!("{name}.present")).display())
-            } else {
-                String::new()
-            };
+        // Each emulated PCM can be unplugged (`present`: it exists while that file does) and
+        // stalled (`stall`: while that file exists it sends nothing).
+        let emulated = |name: &str, infile: &str, rate: u32, channels: u32| {
+            let present = dir.path().join(format!("{name}.present"));
+            std::fs::write(&present, "").unwrap();
             format!(
-                "pcm.{name} {{\n  type outpost_emu\n  infile \"{}\"\n  rate {rate}\n  channels {channels}\n{present}}}\n",
-                dir.path().join(infile).display()
+                "pcm.{name} {{\n  type outpost_emu\n  infile \"{}\"\n  rate {rate}\n  channels {channels}\n  present \"{}\"\n  stall \"{}\"\n}}\n",
+                dir.path().join(infile).display(),
+                present.display(),
+                dir.path().join(format!("{name}.stall")).display()
             )
         };
         let plugin = common::workspace_library("liboutpost_alsa_emulator.so", "outpost-alsa-emulator");
         let config = pcm("outpost_test_mic", &dir.path().join("speech.raw"))
             + &pcm("outpost_late_mic", &dir.path().join("late.raw"))
             + &format!("pcm_type.outpost_emu {{ lib \"{}\" }}\n", plugin.display())
-            + &emulated("outpost_paced_mic", "speech.raw", 16_000, 1, false)
-            + &emulated("outpost_usb_mic", "tone48k.raw", 48_000, 2, false)
-            + &emulated("outpost_vanishing_mic", "speech.raw", 16_000, 1, true)
-            + &emulated("outpost_daemon_mic", "speech.raw", 16_000, 1, true);
+            + &emulated("outpost_paced_mic", "speech.raw", 16_000, 1)
+            + &emulated("outpost_usb_mic", "tone48k.raw", 48_000, 2)
+            + &emulated("outpost_vanishing_mic", "speech.raw", 16_000, 1)
+            + &emulated("outpost_stalling_mic", "speech.raw", 16_000, 1)
+            + &emulated("outpost_daemon_mic", "speech.raw", 16_000, 1);
         std::fs::write(dir.path().join("test.conf"), config).unwrap();
         // The system configuration first: it defines the `null` slave.
         std::env::set_var(
@@ -213,6 +214,30 @@ fn a_microphone_that_vanishes_is_reported_and_resumes_when_it_returns() {
     assert_eq!(chunk.samples[..], speech()[..CHUNK], "the device starts afresh");
     assert_eq!(microphone.reopens(), 1);
     assert_eq!(status_rx.borrow().as_ref().unwrap().state, DeviceState::Online);
+}
+
+#[test]
+fn a_microphone_that_stalls_is_reported_and_reopened() {
+    let stall = alsa_dir().join("outpost_stalling_mic.stall");
+    let (status, mut status_rx) = StatusReporter::new();
+    let mut microphone = AlsaCapture::open("outpost_stalling_mic", SETTINGS, status, StopFlag::default()).unwrap();
+    microphone.next_chunk().unwrap().unwrap();
+    // Still there, but no audio comes: taken as failed after the stall timeout (5 s).
+    std::fs::write(&stall, "").unwrap();
+    let mut watcher = status_rx.clone();
+    let unstall = std::thread::spawn(move || {
+        let stalled =
+            common::wait_for_status(&mut watcher, Duration::from_secs(10), |s| s.state == DeviceState::Offline);
+        std::fs::remove_file(&stall).unwrap();
+        stalled
+    });
+    let chunk = microphone.next_chunk().unwrap().unwrap();
+    let stalled = unstall.join().unwrap();
+    assert_eq!(stalled.error.as_deref(), Some("capture failed: no audio for 5 s: the microphone stalled"));
+    assert_eq!(chunk.samples[..], speech()[..CHUNK], "opened again, the device starts afresh");
+    assert_eq!(microphone.reopens(), 1);
+    let back = common::wait_for_status(&mut status_rx, Duration::ZERO, |s| s.state == DeviceState::Online);
+    assert_eq!(back.source, "outpost_stalling_mic");
 }
 
 /// The daemon itself with `[microphone] source = "alsa"`: speech captured through alsa-lib

@@ -15,6 +15,7 @@ pub const ENV_FPS: &str = "OUTPOST_V4L2_EMU_FPS";
 pub const ENV_INTERVALS: &str = "OUTPOST_V4L2_EMU_INTERVALS";
 pub const ENV_CARD: &str = "OUTPOST_V4L2_EMU_CARD";
 pub const ENV_LOG: &str = "OUTPOST_V4L2_EMU_LOG";
+pub const ENV_STALL: &str = "OUTPOST_V4L2_EMU_STALL";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum PixFmt {
@@ -43,6 +44,8 @@ pub struct Config {
     pub default_rate: u32,
     pub card: String,
     pub log: bool,
+    /// While this file exists a streaming camera delivers nothing (NUL-terminated for stat(2)).
+    pub stall: Option<CString>,
     pub bytes: Vec<u8>,
     pub frames: Vec<Range<usize>>,
     /// What G_FMT reports and each buffer holds.
@@ -83,6 +86,9 @@ impl Config {
         let default_rate = nearest_rate(&rates, 1, fps);
         let card = string(ENV_CARD)?.unwrap_or_else(|| "Outpost emulated camera".into());
         let log = string(ENV_LOG)?.is_some_and(|v| v == "1");
+        let stall = std::env::var_os(ENV_STALL)
+            .map(|path| CString::new(path.as_bytes()).map_err(|_| format!("{ENV_STALL} holds a NUL byte")))
+            .transpose()?;
 
         let bytes = std::fs::read(&media)
             .map_err(|e| format!("{ENV_MEDIA}={}: cannot be read: {e}", media.to_string_lossy()))?;
@@ -98,7 +104,20 @@ impl Config {
         // Compressed frames get a generous bound, as drivers give, raised for any frame above it.
         let largest = frames.iter().map(|f| f.len()).max().unwrap_or(0);
         let sizeimage = u32::try_from(frame_size.max(largest)).map_err(|_| "frames of over 4 GiB".to_string())?;
-        Ok(Some(Config { device, format, width, height, rates, default_rate, card, log, bytes, frames, sizeimage }))
+        Ok(Some(Config {
+            device,
+            format,
+            width,
+            height,
+            rates,
+            default_rate,
+            card,
+            log,
+            stall,
+            bytes,
+            frames,
+            sizeimage,
+        }))
     }
 
     pub fn bytesperline(&self) -> u32 {

@@ -76,6 +76,8 @@ struct Queue {
     period_ns: u64,
     /// Sequence number of the next frame the camera delivers.
     next_seq: u64,
+    /// The stall file was there at the last `advance`.
+    stalled: bool,
 }
 
 impl Drop for Queue {
@@ -98,6 +100,12 @@ pub fn monotonic_ns() -> u64 {
 pub fn node_now(config: &Config) -> Option<(u64, u64)> {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     (unsafe { libc::stat(config.device.as_ptr(), &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+}
+
+/// Whether `OUTPOST_V4L2_EMU_STALL` names a file that exists now.
+fn stall_now(config: &Config) -> bool {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    config.stall.as_ref().is_some_and(|path| unsafe { libc::stat(path.as_ptr(), &mut st) } == 0)
 }
 
 impl Emulator {
@@ -456,6 +464,7 @@ impl Queue {
                 start_ns: 0,
                 period_ns: 0,
                 next_seq: 0,
+                stalled: false,
             })
         }
     }
@@ -466,6 +475,7 @@ impl Queue {
             self.start_ns = monotonic_ns();
             self.period_ns = 1_000_000_000 / u64::from(rate.max(1));
             self.next_seq = 0;
+            self.stalled = false;
         } else if !on {
             // STREAMOFF hands every buffer back to the application, filled or not.
             self.streaming = false;
@@ -482,15 +492,25 @@ impl Queue {
         self.start_ns + (seq + 1) * self.period_ns
     }
 
-    /// When the next frame fills a buffer, if one is queued for it.
+    /// When the next frame fills a buffer, if one is queued for it and the camera is not stalled
+    /// (a stall has no due time: waiters recheck it every 50 ms).
     fn next_due(&self) -> Option<u64> {
-        (self.streaming && !self.queued.is_empty()).then(|| self.due(self.next_seq))
+        (self.streaming && !self.stalled && !self.queued.is_empty()).then(|| self.due(self.next_seq))
     }
 
     /// Delivers every frame due by `now` into the queued buffers, oldest first; a frame that finds
     /// no buffer queued is dropped, as a camera drops it, and its sequence number skipped.
     fn advance(&mut self, config: &Config, now: u64) {
-        while self.streaming && self.due(self.next_seq) <= now {
+        if !self.streaming {
+            return;
+        }
+        let stalled = stall_now(config);
+        if self.stalled && !stalled {
+            // Pacing restarts: the next frame is one period after the stall ended, none is owed.
+            self.start_ns = now.saturating_sub(self.next_seq * self.period_ns);
+        }
+        self.stalled = stalled;
+        while !stalled && self.streaming && self.due(self.next_seq) <= now {
             let Some(i) = self.queued.pop_front() else {
                 self.next_seq = self.next_seq.max((now - self.start_ns) / self.period_ns);
                 break;

@@ -319,6 +319,68 @@ fn unplugging_fails_the_stream_with_enodev_and_a_replugged_camera_streams_again(
 }
 
 #[test]
+fn a_stalled_camera_times_out_without_an_error_and_streams_again_when_the_stall_ends() {
+    if in_child() {
+        let stall = var("OUTPOST_V4L2_EMU_STALL");
+        let dev = Device::with_path(var("OUTPOST_V4L2_EMU_DEVICE")).unwrap();
+        let mut stream = Stream::with_buffers(&dev, Type::VideoCapture, 4).unwrap();
+        stream.set_timeout(Duration::from_millis(300));
+        let mut last = take_frames(&mut stream, 3)[2].0;
+
+        fs::write(&stall, b"").unwrap();
+        // Frames delivered before the stall was seen may still be waiting in the queue.
+        let mut left = 0;
+        let (err, waited) = loop {
+            let asked = Instant::now();
+            match stream.next() {
+                Ok((_, meta)) => (left, last) = (left + 1, meta.sequence),
+                Err(err) => break (err, asked.elapsed()),
+            }
+            assert!(left <= 4, "frames keep coming while stalled");
+        };
+        assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
+        assert!(waited >= Duration::from_millis(280), "poll waited out its timeout: {waited:?}");
+        // Every buffer is queued now: a non-blocking DQBUF finds nothing, and it is no error.
+        let fd = dev.handle().fd();
+        let dqbuf = || {
+            let mut buf: v4l::v4l_sys::v4l2_buffer = unsafe { std::mem::zeroed() };
+            buf.type_ = Type::VideoCapture as u32;
+            buf.memory = v4l::memory::Memory::Mmap as u32;
+            unsafe { v4l::v4l2::ioctl(fd, v4l::v4l2::vidioc::VIDIOC_DQBUF, (&raw mut buf).cast()) }
+                .map(|()| buf.sequence)
+        };
+        assert_eq!(dqbuf().unwrap_err().raw_os_error(), Some(libc::EAGAIN));
+        let mut pollfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        assert_eq!(unsafe { libc::poll(&mut pollfd, 1, 200) }, 0);
+        assert_eq!(dev.query_caps().unwrap().driver, "outpost-emu", "a stalled camera is still there");
+
+        // The same stream resumes, paced afresh: the next frame one period (33 ms) after the
+        // stall ends, with the next sequence number, and no backlog behind it.
+        fs::remove_file(&stall).unwrap();
+        let resumed = Instant::now();
+        assert_eq!(unsafe { libc::poll(&mut pollfd, 1, 1000) }, 1);
+        assert!(resumed.elapsed() < Duration::from_millis(250), "{:?}", resumed.elapsed());
+        assert_eq!(dqbuf().unwrap(), last + 1);
+        assert_eq!(dqbuf().unwrap_err().raw_os_error(), Some(libc::EAGAIN), "no burst of missed frames");
+        drop(stream);
+        drop(dev);
+
+        // v4l cannot go on with its own stream after a timeout (next() queues a queued buffer
+        // again): a new one streams.
+        let dev = Device::with_path(var("OUTPOST_V4L2_EMU_DEVICE")).unwrap();
+        let mut stream = Stream::with_buffers(&dev, Type::VideoCapture, 4).unwrap();
+        stream.set_timeout(Duration::from_millis(300));
+        let seen = take_frames(&mut stream, 3);
+        println!("stalled after {left} queued frames, then streamed again: {seen:?}");
+        return;
+    }
+    let mut camera = Camera::new("stall", "YUYV", &[]);
+    let stall = camera.dir.join("stall").display().to_string();
+    camera.env.push(("OUTPOST_V4L2_EMU_STALL".to_string(), stall));
+    camera.run_child("a_stalled_camera_times_out_without_an_error_and_streams_again_when_the_stall_ends");
+}
+
+#[test]
 fn other_files_and_calls_are_untouched() {
     if in_child() {
         let media = var("OUTPOST_V4L2_EMU_MEDIA");
