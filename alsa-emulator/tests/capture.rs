@@ -116,7 +116,7 @@ fn capture_is_paced_and_equals_the_file() {
     let (took, cpu) = (started.elapsed(), thread_cpu_time() - cpu);
     println!("1 s of audio took {took:?}, {cpu:?} of CPU");
     assert!(captured == mono(), "the captured frames differ from the file");
-    assert!(took >= Duration::from_millis(800) && took <= Duration::from_millis(1500), "{took:?}");
+    assert!(took >= Duration::from_millis(800) && took <= Duration::from_secs(5), "{took:?}");
     // A blocking readi sleeps in poll on the plugin's timer between periods: it does not spin.
     assert!(cpu < Duration::from_millis(200), "{cpu:?} of CPU for 1 s of blocking reads");
     // Past its end the file starts again.
@@ -132,7 +132,7 @@ fn a_48k_stereo_device_offers_only_its_rate_and_channels() {
     let captured = read(&pcm, 12_000, 2).unwrap();
     let took = started.elapsed();
     assert!(captured[..] == stereo()[..24_000], "the captured frames differ from the file");
-    assert!(took >= Duration::from_millis(200) && took <= Duration::from_millis(1000), "{took:?}");
+    assert!(took >= Duration::from_millis(200) && took <= Duration::from_secs(5), "{took:?}");
     // 16 kHz mono is not on offer at all.
     let pcm = PCM::new("emu_stereo", Direction::Capture, false).unwrap();
     let hw = HwParams::any(&pcm).unwrap();
@@ -179,7 +179,7 @@ fn a_device_that_vanishes_fails_and_comes_back() {
     let unplugged = unplug.join().unwrap();
     println!("after the device went: {err} (errno {}), {:?} later", err.errno(), unplugged.elapsed());
     assert_eq!(err.errno(), libc::ENODEV);
-    assert!(unplugged.elapsed() < Duration::from_millis(500), "{:?}", unplugged.elapsed());
+    assert!(unplugged.elapsed() < Duration::from_secs(2), "{:?}", unplugged.elapsed());
     assert_eq!(pcm.state(), State::Disconnected);
     // Every later call fails the same way, and recovery in place fails: the daemon has to close
     // and reopen.
@@ -222,7 +222,7 @@ fn waiting_sleeps_until_a_period_is_due() {
     assert!(pcm.wait(Some(1000)).unwrap());
     let waited = started.elapsed();
     println!("waited {waited:?} for a 100 ms period");
-    assert!(waited >= Duration::from_millis(60) && waited <= Duration::from_millis(500), "{waited:?}");
+    assert!(waited >= Duration::from_millis(60) && waited <= Duration::from_secs(2), "{waited:?}");
     assert_eq!(io.readi(&mut buf).unwrap(), 1600);
     assert_eq!(position_in_mono(&buf), Some(0));
     std::thread::sleep(Duration::from_millis(600));

@@ -72,30 +72,22 @@ impl Pipeline {
         };
         let stop = StopFlag::default();
 
-        let frames = match &config.camera {
-            Some(camera) if config.gates.motion.enabled => {
-                let mut source = capture::open_camera(camera, &config.base_dir, &devices.camera, &stop)?;
-                info!("camera: {}", source.describe());
-                let mut gate = MotionGate::new(&config.gates.motion);
-                let station = config.station.id.clone();
-                let lane = Lane {
-                    names: ["camera", "motion-gate"],
-                    capacity: config.queues.frames,
-                    when_full: WhenFull::DropOldest,
-                    counter: |stats| &stats.frames_captured,
-                    status: devices.camera.clone(),
-                };
-                Some(lanes.spawn(
-                    lane,
-                    move || source.next_frame(),
-                    move |frame| {
-                        let Some(frame) = frame else { return Vec::new() };
-                        gate.observe(frame, Instant::now())
-                            .map(|m| Event::new(&station, EventDetail::Motion(m)))
-                            .into_iter()
-                            .collect()
-                    },
-                ))
+        // Everything is opened before any thread starts: when one part fails, what was opened
+        // is closed again by dropping it, and a reload can fall back to the previous config
+        // without a stray source holding its camera. The speech model comes first, before any
+        // device is touched.
+        let (motion, sound, speech) = (&config.gates.motion, &config.gates.sound, &config.gates.speech);
+        let listening = config.microphone.is_some() && (sound.enabled || speech.enabled);
+        let mut speech_gate = if listening && speech.enabled {
+            let gate = SpeechGate::new(speech, &config.base_dir)?;
+            info!("speech gate: silero VAD from {}", config.base_dir.join(&speech.model).display());
+            Some(gate)
+        } else {
+            None
+        };
+        let camera = match &config.camera {
+            Some(camera) if motion.enabled => {
+                Some(capture::open_camera(camera, &config.base_dir, &devices.camera, &stop)?)
             }
             Some(_) => {
                 info!("camera configured but the motion gate is off: not capturing frames");
@@ -103,59 +95,9 @@ impl Pipeline {
             }
             None => None,
         };
-
-        let (sound, speech) = (&config.gates.sound, &config.gates.speech);
-        let audio = match &config.microphone {
-            Some(microphone) if sound.enabled || speech.enabled => {
-                // The model first: a bad one stops the start before the device is opened.
-                let mut speech_gate = if speech.enabled {
-                    let gate = SpeechGate::new(speech, &config.base_dir)?;
-                    info!("speech gate: silero VAD from {}", config.base_dir.join(&speech.model).display());
-                    Some(gate)
-                } else {
-                    None
-                };
-                let mut sound_gate = sound.enabled.then(|| SoundGate::new(sound));
-                let mut source = capture::open_microphone(microphone, &config.base_dir, &devices.microphone, &stop)?;
-                info!("microphone: {}", source.describe());
-                let station = config.station.id.clone();
-                let lane = Lane {
-                    names: ["microphone", "audio-gates"],
-                    capacity: config.queues.audio_chunks,
-                    when_full: WhenFull::Wait,
-                    counter: |stats| &stats.audio_chunks_captured,
-                    status: devices.microphone.clone(),
-                };
-                Some(lanes.spawn(
-                    lane,
-                    move || source.next_chunk(),
-                    move |chunk| {
-                        let mut events = Vec::new();
-                        let Some(chunk) = chunk else {
-                            // The end of the input: an utterance still open ends here.
-                            if let Some(gate) = speech_gate.as_mut() {
-                                match gate.flush() {
-                                    Ok(speech) => events.extend(speech.map(|s| speech_event(&station, s))),
-                                    Err(e) => warn!("speech gate: {e}"),
-                                }
-                            }
-                            return events;
-                        };
-                        if let Some(gate) = sound_gate.as_mut() {
-                            events.extend(
-                                gate.observe(chunk, Instant::now())
-                                    .map(|s| Event::new(&station, EventDetail::Sound(s))),
-                            );
-                        }
-                        if let Some(gate) = speech_gate.as_mut() {
-                            match gate.observe(chunk) {
-                                Ok(speech) => events.extend(speech.into_iter().map(|s| speech_event(&station, s))),
-                                Err(e) => warn!("speech gate: chunk {}: {e}", chunk.seq),
-                            }
-                        }
-                        events
-                    },
-                ))
+        let microphone = match &config.microphone {
+            Some(microphone) if listening => {
+                Some(capture::open_microphone(microphone, &config.base_dir, &devices.microphone, &stop)?)
             }
             Some(_) => {
                 info!("microphone configured but the sound and speech gates are off: not capturing audio");
@@ -163,6 +105,72 @@ impl Pipeline {
             }
             None => None,
         };
+
+        let frames = camera.map(|mut source| {
+            info!("camera: {}", source.describe());
+            let mut gate = MotionGate::new(motion);
+            let station = config.station.id.clone();
+            let lane = Lane {
+                names: ["camera", "motion-gate"],
+                capacity: config.queues.frames,
+                when_full: WhenFull::DropOldest,
+                counter: |stats| &stats.frames_captured,
+                status: devices.camera.clone(),
+            };
+            lanes.spawn(
+                lane,
+                move || source.next_frame(),
+                move |frame| {
+                    let Some(frame) = frame else { return Vec::new() };
+                    gate.observe(frame, Instant::now())
+                        .map(|m| Event::new(&station, EventDetail::Motion(m)))
+                        .into_iter()
+                        .collect()
+                },
+            )
+        });
+
+        let audio = microphone.map(|mut source| {
+            info!("microphone: {}", source.describe());
+            let mut sound_gate = sound.enabled.then(|| SoundGate::new(sound));
+            let station = config.station.id.clone();
+            let lane = Lane {
+                names: ["microphone", "audio-gates"],
+                capacity: config.queues.audio_chunks,
+                when_full: WhenFull::Wait,
+                counter: |stats| &stats.audio_chunks_captured,
+                status: devices.microphone.clone(),
+            };
+            lanes.spawn(
+                lane,
+                move || source.next_chunk(),
+                move |chunk| {
+                    let mut events = Vec::new();
+                    let Some(chunk) = chunk else {
+                        // The end of the input: an utterance still open ends here.
+                        if let Some(gate) = speech_gate.as_mut() {
+                            match gate.flush() {
+                                Ok(speech) => events.extend(speech.map(|s| speech_event(&station, s))),
+                                Err(e) => warn!("speech gate: {e}"),
+                            }
+                        }
+                        return events;
+                    };
+                    if let Some(gate) = sound_gate.as_mut() {
+                        events.extend(
+                            gate.observe(chunk, Instant::now()).map(|s| Event::new(&station, EventDetail::Sound(s))),
+                        );
+                    }
+                    if let Some(gate) = speech_gate.as_mut() {
+                        match gate.observe(chunk) {
+                            Ok(speech) => events.extend(speech.into_iter().map(|s| speech_event(&station, s))),
+                            Err(e) => warn!("speech gate: chunk {}: {e}", chunk.seq),
+                        }
+                    }
+                    events
+                },
+            )
+        });
         if frames.is_none() && audio.is_none() {
             warn!("no gate is enabled: nothing will be published but the station's status");
         }

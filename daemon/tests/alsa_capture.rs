@@ -312,7 +312,7 @@ fn the_daemon_publishes_speech_heard_through_an_alsa_microphone() {
     assert!((4_200..=4_500).contains(&duration), "{speech}");
     let at = humantime::parse_rfc3339(speech["timestamp"].as_str().unwrap()).unwrap();
     let offset = at.duration_since(started).unwrap();
-    assert!(offset >= Duration::from_millis(900) && offset < Duration::from_secs(3), "speech began {offset:?} in");
+    assert!(offset >= Duration::from_millis(900) && offset < Duration::from_secs(10), "speech began {offset:?} in");
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
     subscriber.wait_for_payload("outpost/ears/status", "stopped", Duration::from_secs(20));
 }

@@ -31,25 +31,29 @@ impl Pacer {
     }
 }
 
-/// Lets through at most one item per period from a device that runs faster than configured.
-/// A quarter period of slack keeps a camera at exactly the configured rate from losing frames to
-/// jitter.
+/// Lets through at most one item per period, on average, from a device that runs faster than
+/// configured. Items are due on a schedule rather than a period after the last one kept, so that
+/// jitter does not lose frames: a quarter period of slack, and a late item moves the schedule on
+/// by one period only.
 #[derive(Debug)]
 pub(super) struct RateLimiter {
     period: Duration,
-    last: Option<Instant>,
+    next_due: Option<Instant>,
 }
 
 impl RateLimiter {
     pub(super) fn new(period: Duration) -> Self {
-        Self { period, last: None }
+        Self { period, next_due: None }
     }
 
     /// True when an item arriving at `now` should be kept.
     pub(super) fn admit(&mut self, now: Instant) -> bool {
-        let due = self.last.is_none_or(|last| now.saturating_duration_since(last) >= self.period * 3 / 4);
+        let due = self.next_due.is_none_or(|due| now + self.period / 4 >= due);
         if due {
-            self.last = Some(now);
+            // After a long gap the schedule restarts from now rather than letting a burst through.
+            let behind = now.checked_sub(self.period).unwrap_or(now);
+            let base = self.next_due.map_or(now, |due| due.max(behind));
+            self.next_due = Some(base + self.period);
         }
         due
     }
@@ -70,6 +74,13 @@ mod tests {
         assert_eq!(kept, (0..30).step_by(3).collect::<Vec<_>>());
         let mut exact = RateLimiter::new(Duration::from_millis(100));
         assert!((0..10u64).all(|i| exact.admit(start + Duration::from_millis(i * 100 - i.min(1) * 3))));
+        // A late frame moves the schedule on by one period only: those after it keep their times.
+        let mut late = RateLimiter::new(Duration::from_millis(100));
+        let kept: Vec<u64> = [0, 100, 230, 240, 300, 400]
+            .into_iter()
+            .filter(|&ms| late.admit(start + Duration::from_millis(ms)))
+            .collect();
+        assert_eq!(kept, [0, 100, 230, 300, 400]);
     }
 
     #[test]

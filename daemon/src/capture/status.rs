@@ -168,7 +168,7 @@ impl StopFlag {
 /// Waits between attempts to open a device that is missing or failed: 1 s, doubling up to 30 s,
 /// back to 1 s once it works.
 #[derive(Debug)]
-pub struct Backoff {
+struct Backoff {
     next: Duration,
 }
 

@@ -96,7 +96,8 @@ pub struct V4l2Camera {
     settings: V4l2Settings,
     open: Option<OpenCamera>,
     reconnect: Reconnect,
-    limiter: RateLimiter,
+    /// Only while the camera runs faster than configured.
+    limiter: Option<RateLimiter>,
     seq: u64,
     opened_before: bool,
     reopens: u64,
@@ -111,7 +112,7 @@ impl V4l2Camera {
             path,
             settings,
             open: None,
-            limiter: RateLimiter::new(Duration::from_secs_f64(1.0 / settings.fps)),
+            limiter: None,
             seq: 0,
             opened_before: false,
             reopens: 0,
@@ -148,8 +149,9 @@ impl V4l2Camera {
                         camera.mode
                     );
                 }
-                // A rate below the one asked for is all there is: take every frame.
-                self.limiter = RateLimiter::new(Duration::from_secs_f64(1.0 / self.settings.fps.min(camera.mode.fps)));
+                // A camera at or below the rate asked for gives every frame it has.
+                self.limiter =
+                    (camera.mode.fps > asked.fps).then(|| RateLimiter::new(Duration::from_secs_f64(1.0 / asked.fps)));
                 if self.opened_before {
                     self.reopens += 1;
                 }
@@ -202,7 +204,7 @@ impl FrameSource for V4l2Camera {
                 }
             };
             // Frames beyond the configured rate are dropped before the costly decode.
-            if !self.limiter.admit(Instant::now()) {
+            if self.limiter.as_mut().is_some_and(|limiter| !limiter.admit(Instant::now())) {
                 continue;
             }
             let (mode, stride) = (camera.mode, camera.stride);
