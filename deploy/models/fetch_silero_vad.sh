@@ -31,12 +31,27 @@ if has_sha256 "$dest" "$model_sha256" && [ -f "$dir/LICENSE.silero-vad" ] && [ -
   exit 0
 fi
 
+# A Python with pip: the model tools' venv when there is one (test.sh makes it first), else the
+# system's if it has pip, else a small venv of its own (Debian's python3 has no pip by default;
+# dev-setup.sh installs python3-venv).
+pip_python() {
+  local venv_python="${OUTPOST_PYTHON:-$HOME/.cache/outpost/venv/bin/python}"
+  if [ -x "$venv_python" ] && "$venv_python" -m pip --version >/dev/null 2>&1; then
+    echo "$venv_python"
+  elif python3 -m pip --version >/dev/null 2>&1; then
+    echo python3
+  else
+    [ -x "$dir/pip-venv/bin/python" ] || python3 -m venv "$dir/pip-venv" >&2
+    echo "$dir/pip-venv/bin/python"
+  fi
+}
+
 mkdir -p "$dir/wheels"
 wheel="$dir/wheels/$wheel_name"
 if ! has_sha256 "$wheel" "$wheel_sha256"; then
   log "downloading silero-vad==$version"
   rm -f "$wheel"
-  python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+  "$(pip_python)" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
     "silero-vad==$version" --dest "$dir/wheels" >&2
   if ! has_sha256 "$wheel" "$wheel_sha256"; then
     log "$wheel has the wrong sha256 (expected $wheel_sha256)"
