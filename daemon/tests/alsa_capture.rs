@@ -194,20 +194,17 @@ fn an_overrun_is_counted_and_capture_goes_on() {
 #[test]
 fn a_microphone_that_vanishes_is_reported_and_resumes_when_it_returns() {
     let present = alsa_dir().join("outpost_vanishing_mic.present");
-    let (status, mut status_rx) = StatusReporter::new();
+    let (status, status_rx) = StatusReporter::new();
     let mut microphone = AlsaCapture::open("outpost_vanishing_mic", SETTINGS, status, StopFlag::default()).unwrap();
     microphone.next_chunk().unwrap().unwrap();
     std::fs::remove_file(&present).unwrap();
-    let replug = std::thread::spawn(move || {
-        let gone =
-            common::wait_for_status(&mut status_rx, Duration::from_secs(10), |s| s.state == DeviceState::Offline);
+    let replug = common::recover_when_offline(&status_rx, move || {
         std::thread::sleep(Duration::from_millis(200));
         std::fs::write(&present, "").unwrap();
-        (gone, status_rx)
     });
     // Blocks through the outage: the source reopens the device once it is back.
     let chunk = microphone.next_chunk().unwrap().unwrap();
-    let (gone, status_rx) = replug.join().unwrap();
+    let gone = replug.join().unwrap();
     let error = gone.error.unwrap();
     assert!(error.contains("No such device"), "{error}");
     assert_eq!(chunk.seq, 1, "numbering goes on across the outage");
@@ -224,13 +221,7 @@ fn a_microphone_that_stalls_is_reported_and_reopened() {
     microphone.next_chunk().unwrap().unwrap();
     // Still there, but no audio comes: taken as failed after the stall timeout (5 s).
     std::fs::write(&stall, "").unwrap();
-    let mut watcher = status_rx.clone();
-    let unstall = std::thread::spawn(move || {
-        let stalled =
-            common::wait_for_status(&mut watcher, Duration::from_secs(10), |s| s.state == DeviceState::Offline);
-        std::fs::remove_file(&stall).unwrap();
-        stalled
-    });
+    let unstall = common::recover_when_offline(&status_rx, move || std::fs::remove_file(&stall).unwrap());
     let chunk = microphone.next_chunk().unwrap().unwrap();
     let stalled = unstall.join().unwrap();
     assert_eq!(stalled.error.as_deref(), Some("capture failed: no audio for 5 s: the microphone stalled"));

@@ -198,12 +198,9 @@ fn child_unplug_and_return() {
     }
     // Unplugged mid-stream: the source reports it and keeps trying; plugged back in a moment later.
     std::fs::remove_file(&node).unwrap();
-    let mut watcher = status_rx.clone();
-    let replug = std::thread::spawn(move || {
-        let gone = common::wait_for_status(&mut watcher, Duration::from_secs(5), |s| s.state == DeviceState::Offline);
+    let replug = common::recover_when_offline(&status_rx, move || {
         std::thread::sleep(Duration::from_millis(300));
         std::fs::write(&node, b"").unwrap();
-        gone
     });
     let frame = camera.next_frame().unwrap().unwrap();
     let gone = replug.join().unwrap();
@@ -260,13 +257,7 @@ fn child_stall() {
     // Still plugged in, but no frame comes: taken as failed after the stall timeout (5 s).
     let stall = dir.join("stall");
     std::fs::write(&stall, b"").unwrap();
-    let mut watcher = status_rx.clone();
-    let unstall = std::thread::spawn(move || {
-        let stalled =
-            common::wait_for_status(&mut watcher, Duration::from_secs(10), |s| s.state == DeviceState::Offline);
-        std::fs::remove_file(&stall).unwrap();
-        stalled
-    });
+    let unstall = common::recover_when_offline(&status_rx, move || std::fs::remove_file(&stall).unwrap());
     let frame = camera.next_frame().unwrap().unwrap();
     let stalled = unstall.join().unwrap();
     assert_eq!(stalled.error.as_deref(), Some("no frame for 5 s: the camera stalled"));

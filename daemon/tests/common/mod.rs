@@ -328,3 +328,20 @@ pub fn wait_for_status(
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// On a thread of its own, waits (10 s at most) for a device to be reported offline, then runs
+/// `recover` (plugs it back in, ends a stall): the source under test blocks meanwhile, retrying.
+/// Joined, it gives the offline report.
+pub fn recover_when_offline(
+    receiver: &tokio::sync::watch::Receiver<Option<outpost::capture::DeviceStatus>>,
+    recover: impl FnOnce() + Send + 'static,
+) -> std::thread::JoinHandle<outpost::capture::DeviceStatus> {
+    let mut receiver = receiver.clone();
+    std::thread::spawn(move || {
+        let offline = wait_for_status(&mut receiver, Duration::from_secs(10), |s| {
+            s.state == outpost::capture::DeviceState::Offline
+        });
+        recover();
+        offline
+    })
+}
