@@ -3,14 +3,17 @@
 
 pub mod broker;
 pub mod capture;
+pub mod command;
 pub mod config;
 pub mod demo;
 pub mod event;
 pub mod gate;
 pub mod media;
 pub mod model;
+pub mod outbox;
 pub mod pipeline;
 pub mod probe;
 pub mod publish;
 pub mod queue;
 pub mod service;
+pub mod tls;

@@ -218,13 +218,49 @@ impl Pipeline {
 
     /// One line for the log.
     pub fn summary(&self) -> String {
-        let dropped = self.frames.as_ref().map_or(0, |q| q.dropped());
+        let counts = self.counts();
         format!(
-            "{} frames captured ({dropped} dropped while the motion gate was busy), {} audio chunks, {} events",
-            self.stats.frames_captured.load(Ordering::Relaxed),
-            self.stats.audio_chunks_captured.load(Ordering::Relaxed),
-            self.stats.events.load(Ordering::Relaxed),
+            "{} frames captured ({} dropped while the motion gate was busy), {} audio chunks, {} events",
+            counts.frames, counts.frames_dropped, counts.audio_chunks, counts.events
         )
+    }
+
+    /// What this pipeline has done so far, and what waits in its queues now.
+    pub fn counts(&self) -> CaptureCounts {
+        CaptureCounts {
+            frames: self.stats.frames_captured.load(Ordering::Relaxed),
+            frames_dropped: self.frames.as_ref().map_or(0, |q| q.dropped()),
+            audio_chunks: self.stats.audio_chunks_captured.load(Ordering::Relaxed),
+            events: self.stats.events.load(Ordering::Relaxed),
+            frames_queued: self.frames.as_ref().map_or(0, |q| q.len() as u64),
+            audio_chunks_queued: self.audio.as_ref().map_or(0, |q| q.len() as u64),
+        }
+    }
+}
+
+/// Capture figures for the log and `<root>/stats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CaptureCounts {
+    pub frames: u64,
+    /// Dropped while the motion gate was busy.
+    pub frames_dropped: u64,
+    pub audio_chunks: u64,
+    pub events: u64,
+    pub frames_queued: u64,
+    pub audio_chunks_queued: u64,
+}
+
+impl CaptureCounts {
+    /// Totals over two pipelines' lives (queue depths are the later one's).
+    pub fn then(self, later: CaptureCounts) -> CaptureCounts {
+        CaptureCounts {
+            frames: self.frames + later.frames,
+            frames_dropped: self.frames_dropped + later.frames_dropped,
+            audio_chunks: self.audio_chunks + later.audio_chunks,
+            events: self.events + later.events,
+            frames_queued: later.frames_queued,
+            audio_chunks_queued: later.audio_chunks_queued,
+        }
     }
 }
 

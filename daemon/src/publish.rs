@@ -5,19 +5,38 @@
 //! connection drops, all of them are sent again on the next one, in their original order. Each
 //! connection gets a fresh rumqttc client and event loop, so nothing a dead connection had
 //! buffered can be sent twice behind our back or lost in rumqttc's own clean-session reset.
+//!
+//! Events are also written to the on-disk [`Outbox`] before they are queued, and removed from it
+//! on their PUBACK: what a killed daemon or a power cut left unacknowledged is published first on
+//! the next start. A message that reaches the broker late (held through an outage, left from an
+//! earlier run, or older than `HISTORICAL_AFTER`) carries `"historical": true`; its own timestamp
+//! says when it happened.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use rumqttc::{AsyncClient, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::capture::{DeviceReporters, DeviceStatus, StatusReporter};
+use crate::command::{self, CommandReply, CommandRequest};
 use crate::config::Config;
 use crate::event::Event;
+use crate::outbox::{Outbox, OutboxError, StoredMessage, PRIORITY_EVENT};
+use crate::tls::{self, TlsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    #[error("mqtt.tls: {0}")]
+    Tls(#[from] TlsError),
+}
 
 /// Payloads of `<prefix>/<station>/status`, as Frigate and Home Assistant use them.
 pub const STATUS_ONLINE: &str = "online";
@@ -30,6 +49,14 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// never holds one back and the order of `Outgoing::Publish` notices is the order of hand-over.
 const MAX_IN_FLIGHT: usize = 64;
 const RUMQTTC_IN_FLIGHT: u16 = 100;
+/// A message handed to the broker this long after it was made is flagged as historical.
+const HISTORICAL_AFTER: Duration = Duration::from_secs(10);
+/// Incoming messages past this size end the connection (rumqttc refuses them unread); below it,
+/// a command too large for its kind gets an error reply.
+const MAX_INCOMING_BYTES: usize = 256 << 10;
+const MAX_OUTGOING_BYTES: usize = 1 << 20;
+/// Commands waiting for the service; more are refused as busy.
+const COMMAND_QUEUE: usize = 8;
 
 /// Topics of one station.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +65,9 @@ pub struct Topics {
     pub events: String,
     pub camera_status: String,
     pub microphone_status: String,
+    pub stats: String,
+    /// `<root>/cmd/`: commands arrive on `<commands><name>`, replies go to `<commands><name>/reply`.
+    pub commands: String,
 }
 
 impl Topics {
@@ -48,6 +78,8 @@ impl Topics {
             events: format!("{root}/events"),
             camera_status: format!("{root}/camera/status"),
             microphone_status: format!("{root}/microphone/status"),
+            stats: format!("{root}/stats"),
+            commands: format!("{root}/cmd/"),
         }
     }
 }
@@ -59,14 +91,51 @@ pub struct PublisherReport {
     pub events_delivered: u64,
     /// Events still unacknowledged when the stop's flush time ran out.
     pub events_undelivered: usize,
+    /// Messages left in the outbox for the next start.
+    pub outbox_held: usize,
+}
+
+/// The publisher's figures, for `<root>/stats`, kept current by the publisher task.
+#[derive(Debug, Default)]
+pub struct PublisherGauges {
+    pub connected: AtomicBool,
+    pub events_delivered: AtomicU64,
+    pub outbox_messages: AtomicU64,
+    pub outbox_bytes: AtomicU64,
+    pub outbox_dropped: AtomicU64,
+}
+
+/// A snapshot of [`PublisherGauges`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PublisherFigures {
+    pub connected: bool,
+    pub events_delivered: u64,
+    pub outbox_messages: u64,
+    pub outbox_bytes: u64,
+    pub outbox_dropped: u64,
+}
+
+impl PublisherGauges {
+    pub fn snapshot(&self) -> PublisherFigures {
+        PublisherFigures {
+            connected: self.connected.load(Ordering::Relaxed),
+            events_delivered: self.events_delivered.load(Ordering::Relaxed),
+            outbox_messages: self.outbox_messages.load(Ordering::Relaxed),
+            outbox_bytes: self.outbox_bytes.load(Ordering::Relaxed),
+            outbox_dropped: self.outbox_dropped.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// The running publisher task.
 pub struct PublisherHandle {
+    gauges: Arc<PublisherGauges>,
     events: mpsc::Sender<Event>,
+    control: mpsc::UnboundedSender<Control>,
+    commands: Option<mpsc::Receiver<CommandRequest>>,
     devices: DeviceReporters,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<PublisherReport>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<PublisherReport>>,
 }
 
 impl PublisherHandle {
@@ -75,35 +144,80 @@ impl PublisherHandle {
         self.events.clone()
     }
 
+    pub fn figures(&self) -> PublisherFigures {
+        self.gauges.snapshot()
+    }
+
     /// Where the sources report their devices' state.
     pub fn devices(&self) -> DeviceReporters {
         self.devices.clone()
     }
 
+    /// The commands received, checked and allowed, for the service to carry out; taken once.
+    pub fn take_commands(&mut self) -> Option<mpsc::Receiver<CommandRequest>> {
+        self.commands.take()
+    }
+
+    /// Publishes the answer to a command.
+    pub fn reply(&self, reply: CommandReply) {
+        let _ = self.control.send(Control::Reply(reply));
+    }
+
+    /// Publishes the station's figures on `<root>/stats`; an older figure not yet sent is replaced.
+    pub fn stats(&self, json: String) {
+        let _ = self.control.send(Control::Stats(json));
+    }
+
     /// Takes what is already in the event queue, flushes (at most `FLUSH_TIMEOUT` for the acks),
     /// publishes `stopped` and disconnects. Does not wait on senders still open: a gate stuck
     /// behind a full queue must not hold up a stop.
-    pub async fn stop(self) -> Result<PublisherReport, tokio::task::JoinError> {
-        let _ = self.stop.send(());
-        drop(self.events);
-        self.task.await
+    /// Stopping again reports nothing more.
+    pub async fn stop(&mut self) -> Result<PublisherReport, tokio::task::JoinError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await,
+            None => Ok(PublisherReport::default()),
+        }
     }
 }
 
-/// Starts the publisher task.
-pub fn spawn(config: &Config, echo: bool) -> PublisherHandle {
+/// Opens the outbox and starts the publisher task; what the outbox held from an earlier run is
+/// published first.
+pub fn spawn(config: &Config, echo: bool) -> Result<PublisherHandle, PublishError> {
+    let options = mqtt_options(config)?;
+    let (outbox, held) = Outbox::open(&config.outbox_dir(), config.outbox_max_bytes())?;
+    if !held.is_empty() {
+        info!("outbox {}: {} messages from an earlier run to deliver first", outbox.dir().display(), held.len());
+    }
     let (events, events_rx) = mpsc::channel(config.queues.events);
+    let (control, control_rx) = mpsc::unbounded_channel();
+    let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
     let (stop, stop_rx) = oneshot::channel();
     let (camera, camera_rx) = StatusReporter::new();
     let (microphone, microphone_rx) = StatusReporter::new();
-    let publisher = Publisher::new(config, echo);
-    let devices_rx = DeviceWatch { camera: camera_rx, microphone: microphone_rx };
-    PublisherHandle {
-        events,
-        devices: DeviceReporters { camera, microphone },
-        stop,
-        task: tokio::spawn(publisher.run(events_rx, devices_rx, stop_rx)),
+    let gauges = Arc::new(PublisherGauges::default());
+    let mut publisher = Publisher::new(config, options, echo, outbox, commands_tx, Arc::clone(&gauges));
+    for message in held {
+        publisher.enqueue_held(message);
     }
+    let devices_rx = DeviceWatch { camera: camera_rx, microphone: microphone_rx };
+    Ok(PublisherHandle {
+        gauges,
+        events,
+        control,
+        commands: Some(commands),
+        devices: DeviceReporters { camera, microphone },
+        stop: Some(stop),
+        task: Some(tokio::spawn(publisher.run(events_rx, control_rx, devices_rx, stop_rx))),
+    })
+}
+
+/// From the service to the publisher.
+enum Control {
+    Reply(CommandReply),
+    Stats(String),
 }
 
 /// The publisher's ends of the device reporters.
@@ -115,9 +229,10 @@ struct DeviceWatch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
     Status,
-    /// A camera's or microphone's state: only the latest one per topic matters.
-    Device,
+    /// A camera's or microphone's state, or the station's figures: only the latest per topic matters.
+    Latest,
     Event,
+    Reply,
 }
 
 #[derive(Debug)]
@@ -126,6 +241,34 @@ struct Message {
     payload: String,
     retain: bool,
     kind: Kind,
+    /// Its copy in the outbox, if it has one.
+    stored: Option<Stored>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stored {
+    seq: u64,
+    created_at: SystemTime,
+    /// Held back: left by an earlier run, or waiting while the connection was down.
+    held: bool,
+}
+
+impl Message {
+    /// The payload to send now: a message on its way late says so.
+    fn payload_to_send(&self) -> std::borrow::Cow<'_, str> {
+        let Some(stored) = self.stored else { return self.payload.as_str().into() };
+        let late = stored.created_at.elapsed().is_ok_and(|age| age > HISTORICAL_AFTER);
+        if !(late || stored.held) {
+            return self.payload.as_str().into();
+        }
+        match serde_json::from_str::<serde_json::Value>(&self.payload) {
+            Ok(serde_json::Value::Object(mut object)) => {
+                object.insert("historical".into(), true.into());
+                serde_json::Value::Object(object).to_string().into()
+            }
+            _ => self.payload.as_str().into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +294,7 @@ enum SessionNotice {
     Connected,
     Sent { pkid: u16 },
     Acked { pkid: u16 },
+    Received { topic: String, payload: Vec<u8> },
     Lost(String),
     Disconnected,
 }
@@ -168,7 +312,6 @@ struct Publisher {
     broker: String,
     topics: Topics,
     echo: bool,
-    capacity: usize,
     reconnect_min: Duration,
     reconnect_max: Duration,
     backoff: Duration,
@@ -182,22 +325,46 @@ struct Publisher {
     reconnect_at: Option<Instant>,
     notices_tx: mpsc::UnboundedSender<(u64, SessionNotice)>,
     notices_rx: mpsc::UnboundedReceiver<(u64, SessionNotice)>,
+    outbox: Outbox,
+    /// A connection was lost and no new one is up yet.
+    outage: bool,
+    commands: mpsc::Sender<CommandRequest>,
+    allowed_commands: Vec<String>,
+    gauges: Arc<PublisherGauges>,
     report: PublisherReport,
 }
 
+/// How to reach the broker: address, credentials, TLS, and the last will.
+fn mqtt_options(config: &Config) -> Result<MqttOptions, TlsError> {
+    let mqtt = &config.mqtt;
+    let mut options = MqttOptions::new(config.client_id(), mqtt.host.clone(), mqtt.port);
+    options
+        .set_keep_alive(Duration::from_secs(mqtt.keep_alive_secs as u64))
+        .set_clean_session(true)
+        .set_inflight(RUMQTTC_IN_FLIGHT)
+        .set_max_packet_size(MAX_INCOMING_BYTES, MAX_OUTGOING_BYTES)
+        .set_last_will(LastWill::new(Topics::new(config).status, STATUS_OFFLINE, QoS::AtLeastOnce, true));
+    if let Some(username) = &mqtt.username {
+        options.set_credentials(username.clone(), mqtt.password.clone().unwrap_or_default());
+    }
+    if let Some(tls) = &mqtt.tls {
+        let client = tls::client_config(tls, &config.base_dir)?;
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(client)));
+    }
+    Ok(options)
+}
+
 impl Publisher {
-    fn new(config: &Config, echo: bool) -> Self {
+    fn new(
+        config: &Config,
+        options: MqttOptions,
+        echo: bool,
+        outbox: Outbox,
+        commands: mpsc::Sender<CommandRequest>,
+        gauges: Arc<PublisherGauges>,
+    ) -> Self {
         let topics = Topics::new(config);
         let mqtt = &config.mqtt;
-        let mut options = MqttOptions::new(config.client_id(), mqtt.host.clone(), mqtt.port);
-        options
-            .set_keep_alive(Duration::from_secs(mqtt.keep_alive_secs as u64))
-            .set_clean_session(true)
-            .set_inflight(RUMQTTC_IN_FLIGHT)
-            .set_last_will(LastWill::new(&topics.status, STATUS_OFFLINE, QoS::AtLeastOnce, true));
-        if let Some(username) = &mqtt.username {
-            options.set_credentials(username.clone(), mqtt.password.clone().unwrap_or_default());
-        }
         let (notices_tx, notices_rx) = mpsc::unbounded_channel();
         let reconnect_min = Duration::from_secs_f64(mqtt.reconnect_min_secs);
         Self {
@@ -205,7 +372,6 @@ impl Publisher {
             broker: format!("{}:{}", mqtt.host, mqtt.port),
             topics,
             echo,
-            capacity: config.queues.events,
             reconnect_min,
             reconnect_max: Duration::from_secs_f64(mqtt.reconnect_max_secs),
             backoff: reconnect_min,
@@ -217,6 +383,11 @@ impl Publisher {
             reconnect_at: Some(Instant::now()),
             notices_tx,
             notices_rx,
+            outbox,
+            outage: false,
+            commands,
+            allowed_commands: config.commands.allowed.clone(),
+            gauges,
             report: PublisherReport::default(),
         }
     }
@@ -224,6 +395,7 @@ impl Publisher {
     async fn run(
         mut self,
         mut events: mpsc::Receiver<Event>,
+        mut control: mpsc::UnboundedReceiver<Control>,
         mut devices: DeviceWatch,
         mut stop: oneshot::Receiver<()>,
     ) -> PublisherReport {
@@ -231,6 +403,7 @@ impl Publisher {
         let mut flush_deadline: Option<Instant> = None;
         loop {
             self.hand_over();
+            self.update_gauges();
             if stopping && flush_deadline.is_none() {
                 // The devices' retained states would otherwise say `online` after the station stopped.
                 for (topic, last) in self.devices_last.clone() {
@@ -243,20 +416,23 @@ impl Publisher {
             if flush_deadline.is_some() && self.unacked.is_empty() {
                 break;
             }
-            let room = self.unacked.len() < self.capacity;
             tokio::select! {
-                event = events.recv(), if !stopping && room => match event {
+                event = events.recv(), if !stopping => match event {
                     Some(event) => self.enqueue_event(&event),
                     None => stopping = true,
                 },
                 _ = &mut stop, if !stopping => {
                     stopping = true;
-                    // What the gates managed to queue is kept, past the capacity if need be.
+                    // What the gates managed to queue is kept.
                     events.close();
                     while let Ok(event) = events.try_recv() {
                         self.enqueue_event(&event);
                     }
                 }
+                Some(control) = control.recv() => match control {
+                    Control::Reply(reply) => self.enqueue_reply(reply),
+                    Control::Stats(json) => self.enqueue_latest(self.topics.stats.clone(), json),
+                },
                 Ok(()) = devices.camera.changed() => {
                     let status = devices.camera.borrow_and_update().clone();
                     self.enqueue_device(self.topics.camera_status.clone(), status);
@@ -275,14 +451,28 @@ impl Publisher {
             }
         }
         self.report.events_undelivered = self.unacked.iter().filter(|p| p.message.kind == Kind::Event).count();
+        self.report.outbox_held = self.outbox.len();
         if self.report.events_undelivered > 0 {
             warn!(
-                "{} events were not acknowledged by the broker at {} before the stop",
-                self.report.events_undelivered, self.broker
+                "{} events were not acknowledged by the broker at {} before the stop; the outbox {} keeps \
+                 {} messages for the next start",
+                self.report.events_undelivered,
+                self.broker,
+                self.outbox.dir().display(),
+                self.report.outbox_held
             );
         }
         self.disconnect().await;
         self.report
+    }
+
+    fn update_gauges(&self) {
+        let gauges = &self.gauges;
+        gauges.connected.store(self.session.as_ref().is_some_and(|s| s.connected), Ordering::Relaxed);
+        gauges.events_delivered.store(self.report.events_delivered, Ordering::Relaxed);
+        gauges.outbox_messages.store(self.outbox.len() as u64, Ordering::Relaxed);
+        gauges.outbox_bytes.store(self.outbox.bytes(), Ordering::Relaxed);
+        gauges.outbox_dropped.store(self.outbox.dropped(), Ordering::Relaxed);
     }
 
     fn enqueue(&mut self, message: Message) {
@@ -292,12 +482,43 @@ impl Publisher {
     }
 
     fn enqueue_event(&mut self, event: &Event) {
+        let topic = self.topics.events.clone();
+        let payload = event.to_json();
+        let stored = match self.outbox.append(&topic, &payload, PRIORITY_EVENT, SystemTime::now()) {
+            Ok((message, dropped)) => {
+                debug!("{} event {} stored in the outbox as message {}", event.kind(), event.id, message.seq);
+                self.forget_dropped(&dropped);
+                (!dropped.contains(&message.seq)).then_some(Stored {
+                    seq: message.seq,
+                    created_at: message.created_at(),
+                    held: self.outage,
+                })
+            }
+            Err(e) => {
+                // Still published from memory: a full or failing disk must not stop the alerts.
+                error!("cannot write an event to the outbox, it is held in memory only: {e}");
+                None
+            }
+        };
+        self.enqueue(Message { topic, payload, retain: false, kind: Kind::Event, stored });
+    }
+
+    /// A message an earlier run left in the outbox.
+    fn enqueue_held(&mut self, message: StoredMessage) {
+        let stored = Some(Stored { seq: message.seq, created_at: message.created_at(), held: true });
         self.enqueue(Message {
-            topic: self.topics.events.clone(),
-            payload: event.to_json(),
+            topic: message.topic,
+            payload: message.payload,
             retain: false,
             kind: Kind::Event,
+            stored,
         });
+    }
+
+    /// The outbox dropped these to stay under its cap: those not yet handed over go too.
+    fn forget_dropped(&mut self, dropped: &[u64]) {
+        self.unacked
+            .retain(|p| p.delivery != Delivery::Queued || !p.message.stored.is_some_and(|s| dropped.contains(&s.seq)));
     }
 
     fn enqueue_status(&mut self, status: &str) {
@@ -306,6 +527,7 @@ impl Publisher {
             payload: status.into(),
             retain: true,
             kind: Kind::Status,
+            stored: None,
         });
     }
 
@@ -315,12 +537,53 @@ impl Publisher {
         let Some(status) = status else { return };
         debug!("{topic}: {}", status.to_json());
         let payload = status.to_json();
-        self.unacked.retain(|p| {
-            !(p.message.kind == Kind::Device && p.message.topic == topic && p.delivery == Delivery::Queued)
-        });
         self.devices_last.retain(|(t, _)| *t != topic);
         self.devices_last.push((topic.clone(), status));
-        self.enqueue(Message { topic, payload, retain: true, kind: Kind::Device });
+        self.replace_queued(topic, payload, true);
+    }
+
+    /// The station's figures: not retained (they are stale once the station is gone).
+    fn enqueue_latest(&mut self, topic: String, payload: String) {
+        self.replace_queued(topic, payload, false);
+    }
+
+    /// Queues a message in place of an older one for the same topic not yet handed over.
+    fn replace_queued(&mut self, topic: String, payload: String, retain: bool) {
+        self.unacked.retain(|p| {
+            !(p.message.kind == Kind::Latest && p.message.topic == topic && p.delivery == Delivery::Queued)
+        });
+        self.enqueue(Message { topic, payload, retain, kind: Kind::Latest, stored: None });
+    }
+
+    fn enqueue_reply(&mut self, reply: CommandReply) {
+        let topic = format!("{}{}/reply", self.topics.commands, reply.command);
+        self.enqueue(Message { topic, payload: reply.to_json(), retain: false, kind: Kind::Reply, stored: None });
+    }
+
+    /// A message on a subscribed topic: a command, checked here, passed on to the service if it
+    /// is well-formed and allowed, answered with the reason if not.
+    fn on_received(&mut self, topic: &str, payload: &[u8]) {
+        let Some(name) = topic.strip_prefix(&self.topics.commands) else { return };
+        match command::parse(name, payload, &self.allowed_commands) {
+            Ok(request) => {
+                info!("command `{}` received", request.command.name());
+                if let Err(mpsc::error::TrySendError::Full(request) | mpsc::error::TrySendError::Closed(request)) =
+                    self.commands.try_send(request)
+                {
+                    let reply = CommandReply::failed(
+                        request.command.name(),
+                        request.id,
+                        "the station is busy with earlier commands; try again",
+                    );
+                    self.enqueue_reply(reply);
+                }
+            }
+            Err(e) => {
+                warn!("refused a command on {topic}: {e}");
+                let name = if command::NAMES.contains(&name) { name } else { "unknown" };
+                self.enqueue_reply(CommandReply::failed(name, command::salvage_id(payload), e.to_string()));
+            }
+        }
     }
 
     /// Gives queued messages to the connected client, oldest first, within the in-flight window.
@@ -330,12 +593,9 @@ impl Publisher {
         let room = MAX_IN_FLIGHT.saturating_sub(in_flight);
         for pending in self.unacked.iter_mut().filter(|p| p.delivery == Delivery::Queued).take(room) {
             let message = &pending.message;
-            let result = session.client.try_publish(
-                &message.topic,
-                QoS::AtLeastOnce,
-                message.retain,
-                message.payload.as_bytes(),
-            );
+            let payload = message.payload_to_send();
+            let result =
+                session.client.try_publish(&message.topic, QoS::AtLeastOnce, message.retain, payload.as_bytes());
             if let Err(e) = result {
                 debug!("client queue full, holding messages back: {e}");
                 break;
@@ -362,7 +622,13 @@ impl Publisher {
         match notice {
             SessionNotice::Connected => {
                 session.connected = true;
+                self.outage = false;
                 info!("connected to MQTT broker at {} as {}", self.broker, self.options.client_id());
+                // A clean session forgets subscriptions: ask again on every connection.
+                let commands = format!("{}+", self.topics.commands);
+                if let Err(e) = session.client.try_subscribe(&commands, QoS::AtLeastOnce) {
+                    warn!("cannot subscribe to {commands}: {e}");
+                }
                 self.backoff = self.reconnect_min;
                 // A fresh `online` goes first; one left over from a dropped connection is stale.
                 self.unacked.retain(|p| !(p.message.kind == Kind::Status && p.message.payload == STATUS_ONLINE));
@@ -373,18 +639,20 @@ impl Publisher {
                     payload: STATUS_ONLINE.into(),
                     retain: true,
                     kind: Kind::Status,
+                    stored: None,
                 };
                 self.unacked.push_front(Pending { seq, message, delivery: Delivery::Queued });
                 for (topic, status) in self.devices_last.clone() {
-                    if !self.unacked.iter().any(|p| p.message.kind == Kind::Device && p.message.topic == topic) {
+                    if !self.unacked.iter().any(|p| p.message.kind == Kind::Latest && p.message.topic == topic) {
                         let payload = status.to_json();
                         let seq = self.next_seq;
                         self.next_seq += 1;
-                        let message = Message { topic, payload, retain: true, kind: Kind::Device };
+                        let message = Message { topic, payload, retain: true, kind: Kind::Latest, stored: None };
                         self.unacked.insert(1, Pending { seq, message, delivery: Delivery::Queued });
                     }
                 }
             }
+            SessionNotice::Received { topic, payload } => self.on_received(&topic, &payload),
             SessionNotice::Sent { pkid } => {
                 if let Some(seq) = session.handed.pop_front() {
                     if let Some(pending) = self.unacked.iter_mut().find(|p| p.seq == seq) {
@@ -400,6 +668,13 @@ impl Publisher {
                     if done.message.kind == Kind::Event {
                         self.report.events_delivered += 1;
                     }
+                    if let Some(stored) = done.message.stored {
+                        if let Err(e) = self.outbox.acknowledge(stored.seq) {
+                            error!(
+                                "cannot record a delivery in the outbox (it may be sent again after a restart): {e}"
+                            );
+                        }
+                    }
                     if self.echo {
                         println!("{} {}", done.message.topic, done.message.payload);
                     }
@@ -408,8 +683,12 @@ impl Publisher {
             SessionNotice::Lost(why) => {
                 let was_connected = session.connected;
                 self.session = None;
+                self.outage |= was_connected;
                 for pending in &mut self.unacked {
                     pending.delivery = Delivery::Queued;
+                    if let Some(stored) = pending.message.stored.as_mut() {
+                        stored.held |= was_connected;
+                    }
                 }
                 let wait = self.backoff;
                 self.backoff = (self.backoff * 2).min(self.reconnect_max);
@@ -454,6 +733,9 @@ async fn drive_session(id: u64, mut eventloop: EventLoop, notices: mpsc::Unbound
         let notice = match eventloop.poll().await {
             Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => SessionNotice::Connected,
             Ok(rumqttc::Event::Incoming(Packet::PubAck(ack))) => SessionNotice::Acked { pkid: ack.pkid },
+            Ok(rumqttc::Event::Incoming(Packet::Publish(publish))) => {
+                SessionNotice::Received { topic: publish.topic.clone(), payload: publish.payload.to_vec() }
+            }
             Ok(rumqttc::Event::Outgoing(Outgoing::Publish(pkid))) => SessionNotice::Sent { pkid },
             Ok(rumqttc::Event::Outgoing(Outgoing::Disconnect)) => SessionNotice::Disconnected,
             Ok(_) => continue,

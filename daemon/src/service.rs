@@ -1,14 +1,17 @@
 //! The daemon's life: start the stages, react to signals, reload the config, stop cleanly.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
+use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use crate::command::{Command, CommandReply, CommandRequest};
 use crate::config::{self, Config};
-use crate::pipeline::{Pipeline, PipelineError};
-use crate::publish::{self, PublisherReport};
+use crate::pipeline::{CaptureCounts, Pipeline, PipelineError};
+use crate::publish::{self, PublisherFigures, PublisherHandle, PublisherReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -18,6 +21,8 @@ pub enum ServiceError {
     Capture(#[from] PipelineError),
     #[error("the publisher task failed: {0}")]
     Publisher(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Publish(#[from] crate::publish::PublishError),
 }
 
 /// How the daemon runs.
@@ -34,31 +39,58 @@ enum Wake {
     Stop(&'static str),
     Reload,
     SourcesEnded,
+    Command(CommandRequest),
+    Stats,
+}
+
+/// What runs: the config in force, its publisher, and its capture (none while paused).
+struct Station {
+    config: Config,
+    options: ServiceOptions,
+    publisher: PublisherHandle,
+    commands: Option<mpsc::Receiver<CommandRequest>>,
+    pipeline: Option<Pipeline>,
+    /// Capture figures of the pipelines stopped so far.
+    earlier_counts: CaptureCounts,
+    started: Instant,
 }
 
 /// Runs until SIGTERM or SIGINT, or until every source has ended; then flushes what is queued,
 /// publishes `stopped` and returns.
-pub async fn run(mut config: Config, options: ServiceOptions) -> Result<PublisherReport, ServiceError> {
+pub async fn run(config: Config, options: ServiceOptions) -> Result<PublisherReport, ServiceError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(ServiceError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(ServiceError::Signals)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(ServiceError::Signals)?;
 
     info!("station `{}` publishing under {}/", config.station.id, config.topic_root());
-    let mut publisher = publish::spawn(&config, options.echo);
-    let mut pipeline = match Pipeline::start(&config, publisher.events(), &publisher.devices()) {
+    let mut publisher = publish::spawn(&config, options.echo)?;
+    let commands = publisher.take_commands();
+    let pipeline = match Pipeline::start(&config, publisher.events(), &publisher.devices()) {
         Ok(pipeline) => pipeline,
         Err(e) => {
             publisher.stop().await?;
             return Err(e.into());
         }
     };
+    let mut station = Station {
+        config,
+        options,
+        publisher,
+        commands,
+        pipeline: Some(pipeline),
+        earlier_counts: CaptureCounts::default(),
+        started: Instant::now(),
+    };
+    let mut stats_timer = stats_timer(&station.config);
 
     loop {
         let wake = tokio::select! {
             _ = sigterm.recv() => Wake::Stop("SIGTERM"),
             _ = sigint.recv() => Wake::Stop("SIGINT"),
             _ = sighup.recv() => Wake::Reload,
-            () = pipeline.finished() => Wake::SourcesEnded,
+            () = finished(&mut station.pipeline) => Wake::SourcesEnded,
+            Some(request) = next_command(&mut station.commands) => Wake::Command(request),
+            _ = tick(&mut stats_timer) => Wake::Stats,
         };
         match wake {
             Wake::Stop(signal) => {
@@ -70,42 +102,198 @@ pub async fn run(mut config: Config, options: ServiceOptions) -> Result<Publishe
                 break;
             }
             Wake::Reload => {
-                let Some(path) = &options.config_path else {
-                    warn!("SIGHUP: this config was not read from a file, nothing to reload");
-                    continue;
-                };
-                let new = match config::load(path) {
-                    Ok(new) => new,
-                    Err(e) => {
-                        error!("SIGHUP: the config file is not valid; the one in force stays:\n{e}");
-                        continue;
-                    }
-                };
-                if new == config {
-                    info!("SIGHUP: {} is unchanged", path.display());
-                    continue;
+                if let Err(why) = station.reload("SIGHUP").await? {
+                    error!("SIGHUP: {why}");
                 }
-                info!("SIGHUP: applying the new config from {}", path.display());
-                stop_pipeline(&mut pipeline).await;
-                if needs_new_publisher(&config, &new) {
-                    log_report(&publisher.stop().await?);
-                    publisher = publish::spawn(&new, options.echo);
-                }
-                pipeline = match Pipeline::start(&new, publisher.events(), &publisher.devices()) {
-                    Ok(pipeline) => pipeline,
-                    Err(e) => {
-                        error!("SIGHUP: cannot start the new config ({e}); going back to the previous one");
-                        Pipeline::start(&config, publisher.events(), &publisher.devices())?
-                    }
-                };
-                config = new;
+                stats_timer = stats_timer_if_changed(stats_timer, &station.config);
             }
+            Wake::Command(request) => {
+                let reply = station.carry_out(&request).await?;
+                station.publisher.reply(reply);
+                stats_timer = stats_timer_if_changed(stats_timer, &station.config);
+            }
+            Wake::Stats => station.publisher.stats(station.stats_json()),
         }
     }
-    stop_pipeline(&mut pipeline).await;
-    let report = publisher.stop().await?;
+    if let Some(mut pipeline) = station.pipeline.take() {
+        stop_pipeline(&mut pipeline).await;
+    }
+    let report = station.publisher.stop().await?;
     log_report(&report);
     Ok(report)
+}
+
+impl Station {
+    /// Reads the config file again and applies it. `Ok(Err(why))`: the config in force stays;
+    /// `Err`: not even the previous config could be restored.
+    async fn reload(&mut self, why: &str) -> Result<Result<String, String>, ServiceError> {
+        let Some(path) = self.options.config_path.clone() else {
+            return Ok(Err("this config was not read from a file, nothing to reload".into()));
+        };
+        let new = match config::load(&path) {
+            Ok(new) => new,
+            Err(e) => return Ok(Err(format!("the config file is not valid; the one in force stays:\n{e}"))),
+        };
+        if new == self.config {
+            info!("{why}: {} is unchanged", path.display());
+            return Ok(Ok(format!("{} is unchanged", path.display())));
+        }
+        info!("{why}: applying the new config from {}", path.display());
+        let was_capturing = self.pipeline.is_some();
+        self.stop_capture().await;
+        let mut config = new;
+        let mut failure = None;
+        if needs_new_publisher(&self.config, &config) {
+            // The old publisher lets go of its outbox before the new one opens it.
+            log_report(&self.publisher.stop().await?);
+            self.publisher = match publish::spawn(&config, self.options.echo) {
+                Ok(publisher) => publisher,
+                Err(e) => {
+                    failure = Some(format!("cannot start the new config's publisher ({e})"));
+                    config = self.config.clone();
+                    publish::spawn(&config, self.options.echo)?
+                }
+            };
+            self.commands = self.publisher.take_commands();
+        }
+        if was_capturing && failure.is_none() {
+            match Pipeline::start(&config, self.publisher.events(), &self.publisher.devices()) {
+                Ok(pipeline) => self.pipeline = Some(pipeline),
+                Err(e) => {
+                    failure = Some(format!("cannot start the new config's capture ({e})"));
+                    config = self.config.clone();
+                }
+            }
+        }
+        if was_capturing && self.pipeline.is_none() {
+            self.pipeline = Some(Pipeline::start(&config, self.publisher.events(), &self.publisher.devices())?);
+        }
+        self.config = config;
+        Ok(match failure {
+            Some(why) => Err(format!("{why}; going back to the previous one")),
+            None if was_capturing => Ok(format!("applied {}", path.display())),
+            None => Ok(format!("applied {} (capture stays paused)", path.display())),
+        })
+    }
+
+    async fn carry_out(&mut self, request: &CommandRequest) -> Result<CommandReply, ServiceError> {
+        let failed = |message: String| CommandReply::failed(request.command.name(), request.id.clone(), message);
+        Ok(match &request.command {
+            Command::Pause if self.pipeline.is_none() => CommandReply::done(request, "capture was already paused"),
+            Command::Pause => {
+                self.stop_capture().await;
+                info!("capture paused by command");
+                CommandReply::done(request, "capture paused")
+            }
+            Command::Resume if self.pipeline.is_some() => CommandReply::done(request, "capture was not paused"),
+            Command::Resume => {
+                match Pipeline::start(&self.config, self.publisher.events(), &self.publisher.devices()) {
+                    Ok(pipeline) => {
+                        self.pipeline = Some(pipeline);
+                        info!("capture resumed by command");
+                        CommandReply::done(request, "capture resumed")
+                    }
+                    Err(e) => failed(format!("cannot start capture: {e}")),
+                }
+            }
+            Command::Reload => match self.reload("reload command").await? {
+                Ok(message) => CommandReply::done(request, message),
+                Err(message) => failed(message),
+            },
+            Command::CaptureNow | Command::Ask { .. } if self.config.model.is_none() => {
+                failed("this station has no `[model]` to look and listen with".into())
+            }
+            Command::CaptureNow | Command::Ask { .. } => {
+                failed("the model stage is not wired into the daemon yet (issue #5)".into())
+            }
+        })
+    }
+
+    async fn stop_capture(&mut self) {
+        if let Some(mut pipeline) = self.pipeline.take() {
+            stop_pipeline(&mut pipeline).await;
+            self.earlier_counts = self.earlier_counts.then(pipeline.counts());
+        }
+    }
+
+    fn stats_json(&self) -> String {
+        let capture = match &self.pipeline {
+            Some(pipeline) => self.earlier_counts.then(pipeline.counts()),
+            None => self.earlier_counts.then(CaptureCounts::default()),
+        };
+        let stats = StationStats {
+            station: &self.config.station.id,
+            timestamp: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            paused: self.pipeline.is_none(),
+            capture,
+            publisher: self.publisher.figures(),
+            temperature_c: cpu_temperature(),
+        };
+        serde_json::to_string(&stats).unwrap_or_default()
+    }
+}
+
+/// The payload of `<root>/stats`.
+#[derive(Debug, Serialize)]
+struct StationStats<'a> {
+    station: &'a str,
+    timestamp: String,
+    uptime_secs: u64,
+    /// Capture stopped by a `pause` command.
+    paused: bool,
+    capture: CaptureCounts,
+    publisher: PublisherFigures,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature_c: Option<f64>,
+}
+
+/// The SoC's temperature, where the kernel exposes it (the Pi's `cpu-thermal` is zone 0).
+fn cpu_temperature() -> Option<f64> {
+    let text = std::fs::read_to_string("/sys/class/thermal/thermal_zone0/temp").ok()?;
+    text.trim().parse::<f64>().ok().map(|millidegrees| millidegrees / 1000.0)
+}
+
+async fn finished(pipeline: &mut Option<Pipeline>) {
+    match pipeline {
+        Some(pipeline) => pipeline.finished().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_command(commands: &mut Option<mpsc::Receiver<CommandRequest>>) -> Option<CommandRequest> {
+    match commands {
+        Some(commands) => commands.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn stats_timer(config: &Config) -> Option<(f64, tokio::time::Interval)> {
+    let secs = config.stats.interval_secs;
+    (secs > 0.0).then(|| {
+        let period = Duration::from_secs_f64(secs);
+        (secs, tokio::time::interval_at(tokio::time::Instant::now() + period, period))
+    })
+}
+
+fn stats_timer_if_changed(
+    timer: Option<(f64, tokio::time::Interval)>,
+    config: &Config,
+) -> Option<(f64, tokio::time::Interval)> {
+    match timer {
+        Some((secs, _)) if secs == config.stats.interval_secs => timer,
+        None if config.stats.interval_secs <= 0.0 => None,
+        _ => stats_timer(config),
+    }
+}
+
+async fn tick(timer: &mut Option<(f64, tokio::time::Interval)>) {
+    match timer {
+        Some((_, interval)) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// How long a stop waits for the sources to let go of their devices.
@@ -121,10 +309,18 @@ async fn stop_pipeline(pipeline: &mut Pipeline) {
 }
 
 fn log_report(report: &PublisherReport) {
-    info!("publisher stopped: {} events delivered, {} undelivered", report.events_delivered, report.events_undelivered);
+    info!(
+        "publisher stopped: {} events delivered, {} undelivered, {} messages in the outbox",
+        report.events_delivered, report.events_undelivered, report.outbox_held
+    );
 }
 
 /// The connection, the topics and the publisher's queue are fixed for a publisher's life.
 fn needs_new_publisher(old: &Config, new: &Config) -> bool {
-    old.mqtt != new.mqtt || old.station != new.station || old.queues.events != new.queues.events
+    old.mqtt != new.mqtt
+        || old.station != new.station
+        || old.commands != new.commands
+        || old.queues.events != new.queues.events
+        || old.outbox != new.outbox
+        || old.outbox_dir() != new.outbox_dir()
 }

@@ -97,6 +97,7 @@ fn broker_restart_loses_no_event() {
         outage_start < at && at < outage_end
     });
     assert!(held.received_at > outage_end);
+    assert_eq!(held.json()["historical"], true, "held through the outage: {}", held.payload);
     // And the daemon carries on publishing new ones.
     let after = SystemTime::now();
     subscriber.wait_for("an event after the outage", WAIT, |m| {
@@ -160,6 +161,95 @@ fn daemon_keeps_trying_when_no_broker_is_there() {
     subscriber.wait_for("a held event", WAIT, |m| m.topic == "outpost/lonely/events");
 }
 
+/// The ids of the events the daemon logged as written to its outbox, in order.
+fn stored_event_ids(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|line| line.split_once(" stored in the outbox as message "))
+        .filter_map(|(before, _)| before.rsplit(' ').next().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn killed_mid_burst_in_an_outage_the_restarted_daemon_delivers_every_stored_event_in_order() {
+    let mut broker = Mosquitto::start();
+    let mut subscriber = Subscriber::connect(broker.port, "outpost/#");
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("{CLIP_CAMERA}loop = true\n[gates.motion]\ncooldown_secs = 0.1\n[outbox]\ndir = \"outbox\"\n");
+    let config = write_config(dir.path(), "burst", broker.port, &extra);
+
+    let mut first = Daemon::run_config(&config);
+    subscriber.wait_for("a first event", WAIT, |m| m.topic == "outpost/burst/events");
+    broker.stop();
+    let outage_start = SystemTime::now();
+    first.wait_for_log("lost connection to MQTT broker", WAIT);
+    // The burst goes on into the outbox while the broker is away; then the power goes.
+    std::thread::sleep(Duration::from_secs(2));
+    first.signal(Signal::SIGKILL);
+    first.wait(WAIT);
+    let stored = stored_event_ids(&first.stderr());
+    assert!(stored.len() >= 10, "only {} events stored:\n{}", stored.len(), first.stderr());
+
+    broker.restart();
+    let restarted_at = SystemTime::now();
+    let second = Daemon::run_config(&config);
+    let missing = std::cell::RefCell::new(stored.iter().cloned().collect::<std::collections::HashSet<_>>());
+    // Those delivered before the outage are already there; the rest come from the outbox.
+    for message in subscriber.received() {
+        if message.topic == "outpost/burst/events" {
+            missing.borrow_mut().remove(message.json()["id"].as_str().unwrap());
+        }
+    }
+    if !missing.borrow().is_empty() {
+        subscriber.wait_for("every event the killed daemon had stored", WAIT, |m| {
+            if m.topic == "outpost/burst/events" {
+                missing.borrow_mut().remove(m.json()["id"].as_str().unwrap());
+            }
+            missing.borrow().is_empty()
+        });
+    }
+    second.wait_for_log("messages from an earlier run to deliver first", WAIT);
+
+    let events: Vec<_> = subscriber.received().iter().filter(|m| m.topic == "outpost/burst/events").cloned().collect();
+    let mut first_seen: Vec<String> = Vec::new();
+    for message in &events {
+        let json = message.json();
+        let id = json["id"].as_str().unwrap().to_owned();
+        let at = humantime::parse_rfc3339(json["timestamp"].as_str().unwrap()).unwrap();
+        // Captured in the outage, so it can only have come from the outbox, through the restart.
+        if at > outage_start && stored.contains(&id) {
+            assert!(message.received_at > restarted_at);
+            assert_eq!(json["historical"], true, "left by the killed daemon: {}", message.payload);
+        }
+        if stored.contains(&id) && !first_seen.contains(&id) {
+            first_seen.push(id);
+        }
+    }
+    assert_eq!(first_seen, stored, "every stored event, once each at least, in the order it happened");
+    let copies = events.iter().filter(|m| stored.iter().any(|id| m.payload.contains(id.as_str()))).count();
+    eprintln!(
+        "{} events stored by the killed daemon, {} deliveries ({} sent again)",
+        stored.len(),
+        copies,
+        copies - stored.len()
+    );
+}
+
+#[test]
+fn a_second_daemon_cannot_share_an_outbox() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("{CLIP_CAMERA}loop = true\n[outbox]\ndir = \"shared-outbox\"\n");
+    let first_config = write_config(dir.path(), "one", broker.port, &extra);
+    let second_config = write_config(dir.path(), "two", broker.port, &extra);
+    let first = Daemon::run_config(&first_config);
+    first.wait_for_log("connected to MQTT broker", WAIT);
+    let mut second = Daemon::run_config(&second_config);
+    let status = second.wait(WAIT);
+    assert!(!status.success());
+    let log = second.stderr();
+    assert!(log.contains("shared-outbox is in use by another outpostd"), "{log}");
+}
+
 #[test]
 fn sigterm_stops_promptly_while_the_broker_is_down_and_the_queue_is_full() {
     let port = common::free_port();
@@ -175,6 +265,63 @@ fn sigterm_stops_promptly_while_the_broker_is_down_and_the_queue_is_full() {
     assert!(status.success(), "{status}; log:\n{}", daemon.stderr());
     let log = daemon.stderr();
     assert!(log.contains("events were not acknowledged by the broker at 127.0.0.1"), "{log}");
+    assert!(log.contains("messages for the next start"), "{log}");
+}
+
+#[test]
+fn commands_pause_and_resume_capture_and_malformed_ones_change_nothing() {
+    let broker = Mosquitto::start();
+    let mut client = Subscriber::connect(broker.port, "outpost/#");
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("{CLIP_CAMERA}loop = true\n{FAST_MOTION_GATE}[stats]\ninterval_secs = 0.5\n");
+    let config = write_config(dir.path(), "cmd", broker.port, &extra);
+    let daemon = Daemon::run_config(&config);
+    client.wait_for("a first event", WAIT, |m| m.topic == "outpost/cmd/events");
+    let stats = client.wait_for("figures", WAIT, |m| m.topic == "outpost/cmd/stats");
+    let figures = stats.json();
+    assert_eq!(figures["paused"], false, "{figures}");
+    assert_eq!(figures["publisher"]["connected"], true, "{figures}");
+    assert!(figures["capture"]["frames"].as_u64().unwrap() > 0, "{figures}");
+
+    // Malformed, unknown and oversized commands get a reason and change nothing.
+    client.publish("outpost/cmd/cmd/pause", r#"{"id":"p0","force":tru"#);
+    let reply = client.wait_for("a refusal", WAIT, |m| m.topic == "outpost/cmd/cmd/pause/reply").json();
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(reply["message"].as_str().unwrap().contains("not a valid pause request"), "{reply}");
+    client.publish("outpost/cmd/cmd/selfdestruct", "{}");
+    let reply = client.wait_for("a refusal", WAIT, |m| m.topic == "outpost/cmd/cmd/unknown/reply").json();
+    assert!(reply["message"].as_str().unwrap().contains("unknown command `selfdestruct`"), "{reply}");
+    client.publish("outpost/cmd/cmd/ask", vec![b'x'; 100_000]);
+    let reply = client.wait_for("a refusal", WAIT, |m| m.topic == "outpost/cmd/cmd/ask/reply").json();
+    assert!(reply["message"].as_str().unwrap().contains("over the limit"), "{reply}");
+    let after_refusals = SystemTime::now();
+    client.wait_for("an event after the refusals", WAIT, |m| {
+        m.topic == "outpost/cmd/events" && m.received_at > after_refusals
+    });
+
+    client.publish("outpost/cmd/cmd/pause", r#"{"id":"p1"}"#);
+    let reply = client.wait_for("the pause reply", WAIT, |m| m.topic == "outpost/cmd/cmd/pause/reply").json();
+    assert_eq!((reply["ok"].as_bool(), reply["id"].as_str()), (Some(true), Some("p1")), "{reply}");
+    let paused_at = SystemTime::now();
+    let stats =
+        client.wait_for("figures while paused", WAIT, |m| m.topic == "outpost/cmd/stats" && m.received_at > paused_at);
+    assert_eq!(stats.json()["paused"], true, "{}", stats.payload);
+    std::thread::sleep(Duration::from_secs(1));
+    let late: Vec<_> = client
+        .received()
+        .iter()
+        .filter(|m| m.topic == "outpost/cmd/events" && m.received_at > paused_at + Duration::from_millis(300))
+        .cloned()
+        .collect();
+    assert!(late.is_empty(), "events while paused: {late:?}");
+
+    client.publish("outpost/cmd/cmd/resume", "");
+    let reply = client.wait_for("the resume reply", WAIT, |m| m.topic == "outpost/cmd/cmd/resume/reply").json();
+    assert_eq!(reply["ok"], true, "{reply}");
+    let resumed_at = SystemTime::now();
+    client.wait_for("an event after resuming", WAIT, |m| m.topic == "outpost/cmd/events" && m.received_at > resumed_at);
+    let log = daemon.stderr();
+    assert!(log.contains("capture paused by command") && log.contains("capture resumed by command"), "{log}");
 }
 
 #[test]

@@ -29,6 +29,9 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelConfig>,
     pub queues: QueuesConfig,
+    pub outbox: OutboxConfig,
+    pub commands: CommandsConfig,
+    pub stats: StatsConfig,
     pub log: LogConfig,
     /// Where relative paths in this config are resolved from: the config file's directory.
     #[serde(skip)]
@@ -79,6 +82,23 @@ pub struct MqttConfig {
     /// First wait after a lost connection; doubles on each failure up to `reconnect_max_secs`.
     pub reconnect_min_secs: f64,
     pub reconnect_max_secs: f64,
+    /// Connect with TLS (brokers usually listen for it on port 8883).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the authority (or authorities) that signed the broker's certificate,
+    /// relative to the config file. The broker's certificate must name `mqtt.host`.
+    pub ca_file: String,
+    /// The station's own certificate (PEM), for a broker that requires client certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    /// Its private key (PEM); give it with `cert_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
 }
 
 impl Default for MqttConfig {
@@ -92,6 +112,7 @@ impl Default for MqttConfig {
             password: None,
             reconnect_min_secs: 1.0,
             reconnect_max_secs: 30.0,
+            tls: None,
         }
     }
 }
@@ -308,6 +329,55 @@ impl Default for QueuesConfig {
     }
 }
 
+/// The on-disk store of what waits for the broker (see `outbox.rs`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Relative to the config file. Default: `<state>/<station id>/outbox`, where `<state>` is
+    /// systemd's `$STATE_DIRECTORY`, else `$XDG_STATE_HOME/outpost`, else
+    /// `~/.local/state/outpost`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+    /// Cap on the unacknowledged messages held, in MiB; past it, the oldest of the least
+    /// important go first (gate events, then reports by severity, then alerts and tool calls).
+    pub max_mb: f64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self { dir: None, max_mb: 16.0 }
+    }
+}
+
+/// Commands taken on `<root>/cmd/<name>` (see `command.rs`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandsConfig {
+    /// The commands this station carries out; the others get an error reply. The broker's ACL
+    /// decides who may send them at all.
+    pub allowed: Vec<String>,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        Self { allowed: crate::command::NAMES.iter().map(|n| n.to_string()).collect() }
+    }
+}
+
+/// The station's figures on `<root>/stats`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatsConfig {
+    /// Seconds between two; 0 publishes none.
+    pub interval_secs: f64,
+}
+
+impl Default for StatsConfig {
+    fn default() -> Self {
+        Self { interval_secs: 60.0 }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -340,6 +410,26 @@ impl Config {
             shown.mqtt.password = Some("********".into());
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// The outbox directory: `[outbox] dir`, or the station's default under the state directory.
+    pub fn outbox_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.outbox.dir {
+            return self.resolve_path(dir);
+        }
+        let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        // systemd may list several state directories, separated by colons: the first is ours.
+        let state = env("STATE_DIRECTORY")
+            .and_then(|dirs| dirs.to_str().and_then(|d| d.split(':').next()).map(PathBuf::from))
+            .or_else(|| env("XDG_STATE_HOME").map(|d| d.join("outpost")))
+            .or_else(|| env("HOME").map(|d| d.join(".local/state/outpost")))
+            .unwrap_or_else(|| PathBuf::from("/var/lib/outpost"));
+        state.join(&self.station.id).join("outbox")
+    }
+
+    /// The outbox's cap in bytes.
+    pub fn outbox_max_bytes(&self) -> u64 {
+        (self.outbox.max_mb * 1024.0 * 1024.0) as u64
     }
 
     /// A path from the config, resolved against the config file's directory.

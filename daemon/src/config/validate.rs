@@ -2,6 +2,7 @@
 
 use super::{CameraConfig, CameraSourceKind, Config, MicrophoneSourceKind};
 use crate::capture;
+use crate::tls::TlsError;
 
 /// `(dotted key, what is wrong)` for every problem found.
 pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
@@ -12,6 +13,17 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
     gates(config, &mut problems);
     model(config, &mut problems);
     queues(config, &mut problems);
+    for (n, name) in config.commands.allowed.iter().enumerate() {
+        if !crate::command::NAMES.contains(&name.as_str()) {
+            let names = crate::command::NAMES.join(", ");
+            problems.add(&format!("commands.allowed[{n}]"), format!("`{name}` is not a command; they are {names}"));
+        }
+    }
+    problems.seconds("stats.interval_secs", config.stats.interval_secs, false);
+    let max_mb = config.outbox.max_mb;
+    if !max_mb.is_finite() || !(0.01..=65536.0).contains(&max_mb) {
+        problems.add("outbox.max_mb", format!("must be a size in MiB from 0.01 to 65536, got {max_mb}"));
+    }
     if let Err(why) = check_log_level(&config.log.level) {
         problems.add("log.level", format!("`{}` is not a log level or filter: {why}", config.log.level));
     }
@@ -98,6 +110,21 @@ fn mqtt(config: &Config, problems: &mut Problems) {
     }
     if mqtt.password.is_some() && mqtt.username.is_none() {
         problems.add("mqtt.password", "is set but mqtt.username is not: MQTT sends a password only with a user name");
+    }
+    if let Some(tls) = &mqtt.tls {
+        if let Err(e) = crate::tls::client_config(tls, &config.base_dir) {
+            let key = match &e {
+                TlsError::ReadKey { .. } => "mqtt.tls.key_file",
+                TlsError::CertificateWithoutKey | TlsError::ClientCertificate(_) => "mqtt.tls.cert_file",
+                TlsError::ReadCertificates { path, .. } | TlsError::NoCertificate { path }
+                    if tls.cert_file.as_ref().is_some_and(|cert| config.base_dir.join(cert) == *path) =>
+                {
+                    "mqtt.tls.cert_file"
+                }
+                _ => "mqtt.tls.ca_file",
+            };
+            problems.add(key, e.to_string());
+        }
     }
     problems.seconds("mqtt.reconnect_min_secs", mqtt.reconnect_min_secs, true);
     problems.seconds("mqtt.reconnect_max_secs", mqtt.reconnect_max_secs, true);

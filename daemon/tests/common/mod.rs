@@ -22,9 +22,14 @@ pub fn free_port() -> u16 {
 /// that a subscriber's session and queued messages survive a restart of the broker.
 pub struct Mosquitto {
     pub port: u16,
+    /// A second, plain listener for the test's own clients, when the first one asks for more.
+    pub plain_port: Option<u16>,
     dir: tempfile::TempDir,
     child: Option<Child>,
-    password_file: Option<PathBuf>,
+    /// Lines before the listeners: authentication, ACL.
+    global: String,
+    /// Lines of the first listener: TLS.
+    listener: String,
 }
 
 impl Mosquitto {
@@ -33,24 +38,45 @@ impl Mosquitto {
     }
 
     pub fn start_on(port: u16) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut broker = Self { port, dir, child: None, password_file: None };
-        broker.launch();
-        broker
+        Self::start_configured(port, |_| ("allow_anonymous true".into(), String::new(), false))
     }
 
     /// A broker that admits only `user` with `password`.
     pub fn start_with_password(user: &str, password: &str) -> Self {
+        Self::start_with_users(&[(user, password)], None)
+    }
+
+    /// A broker that admits only these users, with an ACL (mosquitto's `acl_file` syntax) if given.
+    pub fn start_with_users(users: &[(&str, &str)], acl: Option<&str>) -> Self {
+        Self::start_configured(free_port(), |dir| {
+            let passwords = dir.join("passwords");
+            std::fs::write(&passwords, "").unwrap();
+            for (user, password) in users {
+                let status = Command::new("mosquitto_passwd")
+                    .arg("-b")
+                    .arg(&passwords)
+                    .args([user, password])
+                    .status()
+                    .expect("mosquitto_passwd (Debian package `mosquitto`)");
+                assert!(status.success());
+            }
+            let mut global = format!("allow_anonymous false\npassword_file {}\n", passwords.display());
+            if let Some(acl) = acl {
+                let acl_file = dir.join("acl");
+                std::fs::write(&acl_file, acl).unwrap();
+                global.push_str(&format!("acl_file {}\n", acl_file.display()));
+            }
+            (global, String::new(), false)
+        })
+    }
+
+    /// A broker whose config `settings` writes, given its directory: the global lines, the first
+    /// listener's lines, and whether to add a plain listener for the test's own clients.
+    pub fn start_configured(port: u16, settings: impl FnOnce(&Path) -> (String, String, bool)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let password_file = dir.path().join("passwords");
-        let status = Command::new("mosquitto_passwd")
-            .args(["-c", "-b"])
-            .arg(&password_file)
-            .args([user, password])
-            .status()
-            .expect("mosquitto_passwd (Debian package `mosquitto`)");
-        assert!(status.success());
-        let mut broker = Self { port: free_port(), dir, child: None, password_file: Some(password_file) };
+        let (global, listener, plain) = settings(dir.path());
+        let plain_port = plain.then(free_port);
+        let mut broker = Self { port, plain_port, dir, child: None, global, listener };
         broker.launch();
         broker
     }
@@ -59,17 +85,18 @@ impl Mosquitto {
         let config = self.dir.path().join("mosquitto.conf");
         let mut file = std::fs::File::create(&config).unwrap();
         // Started as root, mosquitto would switch to its own user and lose access to the tempdir.
-        match &self.password_file {
-            Some(passwords) => writeln!(file, "allow_anonymous false\npassword_file {}", passwords.display()).unwrap(),
-            None => writeln!(file, "allow_anonymous true").unwrap(),
-        }
         writeln!(
             file,
-            "listener {} 127.0.0.1\npersistence true\npersistence_location {}/\nuser root\nlog_dest stderr",
+            "{}\npersistence true\npersistence_location {}/\nuser root\nlog_dest stderr\nlistener {} 127.0.0.1\n{}",
+            self.global,
+            self.dir.path().display(),
             self.port,
-            self.dir.path().display()
+            self.listener
         )
         .unwrap();
+        if let Some(plain) = self.plain_port {
+            writeln!(file, "listener {plain} 127.0.0.1").unwrap();
+        }
         let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
         let child = Command::new("mosquitto")
             .arg("-c")
@@ -138,8 +165,16 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub fn connect(port: u16, filter: &str) -> Self {
+        Self::connect_as(port, filter, None)
+    }
+
+    pub fn connect_as(port: u16, filter: &str, credentials: Option<(&str, &str)>) -> Self {
         let mut options = MqttOptions::new(format!("test-subscriber-{port}"), "127.0.0.1", port);
-        options.set_clean_session(false).set_keep_alive(Duration::from_secs(5));
+        // Large enough for the oversized commands the tests send.
+        options.set_clean_session(false).set_keep_alive(Duration::from_secs(5)).set_max_packet_size(1 << 20, 1 << 20);
+        if let Some((user, password)) = credentials {
+            options.set_credentials(user, password);
+        }
         let (client, mut connection) = Client::new(options, 16);
         let (tx, messages) = mpsc::channel();
         let resubscribe = client.clone();
@@ -199,6 +234,11 @@ impl Subscriber {
         &self.seen
     }
 
+    /// Publishes with QoS 1, as a dashboard sending a command would.
+    pub fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload).unwrap();
+    }
+
     pub fn transcript(&self) -> String {
         self.seen.iter().map(|m| format!("  {} {}\n", m.topic, m.payload)).collect()
     }
@@ -229,6 +269,9 @@ impl Daemon {
             .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "info,outpost=debug")
+            // Each daemon its own outbox, unless its config names one.
+            .env("XDG_STATE_HOME", dir.path())
+            .env_remove("STATE_DIRECTORY")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_path).unwrap())
             .spawn()

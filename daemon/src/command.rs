@@ -1,0 +1,210 @@
+//! Commands a dashboard sends to the station on `<root>/cmd/<name>`, and the replies it gets on
+//! `<root>/cmd/<name>/reply`. A command is checked whole before anything happens: a malformed
+//! one, or one this station's config does not allow, gets an error reply and changes nothing.
+
+use serde::{Deserialize, Serialize};
+
+/// The largest command payload taken; anything longer is refused unread.
+pub const MAX_PAYLOAD_BYTES: usize = 4096;
+/// The longest question `ask` takes, in characters.
+pub const MAX_QUESTION_CHARS: usize = 500;
+
+/// Every command's name, as it appears in the topic.
+pub const NAMES: &[&str] = &["capture-now", "ask", "pause", "resume", "reload"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Look and listen now, whatever the gates say.
+    CaptureNow,
+    /// Answer a question about the current scene.
+    Ask {
+        question: String,
+    },
+    /// Stop capturing until `resume`; the station stays connected.
+    Pause,
+    Resume,
+    /// Read the config file again, as SIGHUP does.
+    Reload,
+}
+
+impl Command {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::CaptureNow => "capture-now",
+            Command::Ask { .. } => "ask",
+            Command::Pause => "pause",
+            Command::Resume => "resume",
+            Command::Reload => "reload",
+        }
+    }
+}
+
+/// A command as received: what to do, and the id to echo in the reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandRequest {
+    pub command: Command,
+    /// The caller's `id`, echoed so it can match the reply to its request.
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    #[error("unknown command `{0}`; the commands are {names}", names = NAMES.join(", "))]
+    Unknown(String),
+    #[error("the payload is {0} bytes, over the limit of {MAX_PAYLOAD_BYTES}")]
+    TooLarge(usize),
+    #[error("the payload is not UTF-8 JSON: {0}")]
+    NotText(String),
+    #[error("the payload is not a valid {command} request: {why}")]
+    Invalid { command: &'static str, why: String },
+    #[error("`{0}` is not allowed on this station (see `[commands] allowed` in its config)")]
+    NotAllowed(&'static str),
+}
+
+/// The optional fields every command takes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Plain {
+    id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AskPayload {
+    id: Option<String>,
+    question: String,
+}
+
+/// Parses the command named `name` (the last topic level) from its payload: a JSON object, or
+/// nothing at all for a command without arguments.
+pub fn parse(name: &str, payload: &[u8], allowed: &[String]) -> Result<CommandRequest, CommandError> {
+    let Some(&known) = NAMES.iter().find(|&&n| n == name) else {
+        return Err(CommandError::Unknown(name.chars().take(64).collect()));
+    };
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(CommandError::TooLarge(payload.len()));
+    }
+    if !allowed.iter().any(|a| a == known) {
+        return Err(CommandError::NotAllowed(known));
+    }
+    let text = std::str::from_utf8(payload).map_err(|e| CommandError::NotText(e.to_string()))?;
+    let text = if text.trim().is_empty() { "{}" } else { text };
+    let invalid = |why: serde_json::Error| CommandError::Invalid { command: known, why: why.to_string() };
+    let request = match known {
+        "ask" => {
+            let ask: AskPayload = serde_json::from_str(text).map_err(invalid)?;
+            let question = ask.question.trim().to_owned();
+            if question.is_empty() || question.chars().count() > MAX_QUESTION_CHARS {
+                return Err(CommandError::Invalid {
+                    command: known,
+                    why: format!("`question` must be 1 to {MAX_QUESTION_CHARS} characters"),
+                });
+            }
+            CommandRequest { command: Command::Ask { question }, id: ask.id }
+        }
+        _ => {
+            let plain: Plain = serde_json::from_str(text).map_err(invalid)?;
+            let command = match known {
+                "capture-now" => Command::CaptureNow,
+                "pause" => Command::Pause,
+                "resume" => Command::Resume,
+                _ => Command::Reload,
+            };
+            CommandRequest { command, id: plain.id }
+        }
+    };
+    if request.id.as_ref().is_some_and(|id| id.len() > 128) {
+        return Err(CommandError::Invalid { command: known, why: "`id` must be at most 128 bytes".into() });
+    }
+    Ok(request)
+}
+
+/// The answer to a command, published on `<root>/cmd/<name>/reply`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CommandReply {
+    pub command: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub ok: bool,
+    /// What happened, or what was wrong.
+    pub message: String,
+}
+
+impl CommandReply {
+    pub fn done(request: &CommandRequest, message: impl Into<String>) -> Self {
+        Self { command: request.command.name().into(), id: request.id.clone(), ok: true, message: message.into() }
+    }
+
+    pub fn failed(command: &str, id: Option<String>, message: impl Into<String>) -> Self {
+        Self { command: command.chars().take(64).collect(), id, ok: false, message: message.into() }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// The `id` of a payload that failed to parse, if one can be read, so the error reply still
+/// reaches the right caller.
+pub fn salvage_id(payload: &[u8]) -> Option<String> {
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    value.get("id")?.as_str().filter(|id| id.len() <= 128).map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<String> {
+        NAMES.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn commands_parse_with_and_without_a_payload() {
+        assert_eq!(parse("pause", b"", &all()).unwrap(), CommandRequest { command: Command::Pause, id: None });
+        assert_eq!(
+            parse("resume", br#"{"id":"r-1"}"#, &all()).unwrap(),
+            CommandRequest { command: Command::Resume, id: Some("r-1".into()) }
+        );
+        let ask = parse("ask", br#"{"question":" Is anyone at the gate? ","id":"q7"}"#, &all()).unwrap();
+        assert_eq!(ask.command, Command::Ask { question: "Is anyone at the gate?".into() });
+        assert_eq!(ask.id.as_deref(), Some("q7"));
+    }
+
+    #[test]
+    fn malformed_commands_are_refused_with_the_reason() {
+        let cases: [(&str, &[u8], &str); 7] = [
+            ("selfdestruct", b"", "unknown command `selfdestruct`"),
+            ("pause", b"{not json", "not a valid pause request"),
+            ("pause", br#"{"id":"x","force":true}"#, "unknown field `force`"),
+            ("ask", br#"{"question":42}"#, "invalid type: integer `42`, expected a string"),
+            ("ask", br#"{"question":"   "}"#, "`question` must be 1 to 500 characters"),
+            ("ask", b"\xff\xfe", "not UTF-8"),
+            ("reload", br#"{"id":7}"#, "invalid type: integer `7`"),
+        ];
+        for (name, payload, expected) in cases {
+            let error = parse(name, payload, &all()).unwrap_err().to_string();
+            assert!(error.contains(expected), "{name}: `{error}` lacks `{expected}`");
+        }
+        let huge = vec![b' '; MAX_PAYLOAD_BYTES + 1];
+        assert_eq!(parse("ask", &huge, &all()), Err(CommandError::TooLarge(MAX_PAYLOAD_BYTES + 1)));
+    }
+
+    #[test]
+    fn a_command_the_config_does_not_allow_is_refused() {
+        let allowed = vec!["capture-now".to_string()];
+        assert_eq!(parse("reload", b"", &allowed), Err(CommandError::NotAllowed("reload")));
+        assert!(parse("capture-now", b"", &allowed).is_ok());
+    }
+
+    #[test]
+    fn an_error_reply_keeps_the_callers_id_when_it_can_be_read() {
+        assert_eq!(salvage_id(br#"{"id":"abc","question":1}"#).as_deref(), Some("abc"));
+        assert_eq!(salvage_id(b"{broken"), None);
+        let reply = CommandReply::failed("ask", Some("abc".into()), "bad");
+        assert_eq!(reply.to_json(), r#"{"command":"ask","id":"abc","ok":false,"message":"bad"}"#);
+    }
+}
