@@ -13,4 +13,5 @@ pub mod pipeline;
 pub mod probe;
 pub mod publish;
 pub mod queue;
+pub mod report;
 pub mod service;
