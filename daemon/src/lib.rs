@@ -15,5 +15,6 @@ pub mod pipeline;
 pub mod probe;
 pub mod publish;
 pub mod queue;
+pub mod report;
 pub mod service;
 pub mod tls;

@@ -181,6 +181,9 @@ fn model_run(args: &ModelRunArgs) -> anyhow::Result<()> {
         audio,
         max_tokens: args.max_tokens,
         sampling: Sampling::from_temperature(args.temperature, args.top_k, args.top_p, args.seed),
+        system: None,
+        tools: None,
+        constraint: None,
     };
     let mut stdout = std::io::stdout();
     let answer = model.answer(&question, |text| {

@@ -1,8 +1,13 @@
 //! Prompt text for instruction-tuned Gemma models: system, user and model turns, with images and
 //! audio as runs of soft-token placeholders that the runtime later fills with encoder outputs.
 //! Thinking stays off (no `<|think|>` in the system turn): on a Pi every token counts.
+//!
+//! Tools follow Gemma 4's template: declarations after the system text, a call in a model turn,
+//! and its response right after the call in the same model turn, which stays open for the model
+//! to go on (see `tools.rs` for the syntax). Gemma 3 has no tool tokens: there the same text
+//! stands in for them.
 
-use super::Architecture;
+use super::{render_tool_response, Architecture, ToolCall, ToolName, ToolSet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -11,7 +16,7 @@ pub enum Role {
     Model,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Part {
     Text(String),
     /// An image that the vision encoder turns into this many soft tokens.
@@ -22,9 +27,18 @@ pub enum Part {
     Audio {
         soft_tokens: usize,
     },
+    /// The tools the model may call, declared in the system turn.
+    Tools(ToolSet),
+    /// A call the model made, in a model turn.
+    ToolCall(ToolCall),
+    /// What a called tool returned, after the call in the same model turn.
+    ToolResponse {
+        name: ToolName,
+        response: serde_json::Value,
+    },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Turn {
     pub role: Role,
     pub parts: Vec<Part>,
@@ -46,7 +60,11 @@ pub fn render(architecture: Architecture, turns: &[Turn], add_generation_prompt:
     };
     let mut prompt = String::from("<bos>");
     let mut pending_system = String::new();
-    for turn in turns {
+    // A model turn that ends with a tool response is the model's to continue: left open.
+    let open_model_turn = turns
+        .last()
+        .is_some_and(|turn| turn.role == Role::Model && matches!(turn.parts.last(), Some(Part::ToolResponse { .. })));
+    for (index, turn) in turns.iter().enumerate() {
         let role = match (turn.role, architecture) {
             (Role::System, Architecture::Gemma3) => {
                 pending_system = parts_text(&turn.parts);
@@ -65,6 +83,9 @@ pub fn render(architecture: Architecture, turns: &[Turn], add_generation_prompt:
             pending_system.clear();
         }
         prompt.push_str(&parts_text(&turn.parts));
+        if open_model_turn && index + 1 == turns.len() {
+            return prompt;
+        }
         prompt.push_str(end);
         prompt.push('\n');
     }
@@ -90,6 +111,9 @@ fn parts_text(parts: &[Part]) -> String {
                 text.push_str(&"<|audio|>".repeat(*soft_tokens));
                 text.push_str("<audio|>");
             }
+            Part::Tools(tools) => text.push_str(&tools.render_declarations()),
+            Part::ToolCall(call) => text.push_str(&call.render()),
+            Part::ToolResponse { name, response } => text.push_str(&render_tool_response(name, response)),
         }
     }
     text
@@ -117,6 +141,44 @@ mod tests {
         assert_eq!(
             render(Architecture::Gemma4, &[turn], false),
             "<bos><|turn>user\n<|image><|image|><|image|><image|><|audio><|audio|><audio|>Describe.<turn|>\n"
+        );
+    }
+
+    #[test]
+    fn gemma4_tool_round_trip() {
+        let tools: Vec<crate::model::ToolDeclaration> = serde_json::from_value(serde_json::json!([{
+            "name": "open_gate",
+            "description": "Open the gate.",
+            "parameters": { "seconds": { "type": "integer", "description": "How long." } }
+        }]))
+        .unwrap();
+        let tools = ToolSet::new(tools).unwrap();
+        let call = tools.parse_call("<|tool_call>call:open_gate{seconds:5}<tool_call|>").unwrap();
+        let name = call.name.clone();
+        let mut turns = vec![
+            Turn { role: Role::System, parts: vec![Part::Text("You guard a gate.".into()), Part::Tools(tools)] },
+            Turn::text(Role::User, "Let the van in."),
+            Turn {
+                role: Role::Model,
+                parts: vec![
+                    Part::ToolCall(call),
+                    Part::ToolResponse { name, response: serde_json::json!({"open": true}) },
+                ],
+            },
+        ];
+        let declared = concat!(
+            "<bos><|turn>system\nYou guard a gate.<|tool>declaration:open_gate{description:<|\"|>Open the gate.<|\"|>,",
+            "parameters:{properties:{seconds:{description:<|\"|>How long.<|\"|>,type:<|\"|>INTEGER<|\"|>}},",
+            "required:[<|\"|>seconds<|\"|>],type:<|\"|>OBJECT<|\"|>}}<tool|><turn|>\n",
+            "<|turn>user\nLet the van in.<turn|>\n",
+            "<|turn>model\n<|tool_call>call:open_gate{seconds:5}<tool_call|>",
+            "<|tool_response>response:open_gate{open:true}<tool_response|>",
+        );
+        assert_eq!(render(Architecture::Gemma4, &turns, true), declared, "the model goes on after the response");
+        turns[2].parts.push(Part::Text("The gate is open.".into()));
+        assert_eq!(
+            render(Architecture::Gemma4, &turns, true),
+            format!("{declared}The gate is open.<turn|>\n<|turn>model\n")
         );
     }
 

@@ -5,18 +5,25 @@ mod answer;
 mod audio_features;
 mod bundle;
 mod chat;
+mod constrained;
 mod image_input;
 mod runtime;
 mod sampling;
 mod tokenizer;
+mod tools;
 
 pub use answer::{Answer, Model, ModelError, Question};
 pub use audio_features::{AudioFeatureParams, AudioFeatures, LogMelExtractor};
 pub use bundle::{sha256_file, Architecture, Bundle, BundleError, BundleFile, Manifest, FORMAT, FORMAT_VERSION};
 pub use chat::{render as render_chat, Part, Role, Turn};
+pub use constrained::{Constraint, ConstraintError, ConstraintTimings, Grammar, GrammarKind, TokenConstraints};
 pub use image_input::{
     prepare as prepare_image, target_size, ImageInputError, ImageParams, ImagePatches, SOFT_TOKEN_BUDGETS,
 };
 pub use runtime::{use_threads, values, Embedded, KvCache, Runtime, RuntimeError, SoftTokens};
 pub use sampling::{argmax, Sampler, Sampling};
 pub use tokenizer::{TextStream, Tokenizer, TokenizerError};
+pub use tools::{
+    render_tool_response, Identifier, ParameterName, ToolCall, ToolCallError, ToolDeclaration, ToolError, ToolName,
+    ToolParameter, ToolSet,
+};

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use tract_onnx::prelude::*;
 
-use super::{AudioFeatures, Bundle, ImagePatches, Sampler};
+use super::{AudioFeatures, Bundle, Constraint, ConstraintError, ImagePatches, Sampler};
 
 /// A loaded, optimised graph ready to run.
 type Plan = Arc<TypedRunnableModel>;
@@ -38,6 +38,8 @@ pub enum RuntimeError {
     AudioLayout(String),
     #[error("{what}: expected {expected} soft tokens in the prompt, the encoder gave {got}")]
     SoftTokenCount { what: &'static str, expected: usize, got: usize },
+    #[error(transparent)]
+    Constraint(#[from] ConstraintError),
 }
 
 /// Soft tokens from an encoder: `[tokens, hidden]` rows to place over the placeholders.
@@ -256,6 +258,27 @@ impl Runtime {
         max_new: usize,
         sampler: &mut Sampler,
         stop: &[u32],
+        on_token: impl FnMut(u32),
+        on_logits: impl FnMut(&[f32]),
+    ) -> Result<Vec<u32>, RuntimeError> {
+        self.generate_constrained(ids, image, audio, max_new, sampler, stop, None, on_token, on_logits)
+    }
+
+    /// [`generate`](Self::generate) under a `constraint`: disallowed logits are set to -inf
+    /// before sampling (`on_logits` sees them masked), tokens the grammar forces are appended
+    /// without sampling (and without an `on_logits` call) and decoded together in one decoder
+    /// run, and generation ends as soon as the grammar is complete. Reaching `max_new` first is
+    /// an error: the output would not parse.
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_constrained(
+        &self,
+        ids: &[u32],
+        image: Option<&SoftTokens>,
+        audio: Option<&SoftTokens>,
+        max_new: usize,
+        sampler: &mut Sampler,
+        stop: &[u32],
+        mut constraint: Option<&mut Constraint>,
         mut on_token: impl FnMut(u32),
         mut on_logits: impl FnMut(&[f32]),
     ) -> Result<Vec<u32>, RuntimeError> {
@@ -266,16 +289,50 @@ impl Runtime {
         let prompt = self.embed_prompt(ids, image, audio)?;
         let mut logits = self.decode(prompt, &mut cache)?;
         let mut generated = Vec::with_capacity(max_new);
+        // Masked copy of the logits: the decoder's own tensor is not ours to change.
+        let mut masked = Vec::new();
         while generated.len() < max_new {
-            let last = last_row(&logits)?;
-            on_logits(last);
-            let token = sampler.sample(last);
-            generated.push(token);
-            on_token(token);
-            if stop.contains(&token) || generated.len() == max_new {
+            let next: Vec<u32> = match constraint.as_deref_mut() {
+                Some(constraint) => {
+                    if constraint.is_finished() {
+                        break;
+                    }
+                    let mut forced = constraint.forced_tokens()?;
+                    if forced.is_empty() {
+                        masked.clear();
+                        masked.extend_from_slice(last_row(&logits)?);
+                        constraint.mask_logits(&mut masked)?;
+                        on_logits(&masked);
+                        let token = sampler.sample(&masked);
+                        constraint.accept(token)?;
+                        vec![token]
+                    } else {
+                        forced.truncate(max_new - generated.len());
+                        constraint.accept_forced(&forced)?;
+                        forced
+                    }
+                }
+                None => {
+                    let last = last_row(&logits)?;
+                    on_logits(last);
+                    vec![sampler.sample(last)]
+                }
+            };
+            for &token in &next {
+                generated.push(token);
+                on_token(token);
+            }
+            let finished = match constraint.as_deref() {
+                Some(constraint) => constraint.is_finished(),
+                None => next.iter().any(|token| stop.contains(token)),
+            };
+            if finished || generated.len() == max_new {
                 break;
             }
-            logits = self.decode(self.embed(&[token])?, &mut cache)?;
+            logits = self.decode(self.embed(&next)?, &mut cache)?;
+        }
+        if let Some(constraint) = constraint {
+            constraint.check_complete()?;
         }
         Ok(generated)
     }

@@ -34,6 +34,12 @@ impl Tokenizer {
         self.inner.decode(ids, true).unwrap_or_default()
     }
 
+    /// Text of `ids` with the special tokens written out (`<|tool_call>`, `<|"|>`, ...): what
+    /// tool-call parsing reads.
+    pub fn decode_with_special(&self, ids: &[u32]) -> String {
+        self.inner.decode(ids, false).unwrap_or_default()
+    }
+
     pub fn token_id(&self, token: &str) -> Result<u32, TokenizerError> {
         self.inner.token_to_id(token).ok_or_else(|| TokenizerError::UnknownToken(token.into()))
     }
