@@ -1,6 +1,7 @@
 //! `outpostd`: an offline sentinel. Sources (camera, microphone) feed gates (motion, sound level)
 //! whose events a sink publishes over MQTT. See ARCHITECTURE.md for the map.
 
+pub mod analysis;
 pub mod broker;
 pub mod capture;
 pub mod command;

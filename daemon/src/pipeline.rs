@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
+use crate::analysis::Inbox;
 use crate::capture::{self, AudioChunk, DeviceReporters, Frame, SourceError, StatusReporter, StopFlag};
 use crate::config::Config;
 use crate::event::{Event, EventDetail};
@@ -58,14 +59,18 @@ pub struct Pipeline {
 impl Pipeline {
     /// Opens the sources and starts every stage. Events go to `events`; what becomes of the
     /// camera and microphone goes to `devices`.
+    /// With an `analysis` inbox, the model stage sees every event and the latest frame.
     pub fn start(
         config: &Config,
         events: mpsc::Sender<Event>,
         devices: &DeviceReporters,
+        analysis: Option<Arc<Inbox>>,
     ) -> Result<Self, PipelineError> {
         let (gate_alive, gates_done) = mpsc::channel(1);
+        let latest_frame = analysis.as_ref().map(|inbox| inbox.latest_frame().clone());
         let lanes = Lanes {
             stats: Arc::new(PipelineStats::default()),
+            analysis,
             events,
             gate_alive,
             sources: std::sync::Mutex::new(Vec::new()),
@@ -122,6 +127,9 @@ impl Pipeline {
                 move || source.next_frame(),
                 move |frame| {
                     let Some(frame) = frame else { return Vec::new() };
+                    if let Some(latest) = &latest_frame {
+                        latest.store(frame);
+                    }
                     gate.observe(frame, Instant::now())
                         .map(|m| Event::new(&station, EventDetail::Motion(m)))
                         .into_iter()
@@ -150,7 +158,9 @@ impl Pipeline {
                         // The end of the input: an utterance still open ends here.
                         if let Some(gate) = speech_gate.as_mut() {
                             match gate.flush() {
-                                Ok(speech) => events.extend(speech.map(|s| speech_event(&station, s))),
+                                Ok(speech) => {
+                                    events.extend(speech.map(|s| Event::new(&station, EventDetail::Speech(s))))
+                                }
                                 Err(e) => warn!("speech gate: {e}"),
                             }
                         }
@@ -163,7 +173,9 @@ impl Pipeline {
                     }
                     if let Some(gate) = speech_gate.as_mut() {
                         match gate.observe(chunk) {
-                            Ok(speech) => events.extend(speech.into_iter().map(|s| speech_event(&station, s))),
+                            Ok(speech) => {
+                                events.extend(speech.into_iter().map(|s| Event::new(&station, EventDetail::Speech(s))))
+                            }
                             Err(e) => warn!("speech gate: chunk {}: {e}", chunk.seq),
                         }
                     }
@@ -282,15 +294,21 @@ struct Lane {
     status: StatusReporter,
 }
 
-/// The utterance's samples are for the model stage (issue #5); until it takes them they are not
-/// held in the publisher's queue, where a broker outage could pile up hundreds of them.
-fn speech_event(station: &str, speech: SpeechEvent) -> Event {
-    Event::new(station, EventDetail::Speech(SpeechEvent { audio: Arc::from([]), ..speech }))
+/// The utterance's samples are for the model stage; they are not held in the publisher's queue,
+/// where a broker outage could pile up hundreds of them.
+fn without_audio(event: Event) -> Event {
+    match event.detail {
+        EventDetail::Speech(speech) => {
+            Event { detail: EventDetail::Speech(SpeechEvent { audio: Arc::from([]), ..speech }), ..event }
+        }
+        _ => event,
+    }
 }
 
 /// What every lane shares.
 struct Lanes {
     stats: Arc<PipelineStats>,
+    analysis: Option<Arc<Inbox>>,
     events: mpsc::Sender<Event>,
     /// Each gate thread holds a clone; `gates_done` sees them all dropped.
     gate_alive: mpsc::Sender<()>,
@@ -327,8 +345,9 @@ impl Lanes {
         spawn_thread(gate_name, {
             let (queue, events, stats, alive) =
                 (Arc::clone(&queue), self.events.clone(), Arc::clone(&self.stats), self.gate_alive.clone());
+            let analysis = self.analysis.clone();
             move || {
-                run_gate(&queue, &events, &stats, &mut gate);
+                run_gate(&queue, &events, analysis.as_deref(), &stats, &mut gate);
                 drop(alive);
             }
         });
@@ -419,6 +438,7 @@ fn run_source<T>(
 fn run_gate<T>(
     queue: &BoundedQueue<T>,
     events: &mpsc::Sender<Event>,
+    analysis: Option<&Inbox>,
     stats: &PipelineStats,
     mut gate: impl FnMut(Option<&T>) -> Vec<Event>,
 ) {
@@ -426,7 +446,10 @@ fn run_gate<T>(
         for event in found {
             debug!("{} event {}", event.kind(), event.id);
             stats.events.fetch_add(1, Ordering::Relaxed);
-            if !send_event(event, events, queue) {
+            if let Some(inbox) = analysis {
+                inbox.offer(&event);
+            }
+            if !send_event(without_audio(event), events, queue) {
                 return false;
             }
         }

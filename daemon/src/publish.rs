@@ -23,11 +23,12 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, error, info, warn};
 
+use crate::analysis::Publication;
 use crate::capture::{DeviceReporters, DeviceStatus, StatusReporter};
 use crate::command::{self, CommandReply, CommandRequest};
 use crate::config::Config;
 use crate::event::Event;
-use crate::outbox::{Outbox, OutboxError, StoredMessage, PRIORITY_EVENT};
+use crate::outbox::{Outbox, OutboxError, Priority, StoredMessage, PRIORITY_EVENT};
 use crate::tls::{self, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,8 @@ const COMMAND_QUEUE: usize = 8;
 /// Topics of one station.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
+    /// `<prefix>/<station>`.
+    pub root: String,
     pub status: String,
     pub events: String,
     pub camera_status: String,
@@ -74,6 +77,7 @@ impl Topics {
     pub fn new(config: &Config) -> Self {
         let root = config.topic_root();
         Self {
+            root: root.clone(),
             status: format!("{root}/status"),
             events: format!("{root}/events"),
             camera_status: format!("{root}/camera/status"),
@@ -163,6 +167,11 @@ impl PublisherHandle {
         let _ = self.control.send(Control::Reply(reply));
     }
 
+    /// Publishes a report, alert or tool call through the outbox.
+    pub fn publish(&self, publication: Publication) {
+        let _ = self.control.send(Control::Publish(publication));
+    }
+
     /// Publishes the station's figures on `<root>/stats`; an older figure not yet sent is replaced.
     pub fn stats(&self, json: String) {
         let _ = self.control.send(Control::Stats(json));
@@ -216,6 +225,7 @@ pub fn spawn(config: &Config, echo: bool) -> Result<PublisherHandle, PublishErro
 
 /// From the service to the publisher.
 enum Control {
+    Publish(Publication),
     Reply(CommandReply),
     Stats(String),
 }
@@ -231,7 +241,8 @@ enum Kind {
     Status,
     /// A camera's or microphone's state, or the station's figures: only the latest per topic matters.
     Latest,
-    Event,
+    /// Kept in the outbox: events, reports, alerts, tool calls.
+    Stored,
     Reply,
 }
 
@@ -430,6 +441,10 @@ impl Publisher {
                     }
                 }
                 Some(control) = control.recv() => match control {
+                    Control::Publish(publication) => {
+                        let topic = format!("{}/{}", self.topics.root, publication.subtopic);
+                        self.enqueue_stored(topic, publication.payload, publication.priority, &publication.label);
+                    }
                     Control::Reply(reply) => self.enqueue_reply(reply),
                     Control::Stats(json) => self.enqueue_latest(self.topics.stats.clone(), json),
                 },
@@ -450,7 +465,7 @@ impl Publisher {
                 }
             }
         }
-        self.report.events_undelivered = self.unacked.iter().filter(|p| p.message.kind == Kind::Event).count();
+        self.report.events_undelivered = self.unacked.iter().filter(|p| p.message.kind == Kind::Stored).count();
         self.report.outbox_held = self.outbox.len();
         if self.report.events_undelivered > 0 {
             warn!(
@@ -482,11 +497,15 @@ impl Publisher {
     }
 
     fn enqueue_event(&mut self, event: &Event) {
-        let topic = self.topics.events.clone();
-        let payload = event.to_json();
-        let stored = match self.outbox.append(&topic, &payload, PRIORITY_EVENT, SystemTime::now()) {
+        let label = format!("{} event {}", event.kind(), event.id);
+        self.enqueue_stored(self.topics.events.clone(), event.to_json(), PRIORITY_EVENT, &label);
+    }
+
+    /// Writes a message to the outbox, then queues it.
+    fn enqueue_stored(&mut self, topic: String, payload: String, priority: Priority, label: &str) {
+        let stored = match self.outbox.append(&topic, &payload, priority, SystemTime::now()) {
             Ok((message, dropped)) => {
-                debug!("{} event {} stored in the outbox as message {}", event.kind(), event.id, message.seq);
+                debug!("{label} stored in the outbox as message {}", message.seq);
                 self.forget_dropped(&dropped);
                 (!dropped.contains(&message.seq)).then_some(Stored {
                     seq: message.seq,
@@ -496,11 +515,11 @@ impl Publisher {
             }
             Err(e) => {
                 // Still published from memory: a full or failing disk must not stop the alerts.
-                error!("cannot write an event to the outbox, it is held in memory only: {e}");
+                error!("cannot write {label} to the outbox, it is held in memory only: {e}");
                 None
             }
         };
-        self.enqueue(Message { topic, payload, retain: false, kind: Kind::Event, stored });
+        self.enqueue(Message { topic, payload, retain: false, kind: Kind::Stored, stored });
     }
 
     /// A message an earlier run left in the outbox.
@@ -510,7 +529,7 @@ impl Publisher {
             topic: message.topic,
             payload: message.payload,
             retain: false,
-            kind: Kind::Event,
+            kind: Kind::Stored,
             stored,
         });
     }
@@ -665,7 +684,7 @@ impl Publisher {
                     return;
                 };
                 if let Some(done) = self.unacked.remove(index) {
-                    if done.message.kind == Kind::Event {
+                    if done.message.kind == Kind::Stored {
                         self.report.events_delivered += 1;
                     }
                     if let Some(stored) = done.message.stored {

@@ -8,6 +8,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use crate::analysis::{AnalysisError, AnalysisOutput, Analyzer};
 use crate::command::{Command, CommandReply, CommandRequest};
 use crate::config::{self, Config};
 use crate::pipeline::{CaptureCounts, Pipeline, PipelineError};
@@ -23,6 +24,8 @@ pub enum ServiceError {
     Publisher(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Publish(#[from] crate::publish::PublishError),
+    #[error("cannot start the model stage: {0}")]
+    Analysis(#[from] AnalysisError),
 }
 
 /// How the daemon runs.
@@ -40,6 +43,7 @@ enum Wake {
     Reload,
     SourcesEnded,
     Command(CommandRequest),
+    Analysis(AnalysisOutput),
     Stats,
 }
 
@@ -50,6 +54,9 @@ struct Station {
     publisher: PublisherHandle,
     commands: Option<mpsc::Receiver<CommandRequest>>,
     pipeline: Option<Pipeline>,
+    /// The model stage, with `[model]`; it outlives pipelines (the model loads once).
+    analyzer: Option<Analyzer>,
+    analysis_tx: mpsc::Sender<AnalysisOutput>,
     /// Capture figures of the pipelines stopped so far.
     earlier_counts: CaptureCounts,
     started: Instant,
@@ -65,11 +72,24 @@ pub async fn run(config: Config, options: ServiceOptions) -> Result<PublisherRep
     info!("station `{}` publishing under {}/", config.station.id, config.topic_root());
     let mut publisher = publish::spawn(&config, options.echo)?;
     let commands = publisher.take_commands();
-    let pipeline = match Pipeline::start(&config, publisher.events(), &publisher.devices()) {
-        Ok(pipeline) => pipeline,
+    let (analysis_tx, mut analysis_rx) = mpsc::channel(ANALYSIS_QUEUE);
+    let started = Analyzer::start(&config, analysis_tx.clone()).map_err(ServiceError::from).and_then(|analyzer| {
+        let inbox = analyzer.as_ref().map(Analyzer::inbox);
+        match Pipeline::start(&config, publisher.events(), &publisher.devices(), inbox) {
+            Ok(pipeline) => Ok((analyzer, pipeline)),
+            Err(e) => {
+                if let Some(analyzer) = analyzer {
+                    analyzer.stop();
+                }
+                Err(e.into())
+            }
+        }
+    });
+    let (analyzer, pipeline) = match started {
+        Ok(started) => started,
         Err(e) => {
             publisher.stop().await?;
-            return Err(e.into());
+            return Err(e);
         }
     };
     let mut station = Station {
@@ -78,6 +98,8 @@ pub async fn run(config: Config, options: ServiceOptions) -> Result<PublisherRep
         publisher,
         commands,
         pipeline: Some(pipeline),
+        analyzer,
+        analysis_tx,
         earlier_counts: CaptureCounts::default(),
         started: Instant::now(),
     };
@@ -90,6 +112,7 @@ pub async fn run(config: Config, options: ServiceOptions) -> Result<PublisherRep
             _ = sighup.recv() => Wake::Reload,
             () = finished(&mut station.pipeline) => Wake::SourcesEnded,
             Some(request) = next_command(&mut station.commands) => Wake::Command(request),
+            Some(output) = analysis_rx.recv() => Wake::Analysis(output),
             _ = tick(&mut stats_timer) => Wake::Stats,
         };
         match wake {
@@ -108,15 +131,29 @@ pub async fn run(config: Config, options: ServiceOptions) -> Result<PublisherRep
                 stats_timer = stats_timer_if_changed(stats_timer, &station.config);
             }
             Wake::Command(request) => {
-                let reply = station.carry_out(&request).await?;
-                station.publisher.reply(reply);
+                if let Some(reply) = station.carry_out(&request).await? {
+                    station.publisher.reply(reply);
+                }
                 stats_timer = stats_timer_if_changed(stats_timer, &station.config);
             }
+            Wake::Analysis(AnalysisOutput::Publish(publication)) => station.publisher.publish(publication),
+            Wake::Analysis(AnalysisOutput::Reply(reply)) => station.publisher.reply(reply),
             Wake::Stats => station.publisher.stats(station.stats_json()),
         }
     }
     if let Some(mut pipeline) = station.pipeline.take() {
         stop_pipeline(&mut pipeline).await;
+    }
+    // A look in progress finishes, and what it made is published before the publisher stops.
+    if let Some(analyzer) = station.analyzer.take() {
+        tokio::task::spawn_blocking(move || analyzer.stop()).await?;
+    }
+    drop(station.analysis_tx);
+    while let Some(output) = analysis_rx.recv().await {
+        match output {
+            AnalysisOutput::Publish(publication) => station.publisher.publish(publication),
+            AnalysisOutput::Reply(reply) => station.publisher.reply(reply),
+        }
     }
     let report = station.publisher.stop().await?;
     log_report(&report);
@@ -143,7 +180,21 @@ impl Station {
         self.stop_capture().await;
         let mut config = new;
         let mut failure = None;
-        if needs_new_publisher(&self.config, &config) {
+        if needs_new_analyzer(&self.config, &config) {
+            // One model in memory at a time: a Pi has no room for two.
+            if let Some(analyzer) = self.analyzer.take() {
+                tokio::task::spawn_blocking(move || analyzer.stop()).await?;
+            }
+            self.analyzer = match Analyzer::start(&config, self.analysis_tx.clone()) {
+                Ok(analyzer) => analyzer,
+                Err(e) => {
+                    failure = Some(format!("cannot start the new config's model stage ({e})"));
+                    config = self.config.clone();
+                    Analyzer::start(&config, self.analysis_tx.clone())?
+                }
+            };
+        }
+        if failure.is_none() && needs_new_publisher(&self.config, &config) {
             // The old publisher lets go of its outbox before the new one opens it.
             log_report(&self.publisher.stop().await?);
             self.publisher = match publish::spawn(&config, self.options.echo) {
@@ -157,7 +208,7 @@ impl Station {
             self.commands = self.publisher.take_commands();
         }
         if was_capturing && failure.is_none() {
-            match Pipeline::start(&config, self.publisher.events(), &self.publisher.devices()) {
+            match Pipeline::start(&config, self.publisher.events(), &self.publisher.devices(), self.inbox()) {
                 Ok(pipeline) => self.pipeline = Some(pipeline),
                 Err(e) => {
                     failure = Some(format!("cannot start the new config's capture ({e})"));
@@ -166,7 +217,8 @@ impl Station {
             }
         }
         if was_capturing && self.pipeline.is_none() {
-            self.pipeline = Some(Pipeline::start(&config, self.publisher.events(), &self.publisher.devices())?);
+            self.pipeline =
+                Some(Pipeline::start(&config, self.publisher.events(), &self.publisher.devices(), self.inbox())?);
         }
         self.config = config;
         Ok(match failure {
@@ -176,9 +228,10 @@ impl Station {
         })
     }
 
-    async fn carry_out(&mut self, request: &CommandRequest) -> Result<CommandReply, ServiceError> {
+    /// Carries out a command; `None` when the reply comes later (from the model stage).
+    async fn carry_out(&mut self, request: &CommandRequest) -> Result<Option<CommandReply>, ServiceError> {
         let failed = |message: String| CommandReply::failed(request.command.name(), request.id.clone(), message);
-        Ok(match &request.command {
+        Ok(Some(match &request.command {
             Command::Pause if self.pipeline.is_none() => CommandReply::done(request, "capture was already paused"),
             Command::Pause => {
                 self.stop_capture().await;
@@ -187,7 +240,7 @@ impl Station {
             }
             Command::Resume if self.pipeline.is_some() => CommandReply::done(request, "capture was not paused"),
             Command::Resume => {
-                match Pipeline::start(&self.config, self.publisher.events(), &self.publisher.devices()) {
+                match Pipeline::start(&self.config, self.publisher.events(), &self.publisher.devices(), self.inbox()) {
                     Ok(pipeline) => {
                         self.pipeline = Some(pipeline);
                         info!("capture resumed by command");
@@ -200,13 +253,17 @@ impl Station {
                 Ok(message) => CommandReply::done(request, message),
                 Err(message) => failed(message),
             },
-            Command::CaptureNow | Command::Ask { .. } if self.config.model.is_none() => {
-                failed("this station has no `[model]` to look and listen with".into())
-            }
-            Command::CaptureNow | Command::Ask { .. } => {
-                failed("the model stage is not wired into the daemon yet (issue #5)".into())
-            }
-        })
+            Command::CaptureNow | Command::Ask { .. } => match (&self.analyzer, &self.pipeline) {
+                (None, _) => failed("this station has no `[model]` to look and listen with".into()),
+                (Some(_), None) => failed("capture is paused: there is no current scene; resume first".into()),
+                (Some(analyzer), Some(_)) if analyzer.inbox().command(request.clone()) => return Ok(None),
+                (Some(_), Some(_)) => failed("the model is busy with earlier commands; try again".into()),
+            },
+        }))
+    }
+
+    fn inbox(&self) -> Option<std::sync::Arc<crate::analysis::Inbox>> {
+        self.analyzer.as_ref().map(Analyzer::inbox)
     }
 
     async fn stop_capture(&mut self) {
@@ -294,6 +351,19 @@ async fn tick(timer: &mut Option<(f64, tokio::time::Interval)>) {
         }
         None => std::future::pending().await,
     }
+}
+
+/// Outputs of the model stage waiting for the service.
+const ANALYSIS_QUEUE: usize = 64;
+
+/// The model and what it is asked are fixed for an analyzer's life.
+fn needs_new_analyzer(old: &Config, new: &Config) -> bool {
+    old.model != new.model
+        || old.analysis != new.analysis
+        || old.alerts != new.alerts
+        || old.tools != new.tools
+        || old.station != new.station
+        || old.base_dir != new.base_dir
 }
 
 /// How long a stop waits for the sources to let go of their devices.

@@ -28,6 +28,14 @@ pub struct Config {
     /// No `[model]` table: the station publishes gate events only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelConfig>,
+    /// When and how the model looks (used with `[model]`).
+    pub analysis: AnalysisConfig,
+    /// Rules that make an alert of a scene report.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<AlertRule>,
+    /// Tools the model may call when a report is severe enough.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<crate::model::ToolDeclaration>,
     pub queues: QueuesConfig,
     pub outbox: OutboxConfig,
     pub commands: CommandsConfig,
@@ -327,6 +335,82 @@ impl Default for QueuesConfig {
     fn default() -> Self {
         Self { frames: 4, audio_chunks: 64, events: 256 }
     }
+}
+
+/// What makes the model look and listen, and what it is told about the station.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnalysisConfig {
+    /// Gate events that start a look: `motion`, `sound`, `speech`.
+    pub triggers: Vec<crate::report::TriggerKind>,
+    /// After a look started by one kind of trigger, that kind is ignored this long: one report
+    /// per activity, not per frame.
+    pub cooldown_secs: f64,
+    /// Also look this often without a trigger; 0 = never.
+    pub schedule_secs: f64,
+    /// Where the station is, in words, for the model.
+    pub place: String,
+    /// What matters here, for the model.
+    pub focus: String,
+    /// The language reports are written in (BCP 47, e.g. `en`, `pt-BR`).
+    pub language: String,
+    /// A directory of short texts (`.txt`, `.md`: protocols, site notes) placed in the prompt,
+    /// in name order, within `documents_max_tokens`; relative to the config file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub documents: Option<String>,
+    pub documents_max_tokens: usize,
+    /// Soft tokens a picture may use: 70, 140, 280, 560 or 1120.
+    pub image_tokens: usize,
+    /// The longest answer, in tokens.
+    pub max_tokens: usize,
+    /// Reports at least this severe (0-3) are followed by a tool call when `[[tools]]` are declared.
+    pub tool_min_severity: u8,
+}
+
+impl Default for AnalysisConfig {
+    fn default() -> Self {
+        use crate::report::TriggerKind;
+        Self {
+            triggers: vec![TriggerKind::Motion, TriggerKind::Speech],
+            cooldown_secs: 30.0,
+            schedule_secs: 0.0,
+            place: "an unattended outdoor station".into(),
+            focus: "people, vehicles, and anything dangerous or unusual".into(),
+            language: "en".into(),
+            documents: None,
+            documents_max_tokens: 512,
+            image_tokens: 280,
+            max_tokens: 512,
+            tool_min_severity: 2,
+        }
+    }
+}
+
+/// One alert rule: every condition given must hold for a report to raise it. Raised once per
+/// activity: not again until a report no longer matches, or `rearm_secs` passed without one
+/// that does.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertRule {
+    /// Names the alert in its payload: letters, digits, `-` and `_`.
+    pub name: String,
+    #[serde(default)]
+    pub min_severity: u8,
+    /// At least one of these labels (empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels_any: Vec<String>,
+    #[serde(default)]
+    pub min_people: u8,
+    #[serde(default)]
+    pub min_vehicles: u8,
+    #[serde(default)]
+    pub min_hazards: u8,
+    #[serde(default = "default_rearm_secs")]
+    pub rearm_secs: f64,
+}
+
+fn default_rearm_secs() -> f64 {
+    300.0
 }
 
 /// The on-disk store of what waits for the broker (see `outbox.rs`).

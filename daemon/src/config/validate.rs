@@ -20,6 +20,7 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
         }
     }
     problems.seconds("stats.interval_secs", config.stats.interval_secs, false);
+    analysis(config, &mut problems);
     let max_mb = config.outbox.max_mb;
     if !max_mb.is_finite() || !(0.01..=65536.0).contains(&max_mb) {
         problems.add("outbox.max_mb", format!("must be a size in MiB from 0.01 to 65536, got {max_mb}"));
@@ -380,6 +381,53 @@ fn model(config: &Config, problems: &mut Problems) {
             "model.threads",
             format!("must be from 0 (one per core) to {MAX_MODEL_THREADS}, got {}", model.threads),
         );
+    }
+}
+
+fn analysis(config: &Config, problems: &mut Problems) {
+    let analysis = &config.analysis;
+    problems.seconds("analysis.cooldown_secs", analysis.cooldown_secs, false);
+    problems.seconds("analysis.schedule_secs", analysis.schedule_secs, false);
+    if !crate::model::SOFT_TOKEN_BUDGETS.contains(&analysis.image_tokens) {
+        problems.add(
+            "analysis.image_tokens",
+            format!("must be one of {:?}, got {}", crate::model::SOFT_TOKEN_BUDGETS, analysis.image_tokens),
+        );
+    }
+    if !(16..=2048).contains(&analysis.max_tokens) {
+        problems.add("analysis.max_tokens", format!("must be from 16 to 2048, got {}", analysis.max_tokens));
+    }
+    if analysis.tool_min_severity > 3 {
+        problems.add(
+            "analysis.tool_min_severity",
+            format!("severity runs from 0 to 3, got {}", analysis.tool_min_severity),
+        );
+    }
+    if let Some(dir) = &analysis.documents {
+        if !config.resolve_path(dir).is_dir() {
+            problems.add("analysis.documents", format!("{} is not a directory", config.resolve_path(dir).display()));
+        }
+    }
+    for (n, rule) in config.alerts.iter().enumerate() {
+        let key = |field: &str| format!("alerts[{n}].{field}");
+        if rule.name.is_empty() || !rule.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            problems.add(&key("name"), format!("must be letters, digits, `-` or `_`, got \"{}\"", rule.name));
+        }
+        if config.alerts[..n].iter().any(|other| other.name == rule.name) {
+            problems.add(&key("name"), format!("`{}` names two rules", rule.name));
+        }
+        if rule.min_severity > 3 {
+            problems.add(&key("min_severity"), format!("severity runs from 0 to 3, got {}", rule.min_severity));
+        }
+        problems.seconds(&key("rearm_secs"), rule.rearm_secs, false);
+    }
+    if !config.tools.is_empty() {
+        if let Err(e) = crate::model::ToolSet::new(config.tools.clone()) {
+            problems.add("tools", e.to_string());
+        }
+    }
+    if (!config.alerts.is_empty() || !config.tools.is_empty()) && config.model.is_none() {
+        problems.add("model", "`[[alerts]]` and `[[tools]]` act on the model's reports: a `[model]` is needed");
     }
 }
 

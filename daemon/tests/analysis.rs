@@ -1,0 +1,138 @@
+//! The model stage in the running daemon, on the tiny random-weight Gemma 4 bundle: motion makes
+//! the model look, and what it reports, the alerts its reports raise and the tool calls it makes
+//! arrive on a real mosquitto, valid against the committed schema and the declared tools;
+//! `capture-now` and `ask` work through MQTT commands.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{write_config, Daemon, Mosquitto, Subscriber, CLIP_CAMERA};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn committed_schema(name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+fn station_config(dir: &Path, station: &str, port: u16) -> std::path::PathBuf {
+    let bundle = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4-tiny");
+    std::fs::create_dir_all(dir.join("protocols")).unwrap();
+    std::fs::write(dir.join("protocols/01-gate.md"), "Vehicles stop at the north gate for inspection.\n").unwrap();
+    let extra = format!(
+        r#"{CLIP_CAMERA}loop = true
+[gates.motion]
+cooldown_secs = 0.5
+
+[model]
+bundle = "{bundle}"
+threads = 1
+
+[analysis]
+triggers = ["motion"]
+cooldown_secs = 2
+place = "the north gate of a relief camp"
+documents = "protocols"
+# The random model wanders to the schema's limits: room for a whole report.
+max_tokens = 2048
+tool_min_severity = 0
+
+# Severity 0 and up: every report of the random model raises it, once per activity.
+[[alerts]]
+name = "anything"
+rearm_secs = 3600
+
+[[tools]]
+name = "dispatch_rescue_team"
+description = "Send the rescue team to a place."
+confirm = true
+
+[tools.parameters.location]
+type = "string"
+description = "Where to go."
+
+[tools.parameters.priority]
+type = "integer"
+minimum = 1
+maximum = 3
+description = "1 urgent, 3 routine."
+"#,
+        bundle = bundle.display()
+    );
+    write_config(dir, station, port, &extra)
+}
+
+#[test]
+fn motion_makes_reports_an_alert_and_tool_calls_that_validate() {
+    let broker = Mosquitto::start();
+    let mut subscriber = Subscriber::connect(broker.port, "outpost/#");
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::run_config(&station_config(dir.path(), "looker", broker.port));
+
+    let report_schema = jsonschema::validator_for(&committed_schema("scene-report.v1.json")).unwrap();
+    let mut reports = Vec::new();
+    while reports.len() < 2 {
+        let report = subscriber.wait_for("a scene report", WAIT, |m| m.topic == "outpost/looker/report").json();
+        let errors: Vec<String> = report_schema.iter_errors(&report).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{errors:?}\n{report}");
+        assert_eq!(report["trigger"]["kind"], "motion");
+        assert_eq!(report["model"]["bundle"], "gemma4-tiny-random", "{report}");
+        reports.push(report);
+    }
+    let log = daemon.stderr();
+    assert!(log.contains("tokens of station documents from"), "{log}");
+
+    let received = subscriber.received().to_vec();
+    let alerts: Vec<Value> = received.iter().filter(|m| m.topic == "outpost/looker/alert").map(|m| m.json()).collect();
+    assert_eq!(alerts.len(), 1, "one alert for the whole activity: {alerts:?}");
+    assert_eq!(alerts[0]["rule"], "anything");
+    assert!(reports.iter().any(|r| r["id"] == alerts[0]["report_id"]), "{alerts:?}");
+
+    let calls: Vec<Value> =
+        received.iter().filter(|m| m.topic == "outpost/looker/tool/dispatch_rescue_team").map(|m| m.json()).collect();
+    assert!(!calls.is_empty(), "a tool call for a report; log:\n{log}");
+    for call in &calls {
+        assert_eq!(call["tool"], "dispatch_rescue_team");
+        assert_eq!(call["confirm"], true);
+        let arguments = call["arguments"].as_object().unwrap();
+        assert!(arguments["location"].is_string(), "{call}");
+        let priority = arguments["priority"].as_i64().unwrap();
+        assert!((1..=3).contains(&priority), "{call}");
+    }
+    let other_tools: Vec<_> = received
+        .iter()
+        .filter(|m| m.topic.starts_with("outpost/looker/tool/") && !m.topic.ends_with("/dispatch_rescue_team"))
+        .collect();
+    assert!(other_tools.is_empty(), "{other_tools:?}");
+}
+
+#[test]
+fn capture_now_and_ask_answer_through_mqtt_commands() {
+    let broker = Mosquitto::start();
+    let mut client = Subscriber::connect(broker.port, "outpost/#");
+    let dir = tempfile::tempdir().unwrap();
+    let config = station_config(dir.path(), "asked", broker.port);
+    // Motion alone would keep the model busy: only commands make it look here.
+    let text = std::fs::read_to_string(&config).unwrap().replace("triggers = [\"motion\"]", "triggers = []");
+    std::fs::write(&config, text).unwrap();
+    let _daemon = Daemon::run_config(&config);
+    client.wait_for("a first event", WAIT, |m| m.topic == "outpost/asked/events");
+
+    client.publish("outpost/asked/cmd/capture-now", r#"{"id":"c1"}"#);
+    let reply =
+        client.wait_for("the capture-now reply", WAIT, |m| m.topic == "outpost/asked/cmd/capture-now/reply").json();
+    assert_eq!((reply["ok"].as_bool(), reply["id"].as_str()), (Some(true), Some("c1")), "{reply}");
+    let published: Vec<Value> =
+        client.received().iter().filter(|m| m.topic == "outpost/asked/report").map(|m| m.json()).collect();
+    let report = published.last().expect("the report comes before the reply");
+    assert_eq!(report["trigger"]["kind"], "command");
+    assert!(reply["message"].as_str().unwrap().contains(report["id"].as_str().unwrap()), "{reply}");
+
+    client.publish("outpost/asked/cmd/ask", r#"{"id":"q1","question":"Is the gate open?"}"#);
+    let reply = client.wait_for("the answer", WAIT, |m| m.topic == "outpost/asked/cmd/ask/reply").json();
+    assert_eq!((reply["ok"].as_bool(), reply["id"].as_str()), (Some(true), Some("q1")), "{reply}");
+    assert!(reply["message"].is_string());
+}
