@@ -204,3 +204,55 @@ fn model_run_continues_a_prompt_as_pytorch_does() {
     let expected = tokenizer(&Bundle::open(&dir).unwrap()).decode(&expected_ids[..12]);
     assert_eq!(String::from_utf8(output.stdout).unwrap().trim_end_matches('\n'), expected);
 }
+
+/// The real 262144-token vocabulary under a JSON Schema: a short scene description becomes a
+/// `SceneObservation` that parses and is valid under the committed schema.
+#[test]
+fn constrained_scene_observation_parses_and_validates() {
+    use outpost::model::{Model, Question};
+    use outpost::report::SceneObservation;
+
+    let Some(dir) = prepared_path("OUTPOST_GEMMA3_BUNDLE") else { return };
+    let model = Model::load(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let question = Question {
+        // A base model: one worked example shows it the form; the schema holds it to it.
+        prompt: concat!(
+            "Scene: a cat walks across the empty yard at night.\nReport:\n",
+            r#"{"summary":"A cat walks across the empty yard.","labels":["cat","yard"],"people":0,"#,
+            r#""vehicles":0,"hazards":0,"severity":0,"confidence":0.9,"language":"en"}"#,
+            "\n\nScene: a white delivery van is parked by the north gate; two people carry boxes from the van \
+             to the door. The weather is clear and nothing is burning.\nReport:\n",
+        )
+        .into(),
+        image: None,
+        audio: None,
+        max_tokens: 400,
+        sampling: Sampling::Greedy,
+        system: Some(SceneObservation::instructions()),
+        tools: None,
+        constraint: Some(SceneObservation::grammar()),
+    };
+    let answer = model.answer(&question, |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    let observation: SceneObservation =
+        serde_json::from_str(&answer.text).unwrap_or_else(|e| panic!("{e}: {:?}", answer.text));
+    let schema_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/scene-observation.v1.json");
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(schema_path).unwrap()).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let json: Value = serde_json::from_str(&answer.text).unwrap();
+    let errors: Vec<String> = validator.iter_errors(&json).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{errors:?}: {}", answer.text);
+    let timings = answer.constraint_timings.unwrap();
+    let mean = |samples: &[std::time::Duration]| {
+        samples.iter().map(|d| d.as_secs_f64() * 1e6).sum::<f64>() / samples.len().max(1) as f64
+    };
+    println!(
+        "{} tokens ({} forced) in {:.2?}: {}\n{observation:?}\nmask {:.0} µs, apply {:.0} µs, consume {:.0} µs mean per token",
+        answer.token_ids.len(),
+        timings.forced_tokens,
+        answer.total_time,
+        answer.text,
+        mean(&timings.mask),
+        mean(&timings.apply),
+        mean(&timings.consume),
+    );
+}

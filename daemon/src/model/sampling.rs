@@ -57,7 +57,18 @@ impl Sampler {
     fn sample_random(&mut self, logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: Option<f32>) -> u32 {
         let candidates = &mut self.candidates;
         candidates.clear();
-        candidates.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l / temperature)));
+        // Tokens a constraint refused (-inf) can never be drawn: leaving them out spares sorting
+        // the whole vocabulary when a grammar allows a handful.
+        candidates.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, &l)| l != f32::NEG_INFINITY)
+                .map(|(i, &l)| (i as u32, l / temperature)),
+        );
+        if candidates.is_empty() {
+            return argmax(logits);
+        }
         // Most likely first; a stable sort keeps ties in token order, like greedy.
         candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
         if let Some(k) = top_k {
@@ -159,6 +170,15 @@ mod tests {
         let cold = frequencies(random(0.25, None, None), &logits, 5_000)[0];
         let warm = frequencies(random(1.0, None, None), &logits, 5_000)[0];
         assert!(cold > 0.97 && (warm - 0.731).abs() < 0.03, "{cold} {warm}");
+    }
+
+    #[test]
+    fn refused_tokens_are_never_drawn() {
+        let logits = [f32::NEG_INFINITY, 0.7f32.ln(), f32::NEG_INFINITY, 0.3f32.ln()];
+        let seen = frequencies(random(1.0, Some(3), Some(0.99)), &logits, 10_000);
+        assert_eq!((seen[0], seen[2]), (0.0, 0.0));
+        assert!((seen[1] - 0.7).abs() < 0.02, "{seen:?}");
+        assert_eq!(Sampler::new(Sampling::Greedy).sample(&logits), 1);
     }
 
     #[test]
