@@ -325,7 +325,7 @@ fn commands_pause_and_resume_capture_and_malformed_ones_change_nothing() {
 }
 
 #[test]
-fn demo_runs_with_its_own_broker_and_stops_on_ctrl_c() {
+fn demo_runs_with_its_own_broker_shows_a_report_an_alert_and_a_tool_call_and_stops_on_ctrl_c() {
     let mut daemon = Daemon::start(&["demo"]);
     let stdout = BufReader::new(daemon.stdout());
     let (tx, rx) = std::sync::mpsc::channel();
@@ -337,10 +337,22 @@ fn demo_runs_with_its_own_broker_and_stops_on_ctrl_c() {
         }
     });
     let mut lines = Vec::new();
-    while !lines.iter().any(|l: &String| l.starts_with("outpost/demo/events {")) {
-        match rx.recv_timeout(WAIT) {
+    // An event, and the tiny model's report, the alert it raises and its tool call.
+    let wanted = [
+        "outpost/demo/events {",
+        "outpost/demo/report {",
+        "outpost/demo/alert {",
+        "outpost/demo/tool/dispatch_rescue_team {",
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !wanted.iter().all(|w| lines.iter().any(|l: &String| l.starts_with(w))) {
+        match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
             Ok(line) => lines.push(line),
-            Err(_) => panic!("the demo published no event; stdout:\n{}\nlog:\n{}", lines.join("\n"), daemon.stderr()),
+            Err(_) => panic!(
+                "the demo did not publish all of {wanted:?}; stdout:\n{}\nlog:\n{}",
+                lines.join("\n"),
+                daemon.stderr()
+            ),
         }
     }
     assert_eq!(lines[0], "outpost/demo/status online");
