@@ -136,3 +136,22 @@ fn capture_now_and_ask_answer_through_mqtt_commands() {
     assert_eq!((reply["ok"].as_bool(), reply["id"].as_str()), (Some(true), Some("q1")), "{reply}");
     assert!(reply["message"].is_string());
 }
+
+#[test]
+fn a_station_looks_on_its_schedule_without_a_trigger() {
+    let broker = Mosquitto::start();
+    let mut subscriber = Subscriber::connect(broker.port, "outpost/#");
+    let dir = tempfile::tempdir().unwrap();
+    let config = station_config(dir.path(), "routine", broker.port);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("triggers = [\"motion\"]", "triggers = []\nschedule_secs = 1")
+        .replace("tool_min_severity = 0", "tool_min_severity = 3");
+    std::fs::write(&config, text).unwrap();
+    let _daemon = Daemon::run_config(&config);
+    for _ in 0..2 {
+        let report = subscriber.wait_for("a scheduled report", WAIT, |m| m.topic == "outpost/routine/report").json();
+        assert_eq!(report["trigger"]["kind"], "schedule", "{report}");
+        assert!(report["trigger"]["event_id"].is_null(), "{report}");
+    }
+}
