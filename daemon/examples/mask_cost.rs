@@ -43,6 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             system: Some(SceneObservation::instructions()),
             tools: None,
             constraint: Some(SceneObservation::grammar()),
+            history: Vec::new(),
         };
         let answer = match model.answer(&question, |_| {}) {
             Ok(answer) => answer,

@@ -20,10 +20,10 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::capture::Frame;
-use crate::command::{Command, CommandReply, CommandRequest};
+use crate::command::{Command, CommandReply, CommandRequest, ToolResult};
 use crate::config::{AlertRule, AnalysisConfig, Config};
 use crate::event::{Event, EventDetail};
-use crate::model::{Model, ModelError, Question, Sampling, ToolCall, ToolSet};
+use crate::model::{Model, ModelError, Part, Question, Role, Sampling, ToolCall, ToolSet, Turn};
 use crate::outbox::{Priority, PRIORITY_ACTION, PRIORITY_REPORT};
 use crate::report::{ModelIdentity, ReportTiming, SceneObservation, SceneReport, Trigger, TriggerKind};
 
@@ -87,6 +87,8 @@ struct Look {
     speech: Option<Arc<[i16]>>,
     /// A command's request: `ask` carries its question; the reply goes to the caller.
     command: Option<CommandRequest>,
+    /// A tool's answer to a call the model made: the conversation of that call goes on.
+    tool_result: Option<ToolResult>,
 }
 
 #[derive(Default)]
@@ -131,6 +133,7 @@ impl Inbox {
             frame: self.latest_frame.get(),
             speech,
             command: None,
+            tool_result: None,
         }) {
             debug!("a newer {kind:?} trigger replaces a waiting {:?} one", replaced.trigger.kind);
         }
@@ -148,6 +151,7 @@ impl Inbox {
                 frame: self.latest_frame.get(),
                 speech: None,
                 command: None,
+                tool_result: None,
             });
             drop(state);
             self.ready.notify_one();
@@ -166,10 +170,30 @@ impl Inbox {
             frame: self.latest_frame.get(),
             speech: None,
             command: Some(request),
+            tool_result: None,
         });
         drop(state);
         self.ready.notify_one();
         true
+    }
+
+    /// A tool's result, queued with the commands; given back when too many are waiting.
+    pub fn tool_result(&self, result: ToolResult) -> Result<(), ToolResult> {
+        let mut state = self.lock();
+        if state.closed || state.commands.len() >= MAX_QUEUED_COMMANDS {
+            return Err(result);
+        }
+        state.commands.push_back(Look {
+            trigger: Trigger { kind: TriggerKind::ToolResult, event_id: Some(result.call_id) },
+            captured_at: SystemTime::now(),
+            frame: None,
+            speech: None,
+            command: None,
+            tool_result: Some(result),
+        });
+        drop(state);
+        self.ready.notify_one();
+        Ok(())
     }
 
     pub fn latest_frame(&self) -> &LatestFrame {
@@ -238,6 +262,7 @@ impl Analyzer {
             model,
             tools,
             alerts: config.alerts.iter().cloned().map(AlertState::new).collect(),
+            calls: std::collections::VecDeque::new(),
             out,
         };
         let schedule =
@@ -271,8 +296,22 @@ struct Worker {
     model: Model,
     tools: Option<ToolSet>,
     alerts: Vec<AlertState>,
+    /// Calls published and waiting for their results, oldest first.
+    calls: std::collections::VecDeque<PendingCall>,
     out: mpsc::Sender<AnalysisOutput>,
 }
+
+/// A call the model made, kept until its result comes back, so the conversation can go on.
+struct PendingCall {
+    id: Uuid,
+    /// The user turn that asked for it.
+    request: String,
+    call: ToolCall,
+    captured_at: SystemTime,
+}
+
+/// Calls kept waiting for a result; the oldest is forgotten past this.
+const MAX_PENDING_CALLS: usize = 16;
 
 impl Worker {
     fn run(mut self, inbox: &Inbox, schedule: Option<Duration>) {
@@ -293,9 +332,10 @@ impl Worker {
                 }
                 Err(()) => return,
             };
-            let outputs = match look.command.as_ref().map(|c| &c.command) {
-                Some(Command::Ask { question }) => self.ask(&look, question),
-                _ => self.report(&look),
+            let outputs = match (look.command.as_ref().map(|c| &c.command), &look.tool_result) {
+                (Some(Command::Ask { question }), _) => self.ask(&look, question),
+                (_, Some(result)) => self.continue_after(&look, result),
+                _ => self.report(&look, None),
             };
             for output in outputs {
                 if self.out.blocking_send(output).is_err() {
@@ -305,11 +345,47 @@ impl Worker {
         }
     }
 
-    /// A scene report, the alerts it raises and, when it is severe enough, a tool call.
-    fn report(&mut self, look: &Look) -> Vec<AnalysisOutput> {
+    /// The conversation of a call goes on with the tool's response: a new report.
+    fn continue_after(&mut self, look: &Look, result: &ToolResult) -> Vec<AnalysisOutput> {
+        let Some(index) = self.calls.iter().position(|c| c.id == result.call_id && c.call.name.as_str() == result.tool) else {
+            let why = format!("no call {} of `{}` is waiting for a result", result.call_id, result.tool);
+            return vec![AnalysisOutput::Reply(result.reply(false, why))];
+        };
+        let Some(pending) = self.calls.remove(index) else { return Vec::new() };
+        let history = vec![
+            Turn::text(Role::User, pending.request),
+            Turn {
+                role: Role::Model,
+                parts: vec![
+                    Part::ToolCall(pending.call.clone()),
+                    Part::ToolResponse { name: pending.call.name.clone(), response: result.response.clone() },
+                ],
+            },
+        ];
+        let look = Look { captured_at: pending.captured_at, ..look.clone() };
+        let mut outputs = self.report(&look, Some(history));
+        let published = outputs.iter().find_map(|o| match o {
+            AnalysisOutput::Publish(p) if p.subtopic == "report" => Some(p.label.clone()),
+            _ => None,
+        });
+        outputs.push(AnalysisOutput::Reply(match published {
+            Some(label) => result.reply(true, format!("{label} published")),
+            None => result.reply(false, "the model could not make a report of the answer"),
+        }));
+        outputs
+    }
+
+    /// A scene report, the alerts it raises and, when it is severe enough, a tool call. After a
+    /// tool's result, `history` holds the call and its response.
+    fn report(&mut self, look: &Look, history: Option<Vec<Turn>>) -> Vec<AnalysisOutput> {
         let mut outputs = Vec::new();
-        let question = self.question(look, "Describe the scene now.".into(), self.analysis.max_tokens);
-        let question = Question { constraint: Some(SceneObservation::grammar()), ..question };
+        let task = match history {
+            Some(_) => "The tool has answered. Describe the scene again, taking its answer into account.",
+            None => "Describe the scene now.",
+        };
+        let question = self.question(look, task.into(), self.analysis.max_tokens);
+        let question =
+            Question { constraint: Some(SceneObservation::grammar()), history: history.unwrap_or_default(), ..question };
         let reply_failed = |why: String| {
             look.command
                 .as_ref()
@@ -358,7 +434,7 @@ impl Worker {
                 label: format!("alert {}", alert.id),
             }));
         }
-        if report.observation.severity >= self.analysis.tool_min_severity {
+        if report.observation.severity >= self.analysis.tool_min_severity && look.tool_result.is_none() {
             outputs.extend(self.tool_call(look, &report));
         }
         if let Some(command) = &look.command {
@@ -368,7 +444,7 @@ impl Worker {
     }
 
     /// Asks the model to call one of the declared tools about `report`.
-    fn tool_call(&self, look: &Look, report: &SceneReport) -> Option<AnalysisOutput> {
+    fn tool_call(&mut self, look: &Look, report: &SceneReport) -> Option<AnalysisOutput> {
         let tools = self.tools.as_ref()?;
         let prompt = format!(
             "This scene report was just made:\n{}\nCall the one tool that best answers it.",
@@ -379,7 +455,7 @@ impl Worker {
             constraint: Some(tools.call_grammar()),
             image: None,
             audio: None,
-            ..self.question(look, prompt, self.analysis.max_tokens)
+            ..self.question(look, prompt.clone(), self.analysis.max_tokens)
         };
         let answer = match self.model.answer(&question, |_| {}) {
             Ok(answer) => answer,
@@ -396,7 +472,16 @@ impl Worker {
             }
         };
         let published = PublishedToolCall::new(&self.station, report, &call, tools);
-        info!("tool call {} `{}` for report {}", published.id, call.name, report.id);
+        info!("tool call {} `{}` for report {}", published.id, call.name.as_str(), report.id);
+        if self.calls.len() >= MAX_PENDING_CALLS {
+            self.calls.pop_front();
+        }
+        self.calls.push_back(PendingCall {
+            id: published.id,
+            request: question.prompt.clone(),
+            call: call.clone(),
+            captured_at: look.captured_at,
+        });
         Some(AnalysisOutput::Publish(Publication {
             subtopic: format!("tool/{}", call.name),
             payload: serde_json::to_string(&published).unwrap_or_default(),
@@ -436,6 +521,7 @@ impl Worker {
             TriggerKind::Speech => "Someone spoke; the recording is attached.",
             TriggerKind::Schedule => "This is a routine look.",
             TriggerKind::Command => "An operator asked for this look.",
+            TriggerKind::ToolResult => "A tool answered the call you made.",
         };
         let at = humantime::format_rfc3339_seconds(look.captured_at);
         Question {
@@ -447,6 +533,7 @@ impl Worker {
             system: Some(self.system.clone()),
             tools: None,
             constraint: None,
+            history: Vec::new(),
         }
     }
 }

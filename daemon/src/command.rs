@@ -119,9 +119,11 @@ pub fn parse(name: &str, payload: &[u8], allowed: &[String]) -> Result<CommandRe
     Ok(request)
 }
 
-/// The answer to a command, published on `<root>/cmd/<name>/reply`.
+/// The answer to a command, published on `<root>/cmd/<name>/reply` (or to a tool result, on
+/// `<root>/tool/<name>/result/reply`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CommandReply {
+    /// The command's name, or `tool/<name>/result`.
     pub command: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
@@ -152,6 +154,63 @@ pub fn salvage_id(payload: &[u8]) -> Option<String> {
     }
     let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
     value.get("id")?.as_str().filter(|id| id.len() <= 128).map(str::to_owned)
+}
+
+/// What arrives from outside for the service: a command, or a tool's result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inbound {
+    Command(CommandRequest),
+    ToolResult(ToolResult),
+}
+
+/// The largest tool result taken; anything longer is refused unread.
+pub const MAX_TOOL_RESULT_BYTES: usize = 16 << 10;
+
+/// What a tool answered to a call, from `<root>/tool/<name>/result`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolResult {
+    pub tool: String,
+    /// The call's `id`.
+    pub call_id: uuid::Uuid,
+    /// `{"result": …}`, or `{"error": "…"}` when the tool failed: given to the model as is.
+    pub response: serde_json::Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ToolResultPayload {
+    id: uuid::Uuid,
+    #[serde(default)]
+    result: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+impl ToolResult {
+    /// Where its reply goes under the station's root, as [`CommandReply::command`].
+    pub fn reply_to(tool: &str) -> String {
+        format!("tool/{tool}/result")
+    }
+
+    pub fn reply(&self, ok: bool, message: impl Into<String>) -> CommandReply {
+        CommandReply { command: Self::reply_to(&self.tool), id: Some(self.call_id.to_string()), ok, message: message.into() }
+    }
+}
+
+/// Parses the result of a call of `tool`: `{"id": "<call id>", "result": {…}}` or
+/// `{"id": "<call id>", "error": "what went wrong"}`.
+pub fn parse_tool_result(tool: &str, payload: &[u8]) -> Result<ToolResult, String> {
+    if payload.len() > MAX_TOOL_RESULT_BYTES {
+        return Err(format!("the payload is {} bytes, over the limit of {MAX_TOOL_RESULT_BYTES}", payload.len()));
+    }
+    let parsed: ToolResultPayload =
+        serde_json::from_slice(payload).map_err(|e| format!("the payload is not a valid tool result: {e}"))?;
+    let response = match (parsed.result, parsed.error) {
+        (Some(result), None) => serde_json::json!({ "result": result }),
+        (None, Some(error)) if !error.trim().is_empty() => serde_json::json!({ "error": error }),
+        _ => return Err("a tool result has either `result` (an object) or `error` (a message)".into()),
+    };
+    Ok(ToolResult { tool: tool.to_owned(), call_id: parsed.id, response })
 }
 
 #[cfg(test)]
@@ -198,6 +257,29 @@ mod tests {
         let allowed = vec!["capture-now".to_string()];
         assert_eq!(parse("reload", b"", &allowed), Err(CommandError::NotAllowed("reload")));
         assert!(parse("capture-now", b"", &allowed).is_ok());
+    }
+
+    #[test]
+    fn tool_results_are_checked_whole() {
+        let id = "01a21ca2-c5de-70f3-a878-cb8364503513";
+        let ok = parse_tool_result("siren", format!(r#"{{"id":"{id}","result":{{"sounded":true}}}}"#).as_bytes()).unwrap();
+        assert_eq!(ok.response, serde_json::json!({"result": {"sounded": true}}));
+        let failed = parse_tool_result("siren", format!(r#"{{"id":"{id}","error":"no power"}}"#).as_bytes()).unwrap();
+        assert_eq!(failed.response, serde_json::json!({"error": "no power"}));
+        let cases: [(String, &str); 6] = [
+            ("{not json".into(), "not a valid tool result"),
+            (r#"{"id":"x","result":{}}"#.into(), "UUID"),
+            (format!(r#"{{"id":"{id}","result":[1]}}"#), "expected a map"),
+            (format!(r#"{{"id":"{id}"}}"#), "either `result`"),
+            (format!(r#"{{"id":"{id}","result":{{}},"error":"both"}}"#), "either `result`"),
+            (format!(r#"{{"id":"{id}","result":{{}},"extra":1}}"#), "unknown field `extra`"),
+        ];
+        for (payload, expected) in cases {
+            let error = parse_tool_result("siren", payload.as_bytes()).unwrap_err();
+            assert!(error.contains(expected), "{payload}: `{error}` lacks `{expected}`");
+        }
+        let huge = format!(r#"{{"id":"{id}","result":{{"x":"{}"}}}}"#, "a".repeat(MAX_TOOL_RESULT_BYTES));
+        assert!(parse_tool_result("siren", huge.as_bytes()).unwrap_err().contains("over the limit"));
     }
 
     #[test]

@@ -184,6 +184,7 @@ fn model_run(args: &ModelRunArgs) -> anyhow::Result<()> {
         system: None,
         tools: None,
         constraint: None,
+        history: Vec::new(),
     };
     let mut stdout = std::io::stdout();
     let answer = model.answer(&question, |text| {

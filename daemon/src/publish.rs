@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::analysis::Publication;
 use crate::capture::{DeviceReporters, DeviceStatus, StatusReporter};
-use crate::command::{self, CommandReply, CommandRequest};
+use crate::command::{self, CommandReply, Inbound, ToolResult};
 use crate::config::Config;
 use crate::event::Event;
 use crate::outbox::{Outbox, OutboxError, Priority, StoredMessage, PRIORITY_EVENT};
@@ -136,7 +136,7 @@ pub struct PublisherHandle {
     gauges: Arc<PublisherGauges>,
     events: mpsc::Sender<Event>,
     control: mpsc::UnboundedSender<Control>,
-    commands: Option<mpsc::Receiver<CommandRequest>>,
+    commands: Option<mpsc::Receiver<Inbound>>,
     devices: DeviceReporters,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<PublisherReport>>,
@@ -158,7 +158,7 @@ impl PublisherHandle {
     }
 
     /// The commands received, checked and allowed, for the service to carry out; taken once.
-    pub fn take_commands(&mut self) -> Option<mpsc::Receiver<CommandRequest>> {
+    pub fn take_commands(&mut self) -> Option<mpsc::Receiver<Inbound>> {
         self.commands.take()
     }
 
@@ -339,7 +339,7 @@ struct Publisher {
     outbox: Outbox,
     /// A connection was lost and no new one is up yet.
     outage: bool,
-    commands: mpsc::Sender<CommandRequest>,
+    commands: mpsc::Sender<Inbound>,
     allowed_commands: Vec<String>,
     gauges: Arc<PublisherGauges>,
     report: PublisherReport,
@@ -371,7 +371,7 @@ impl Publisher {
         options: MqttOptions,
         echo: bool,
         outbox: Outbox,
-        commands: mpsc::Sender<CommandRequest>,
+        commands: mpsc::Sender<Inbound>,
         gauges: Arc<PublisherGauges>,
     ) -> Self {
         let topics = Topics::new(config);
@@ -575,19 +575,56 @@ impl Publisher {
     }
 
     fn enqueue_reply(&mut self, reply: CommandReply) {
-        let topic = format!("{}{}/reply", self.topics.commands, reply.command);
+        let topic = if reply.command.starts_with("tool/") {
+            format!("{}/{}/reply", self.topics.root, reply.command)
+        } else {
+            format!("{}{}/reply", self.topics.commands, reply.command)
+        };
         self.enqueue(Message { topic, payload: reply.to_json(), retain: false, kind: Kind::Reply, stored: None });
+    }
+
+    /// A tool's answer to a call: checked here, passed on to the model stage if well-formed.
+    fn on_tool_result(&mut self, tool: &str, payload: &[u8]) {
+        match command::parse_tool_result(tool, payload) {
+            Ok(result) => {
+                info!("result of tool call {} ({tool}) received", result.call_id);
+                if let Err(mpsc::error::TrySendError::Full(Inbound::ToolResult(result)) | mpsc::error::TrySendError::Closed(Inbound::ToolResult(result))) =
+                    self.commands.try_send(Inbound::ToolResult(result))
+                {
+                    self.enqueue_reply(result.reply(false, "the station is busy; send the result again"));
+                }
+            }
+            Err(why) => {
+                warn!("refused a result for tool `{tool}`: {why}");
+                let reply = CommandReply {
+                    command: ToolResult::reply_to(tool),
+                    id: command::salvage_id(payload),
+                    ok: false,
+                    message: why,
+                };
+                self.enqueue_reply(reply);
+            }
+        }
     }
 
     /// A message on a subscribed topic: a command, checked here, passed on to the service if it
     /// is well-formed and allowed, answered with the reason if not.
     fn on_received(&mut self, topic: &str, payload: &[u8]) {
+        let tool = topic
+            .strip_prefix(&self.topics.root)
+            .and_then(|t| t.strip_prefix("/tool/"))
+            .and_then(|t| t.strip_suffix("/result"))
+            .filter(|name| !name.contains('/'));
+        if let Some(tool) = tool {
+            self.on_tool_result(tool, payload);
+            return;
+        }
         let Some(name) = topic.strip_prefix(&self.topics.commands) else { return };
         match command::parse(name, payload, &self.allowed_commands) {
             Ok(request) => {
                 info!("command `{}` received", request.command.name());
-                if let Err(mpsc::error::TrySendError::Full(request) | mpsc::error::TrySendError::Closed(request)) =
-                    self.commands.try_send(request)
+                if let Err(mpsc::error::TrySendError::Full(Inbound::Command(request)) | mpsc::error::TrySendError::Closed(Inbound::Command(request))) =
+                    self.commands.try_send(Inbound::Command(request))
                 {
                     let reply = CommandReply::failed(
                         request.command.name(),
@@ -644,9 +681,10 @@ impl Publisher {
                 self.outage = false;
                 info!("connected to MQTT broker at {} as {}", self.broker, self.options.client_id());
                 // A clean session forgets subscriptions: ask again on every connection.
-                let commands = format!("{}+", self.topics.commands);
-                if let Err(e) = session.client.try_subscribe(&commands, QoS::AtLeastOnce) {
-                    warn!("cannot subscribe to {commands}: {e}");
+                for filter in [format!("{}+", self.topics.commands), format!("{}/tool/+/result", self.topics.root)] {
+                    if let Err(e) = session.client.try_subscribe(&filter, QoS::AtLeastOnce) {
+                        warn!("cannot subscribe to {filter}: {e}");
+                    }
                 }
                 self.backoff = self.reconnect_min;
                 // A fresh `online` goes first; one left over from a dropped connection is stale.

@@ -83,13 +83,16 @@ pub enum TriggerKind {
     Schedule,
     /// A person asked for it.
     Command,
+    /// A tool answered a call the model made; `event_id` is the call's id.
+    ToolResult,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Trigger {
     pub kind: TriggerKind,
-    /// The `id` of the published event that triggered this report, if one did.
+    /// The `id` of the published event that triggered this report, or of the tool call whose
+    /// result it follows.
     #[schemars(with = "Option<String>", extend("format" = "uuid"))]
     pub event_id: Option<Uuid>,
 }

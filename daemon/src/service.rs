@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::analysis::{AnalysisError, AnalysisOutput, Analyzer};
-use crate::command::{Command, CommandReply, CommandRequest};
+use crate::command::{Command, CommandReply, CommandRequest, Inbound};
 use crate::config::{self, Config};
 use crate::pipeline::{CaptureCounts, Pipeline, PipelineError};
 use crate::publish::{self, PublisherFigures, PublisherHandle, PublisherReport};
@@ -42,7 +42,7 @@ enum Wake {
     Stop(&'static str),
     Reload,
     SourcesEnded,
-    Command(CommandRequest),
+    Inbound(Inbound),
     Analysis(AnalysisOutput),
     Stats,
 }
@@ -52,7 +52,7 @@ struct Station {
     config: Config,
     options: ServiceOptions,
     publisher: PublisherHandle,
-    commands: Option<mpsc::Receiver<CommandRequest>>,
+    commands: Option<mpsc::Receiver<Inbound>>,
     pipeline: Option<Pipeline>,
     /// The model stage, with `[model]`; it outlives pipelines (the model loads once).
     analyzer: Option<Analyzer>,
@@ -111,7 +111,7 @@ pub async fn run(config: Config, options: ServiceOptions) -> Result<PublisherRep
             _ = sigint.recv() => Wake::Stop("SIGINT"),
             _ = sighup.recv() => Wake::Reload,
             () = finished(&mut station.pipeline) => Wake::SourcesEnded,
-            Some(request) = next_command(&mut station.commands) => Wake::Command(request),
+            Some(inbound) = next_command(&mut station.commands) => Wake::Inbound(inbound),
             Some(output) = analysis_rx.recv() => Wake::Analysis(output),
             _ = tick(&mut stats_timer) => Wake::Stats,
         };
@@ -130,12 +130,20 @@ pub async fn run(config: Config, options: ServiceOptions) -> Result<PublisherRep
                 }
                 stats_timer = stats_timer_if_changed(stats_timer, &station.config);
             }
-            Wake::Command(request) => {
+            Wake::Inbound(Inbound::Command(request)) => {
                 if let Some(reply) = station.carry_out(&request).await? {
                     station.publisher.reply(reply);
                 }
                 stats_timer = stats_timer_if_changed(stats_timer, &station.config);
             }
+            Wake::Inbound(Inbound::ToolResult(result)) => match &station.analyzer {
+                None => station.publisher.reply(result.reply(false, "this station has no `[model]` that made calls")),
+                Some(analyzer) => {
+                    if let Err(result) = analyzer.inbox().tool_result(result) {
+                        station.publisher.reply(result.reply(false, "the model is busy; send the result again"));
+                    }
+                }
+            },
             Wake::Analysis(AnalysisOutput::Publish(publication)) => station.publisher.publish(publication),
             Wake::Analysis(AnalysisOutput::Reply(reply)) => station.publisher.reply(reply),
             Wake::Stats => station.publisher.stats(station.stats_json()),
@@ -318,7 +326,7 @@ async fn finished(pipeline: &mut Option<Pipeline>) {
     }
 }
 
-async fn next_command(commands: &mut Option<mpsc::Receiver<CommandRequest>>) -> Option<CommandRequest> {
+async fn next_command(commands: &mut Option<mpsc::Receiver<Inbound>>) -> Option<Inbound> {
     match commands {
         Some(commands) => commands.recv().await,
         None => std::future::pending().await,

@@ -31,6 +31,7 @@ fn question(seed: u64, constraint: Option<Grammar>, max_tokens: usize) -> Questi
         system: Some(SceneObservation::instructions()),
         tools: None,
         constraint,
+        history: Vec::new(),
     }
 }
 
@@ -162,6 +163,7 @@ fn tool_question(tools: &ToolSet, seed: u64, constrained: bool) -> Question {
         system: Some("You guard a yard. Act with the tools.".into()),
         tools: Some(tools.clone()),
         constraint: constrained.then(|| tools.call_grammar()),
+        history: Vec::new(),
     }
 }
 

@@ -231,6 +231,7 @@ fn constrained_scene_observation_parses_and_validates() {
         system: Some(SceneObservation::instructions()),
         tools: None,
         constraint: Some(SceneObservation::grammar()),
+        history: Vec::new(),
     };
     let answer = model.answer(&question, |_| {}).unwrap_or_else(|e| panic!("{e}"));
     let observation: SceneObservation =

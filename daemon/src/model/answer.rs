@@ -45,6 +45,9 @@ pub struct Question {
     pub tools: Option<ToolSet>,
     /// The answer must follow this JSON Schema or grammar.
     pub constraint: Option<Grammar>,
+    /// Earlier turns of the conversation, between the system turn and `prompt`'s user turn (a
+    /// tool's response goes in the model turn that made the call).
+    pub history: Vec<Turn>,
 }
 
 /// What came back, with the timings a person wants to see.
@@ -170,6 +173,7 @@ impl Model {
                 system.extend(question.tools.clone().map(Part::Tools));
                 turns.push(Turn { role: Role::System, parts: system });
             }
+            turns.extend(question.history.iter().cloned());
             turns.push(Turn { role: Role::User, parts });
             render_chat(self.bundle.architecture, &turns, true)
         } else {
