@@ -272,10 +272,11 @@ impl Constraint {
                 u32::MAX => any_allowed = true,
                 _ => {
                     any_allowed = true;
-                    for (bit, logit) in logits[first..end].iter_mut().enumerate() {
-                        if bits & (1 << bit) == 0 {
-                            *logit = f32::NEG_INFINITY;
-                        }
+                    // Visit the refused tokens only: inside a string nearly every token is allowed.
+                    let mut refused = !bits & (u32::MAX >> (32 - (end - first)));
+                    while refused != 0 {
+                        logits[first + refused.trailing_zeros() as usize] = f32::NEG_INFINITY;
+                        refused &= refused - 1;
                     }
                 }
             }
@@ -389,6 +390,11 @@ mod tests {
         for &token in &allowed {
             let text = tokenizer.decode(&[token]);
             assert!(!text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()), "token {token} is {text:?}");
+        }
+        for token in 0..constraints.vocab_size() as u32 {
+            let text = tokenizer.decode(&[token]);
+            let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+            assert_eq!(logits[token as usize].is_finite(), digits, "token {token} {text:?}");
         }
         assert!(logits[constraints.vocab_size()..].iter().all(|l| *l == f32::NEG_INFINITY), "padding rows");
         let letter = tokenizer.encode("x").unwrap()[0];
