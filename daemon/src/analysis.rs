@@ -347,7 +347,8 @@ impl Worker {
 
     /// The conversation of a call goes on with the tool's response: a new report.
     fn continue_after(&mut self, look: &Look, result: &ToolResult) -> Vec<AnalysisOutput> {
-        let Some(index) = self.calls.iter().position(|c| c.id == result.call_id && c.call.name.as_str() == result.tool) else {
+        let Some(index) = self.calls.iter().position(|c| c.id == result.call_id && c.call.name.as_str() == result.tool)
+        else {
             let why = format!("no call {} of `{}` is waiting for a result", result.call_id, result.tool);
             return vec![AnalysisOutput::Reply(result.reply(false, why))];
         };
@@ -384,8 +385,11 @@ impl Worker {
             None => "Describe the scene now.",
         };
         let question = self.question(look, task.into(), self.analysis.max_tokens);
-        let question =
-            Question { constraint: Some(SceneObservation::grammar()), history: history.unwrap_or_default(), ..question };
+        let question = Question {
+            constraint: Some(SceneObservation::grammar()),
+            history: history.unwrap_or_default(),
+            ..question
+        };
         let reply_failed = |why: String| {
             look.command
                 .as_ref()

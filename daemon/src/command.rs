@@ -193,7 +193,12 @@ impl ToolResult {
     }
 
     pub fn reply(&self, ok: bool, message: impl Into<String>) -> CommandReply {
-        CommandReply { command: Self::reply_to(&self.tool), id: Some(self.call_id.to_string()), ok, message: message.into() }
+        CommandReply {
+            command: Self::reply_to(&self.tool),
+            id: Some(self.call_id.to_string()),
+            ok,
+            message: message.into(),
+        }
     }
 }
 
@@ -262,7 +267,8 @@ mod tests {
     #[test]
     fn tool_results_are_checked_whole() {
         let id = "01a21ca2-c5de-70f3-a878-cb8364503513";
-        let ok = parse_tool_result("siren", format!(r#"{{"id":"{id}","result":{{"sounded":true}}}}"#).as_bytes()).unwrap();
+        let ok =
+            parse_tool_result("siren", format!(r#"{{"id":"{id}","result":{{"sounded":true}}}}"#).as_bytes()).unwrap();
         assert_eq!(ok.response, serde_json::json!({"result": {"sounded": true}}));
         let failed = parse_tool_result("siren", format!(r#"{{"id":"{id}","error":"no power"}}"#).as_bytes()).unwrap();
         assert_eq!(failed.response, serde_json::json!({"error": "no power"}));

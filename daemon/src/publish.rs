@@ -588,8 +588,10 @@ impl Publisher {
         match command::parse_tool_result(tool, payload) {
             Ok(result) => {
                 info!("result of tool call {} ({tool}) received", result.call_id);
-                if let Err(mpsc::error::TrySendError::Full(Inbound::ToolResult(result)) | mpsc::error::TrySendError::Closed(Inbound::ToolResult(result))) =
-                    self.commands.try_send(Inbound::ToolResult(result))
+                if let Err(
+                    mpsc::error::TrySendError::Full(Inbound::ToolResult(result))
+                    | mpsc::error::TrySendError::Closed(Inbound::ToolResult(result)),
+                ) = self.commands.try_send(Inbound::ToolResult(result))
                 {
                     self.enqueue_reply(result.reply(false, "the station is busy; send the result again"));
                 }
@@ -623,8 +625,10 @@ impl Publisher {
         match command::parse(name, payload, &self.allowed_commands) {
             Ok(request) => {
                 info!("command `{}` received", request.command.name());
-                if let Err(mpsc::error::TrySendError::Full(Inbound::Command(request)) | mpsc::error::TrySendError::Closed(Inbound::Command(request))) =
-                    self.commands.try_send(Inbound::Command(request))
+                if let Err(
+                    mpsc::error::TrySendError::Full(Inbound::Command(request))
+                    | mpsc::error::TrySendError::Closed(Inbound::Command(request)),
+                ) = self.commands.try_send(Inbound::Command(request))
                 {
                     let reply = CommandReply::failed(
                         request.command.name(),

@@ -155,3 +155,50 @@ fn a_station_looks_on_its_schedule_without_a_trigger() {
         assert!(report["trigger"]["event_id"].is_null(), "{report}");
     }
 }
+
+#[test]
+fn a_tool_result_continues_the_conversation_and_malformed_ones_are_refused() {
+    let broker = Mosquitto::start();
+    let mut client = Subscriber::connect(broker.port, "outpost/#");
+    let dir = tempfile::tempdir().unwrap();
+    let config = station_config(dir.path(), "tooled", broker.port);
+    let text = std::fs::read_to_string(&config).unwrap().replace("triggers = [\"motion\"]", "triggers = []");
+    std::fs::write(&config, text).unwrap();
+    let _daemon = Daemon::run_config(&config);
+    client.wait_for("a first event", WAIT, |m| m.topic == "outpost/tooled/events");
+
+    client.publish("outpost/tooled/cmd/capture-now", "");
+    let call = client.wait_for("a tool call", WAIT, |m| m.topic == "outpost/tooled/tool/dispatch_rescue_team").json();
+    let call_id = call["id"].as_str().unwrap().to_owned();
+    let results = "outpost/tooled/tool/dispatch_rescue_team/result";
+    let replies = "outpost/tooled/tool/dispatch_rescue_team/result/reply";
+
+    let refusals = [
+        ("{broken".to_string(), "not a valid tool result"),
+        (r#"{"id":5,"result":{}}"#.to_string(), "invalid type"),
+        (format!(r#"{{"id":"{call_id}","result":"done"}}"#), "expected a map"),
+        (format!(r#"{{"id":"{call_id}","result":{{"x":"{}"}}}}"#, "a".repeat(100_000)), "over the limit"),
+        (r#"{"id":"01a21ca2-c5de-70f3-a878-cb8364503513","result":{}}"#.to_string(), "no call 01a21ca2"),
+    ];
+    for (payload, expected) in refusals {
+        client.publish(results, payload.clone());
+        let reply = client.wait_for("a refusal", WAIT, |m| m.topic == replies).json();
+        assert_eq!(reply["ok"], false, "{reply}");
+        assert!(reply["message"].as_str().unwrap().contains(expected), "{expected}: {reply}");
+    }
+
+    client.publish(results, format!(r#"{{"id":"{call_id}","result":{{"team":"alpha","eta_minutes":12}}}}"#));
+    let report = client
+        .wait_for("the report after the result", WAIT, |m| {
+            m.topic == "outpost/tooled/report" && m.json()["trigger"]["kind"] == "tool_result"
+        })
+        .json();
+    assert_eq!(report["trigger"]["event_id"], call_id.as_str(), "{report}");
+    let reply = client.wait_for("the result's reply", WAIT, |m| m.topic == replies).json();
+    assert_eq!((reply["ok"].as_bool(), reply["id"].as_str()), (Some(true), Some(call_id.as_str())), "{reply}");
+
+    // A result is taken once.
+    client.publish(results, format!(r#"{{"id":"{call_id}","result":{{}}}}"#));
+    let reply = client.wait_for("a refusal of the repeat", WAIT, |m| m.topic == replies).json();
+    assert!(reply["message"].as_str().unwrap().contains("is waiting for a result"), "{reply}");
+}
