@@ -11,6 +11,7 @@
 //! The model is loaded once per process; pipelines (reloads, pause) come and go around it.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -223,9 +224,49 @@ impl Inbox {
     }
 }
 
+/// The model stage's figures for `<root>/stats`.
+#[derive(Debug, Default)]
+pub struct AnalysisGauges {
+    looks: AtomicU64,
+    failures: AtomicU64,
+    last_look_ms: AtomicU64,
+    total_look_ms: AtomicU64,
+}
+
+/// A snapshot of [`AnalysisGauges`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct AnalysisFigures {
+    /// Looks that gave a report.
+    pub looks: u64,
+    /// Looks the model failed or could not finish.
+    pub failures: u64,
+    pub last_look_ms: u64,
+    pub mean_look_ms: u64,
+}
+
+impl AnalysisGauges {
+    fn look_done(&self, total_ms: u64) {
+        let looks = self.looks.fetch_add(1, Ordering::Relaxed) + 1;
+        let total = self.total_look_ms.fetch_add(total_ms, Ordering::Relaxed) + total_ms;
+        self.last_look_ms.store(total_ms, Ordering::Relaxed);
+        debug!("{looks} looks, {total} ms in all");
+    }
+
+    pub fn snapshot(&self) -> AnalysisFigures {
+        let looks = self.looks.load(Ordering::Relaxed);
+        AnalysisFigures {
+            looks,
+            failures: self.failures.load(Ordering::Relaxed),
+            last_look_ms: self.last_look_ms.load(Ordering::Relaxed),
+            mean_look_ms: self.total_look_ms.load(Ordering::Relaxed).checked_div(looks).unwrap_or(0),
+        }
+    }
+}
+
 /// The running model stage.
 pub struct Analyzer {
     inbox: Arc<Inbox>,
+    gauges: Arc<AnalysisGauges>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -251,7 +292,9 @@ impl Analyzer {
             state: Mutex::new(InboxState::default()),
             ready: Condvar::new(),
         });
+        let gauges = Arc::new(AnalysisGauges::default());
         let worker = Worker {
+            gauges: Arc::clone(&gauges),
             station: config.station.id.clone(),
             analysis: config.analysis.clone(),
             system: system_prompt(&config.analysis, &documents),
@@ -272,11 +315,15 @@ impl Analyzer {
             .name("analyzer".into())
             .spawn(move || worker.run(&thread_inbox, schedule))
             .map_err(AnalysisError::Thread)?;
-        Ok(Some(Self { inbox, thread: Some(thread) }))
+        Ok(Some(Self { inbox, gauges, thread: Some(thread) }))
     }
 
     pub fn inbox(&self) -> Arc<Inbox> {
         Arc::clone(&self.inbox)
+    }
+
+    pub fn figures(&self) -> AnalysisFigures {
+        self.gauges.snapshot()
     }
 
     /// Ends the thread after the look in progress, if any.
@@ -289,6 +336,7 @@ impl Analyzer {
 }
 
 struct Worker {
+    gauges: Arc<AnalysisGauges>,
     station: String,
     analysis: AnalysisConfig,
     system: String,
@@ -398,6 +446,7 @@ impl Worker {
         let answer = match self.model.answer(&question, |_| {}) {
             Ok(answer) => answer,
             Err(e) => {
+                self.gauges.failures.fetch_add(1, Ordering::Relaxed);
                 warn!("the model failed on a {:?} look: {e}", look.trigger.kind);
                 return reply_failed(format!("the model failed: {e}")).into_iter().collect();
             }
@@ -405,6 +454,7 @@ impl Worker {
         let observation: SceneObservation = match serde_json::from_str(&answer.text) {
             Ok(observation) => observation,
             Err(e) => {
+                self.gauges.failures.fetch_add(1, Ordering::Relaxed);
                 // Constrained decoding makes this a model that ran out of tokens mid-object.
                 warn!("the model's answer is not a complete report ({e}): {}", answer.text);
                 return reply_failed(format!("the model's answer was cut short: {e}")).into_iter().collect();
@@ -418,6 +468,7 @@ impl Worker {
             ReportTiming::of(&answer),
             self.identity.clone(),
         );
+        self.gauges.look_done(report.timing.total_ms);
         info!(
             "report {} (severity {}, {} ms): {}",
             report.id, report.observation.severity, report.timing.total_ms, report.observation.summary

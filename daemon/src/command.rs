@@ -10,7 +10,7 @@ pub const MAX_PAYLOAD_BYTES: usize = 4096;
 pub const MAX_QUESTION_CHARS: usize = 500;
 
 /// Every command's name, as it appears in the topic.
-pub const NAMES: &[&str] = &["capture-now", "ask", "pause", "resume", "reload"];
+pub const NAMES: &[&str] = &["capture-now", "ask", "pause", "resume", "reload", "forget-home-assistant"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -25,6 +25,8 @@ pub enum Command {
     Resume,
     /// Read the config file again, as SIGHUP does.
     Reload,
+    /// Remove the station's device from Home Assistant (until the next start or reload).
+    ForgetHomeAssistant,
 }
 
 impl Command {
@@ -35,6 +37,7 @@ impl Command {
             Command::Pause => "pause",
             Command::Resume => "resume",
             Command::Reload => "reload",
+            Command::ForgetHomeAssistant => "forget-home-assistant",
         }
     }
 }
@@ -108,7 +111,8 @@ pub fn parse(name: &str, payload: &[u8], allowed: &[String]) -> Result<CommandRe
                 "capture-now" => Command::CaptureNow,
                 "pause" => Command::Pause,
                 "resume" => Command::Resume,
-                _ => Command::Reload,
+                "reload" => Command::Reload,
+                _ => Command::ForgetHomeAssistant,
             };
             CommandRequest { command, id: plain.id }
         }

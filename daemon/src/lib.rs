@@ -9,6 +9,7 @@ pub mod config;
 pub mod demo;
 pub mod event;
 pub mod gate;
+pub mod home_assistant;
 pub mod media;
 pub mod model;
 pub mod outbox;

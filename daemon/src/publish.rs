@@ -28,6 +28,7 @@ use crate::capture::{DeviceReporters, DeviceStatus, StatusReporter};
 use crate::command::{self, CommandReply, Inbound, ToolResult};
 use crate::config::Config;
 use crate::event::Event;
+use crate::home_assistant;
 use crate::outbox::{Outbox, OutboxError, Priority, StoredMessage, PRIORITY_EVENT};
 use crate::tls::{self, TlsError};
 
@@ -172,6 +173,11 @@ impl PublisherHandle {
         let _ = self.control.send(Control::Publish(publication));
     }
 
+    /// Removes the station's device from Home Assistant, and stops announcing it.
+    pub fn forget_home_assistant(&self) {
+        let _ = self.control.send(Control::ForgetHomeAssistant);
+    }
+
     /// Publishes the station's figures on `<root>/stats`; an older figure not yet sent is replaced.
     pub fn stats(&self, json: String) {
         let _ = self.control.send(Control::Stats(json));
@@ -223,9 +229,20 @@ pub fn spawn(config: &Config, echo: bool) -> Result<PublisherHandle, PublishErro
     })
 }
 
+/// The station's device in Home Assistant.
+struct Discovery {
+    config_topic: String,
+    /// Home Assistant says `online` here when it starts: the device is announced again.
+    birth_topic: String,
+    payload: String,
+    /// Removed on request: not announced again.
+    forgotten: bool,
+}
+
 /// From the service to the publisher.
 enum Control {
     Publish(Publication),
+    ForgetHomeAssistant,
     Reply(CommandReply),
     Stats(String),
 }
@@ -337,6 +354,7 @@ struct Publisher {
     notices_tx: mpsc::UnboundedSender<(u64, SessionNotice)>,
     notices_rx: mpsc::UnboundedReceiver<(u64, SessionNotice)>,
     outbox: Outbox,
+    home_assistant: Option<Discovery>,
     /// A connection was lost and no new one is up yet.
     outage: bool,
     commands: mpsc::Sender<Inbound>,
@@ -395,6 +413,12 @@ impl Publisher {
             notices_tx,
             notices_rx,
             outbox,
+            home_assistant: config.home_assistant.enabled.then(|| Discovery {
+                config_topic: home_assistant::config_topic(config),
+                birth_topic: home_assistant::birth_topic(config),
+                payload: home_assistant::discovery_payload(config),
+                forgotten: false,
+            }),
             outage: false,
             commands,
             allowed_commands: config.commands.allowed.clone(),
@@ -446,6 +470,14 @@ impl Publisher {
                         self.enqueue_stored(topic, publication.payload, publication.priority, &publication.label);
                     }
                     Control::Reply(reply) => self.enqueue_reply(reply),
+                    Control::ForgetHomeAssistant => {
+                        if let Some(discovery) = self.home_assistant.as_mut() {
+                            discovery.forgotten = true;
+                            let topic = discovery.config_topic.clone();
+                            info!("removing the device from Home Assistant ({topic})");
+                            self.replace_queued(topic, String::new(), true);
+                        }
+                    }
                     Control::Stats(json) => self.enqueue_latest(self.topics.stats.clone(), json),
                 },
                 Ok(()) = devices.camera.changed() => {
@@ -612,6 +644,14 @@ impl Publisher {
     /// A message on a subscribed topic: a command, checked here, passed on to the service if it
     /// is well-formed and allowed, answered with the reason if not.
     fn on_received(&mut self, topic: &str, payload: &[u8]) {
+        if let Some(discovery) = self.home_assistant.as_ref().filter(|d| d.birth_topic == topic) {
+            if payload == b"online" && !discovery.forgotten {
+                debug!("Home Assistant is online: announcing the device again");
+                let (topic, payload) = (discovery.config_topic.clone(), discovery.payload.clone());
+                self.replace_queued(topic, payload, true);
+            }
+            return;
+        }
         let tool = topic
             .strip_prefix(&self.topics.root)
             .and_then(|t| t.strip_prefix("/tool/"))
@@ -685,7 +725,12 @@ impl Publisher {
                 self.outage = false;
                 info!("connected to MQTT broker at {} as {}", self.broker, self.options.client_id());
                 // A clean session forgets subscriptions: ask again on every connection.
-                for filter in [format!("{}+", self.topics.commands), format!("{}/tool/+/result", self.topics.root)] {
+                let Some(session) = self.session.as_ref() else { return };
+                let birth = self.home_assistant.as_ref().map(|d| d.birth_topic.clone());
+                for filter in [format!("{}+", self.topics.commands), format!("{}/tool/+/result", self.topics.root)]
+                    .into_iter()
+                    .chain(birth)
+                {
                     if let Err(e) = session.client.try_subscribe(&filter, QoS::AtLeastOnce) {
                         warn!("cannot subscribe to {filter}: {e}");
                     }
@@ -703,6 +748,15 @@ impl Publisher {
                     stored: None,
                 };
                 self.unacked.push_front(Pending { seq, message, delivery: Delivery::Queued });
+                // The device is announced again: a broker without persistence has forgotten it.
+                if let Some(discovery) = self.home_assistant.as_ref().filter(|d| !d.forgotten) {
+                    let (topic, payload) = (discovery.config_topic.clone(), discovery.payload.clone());
+                    self.unacked.retain(|p| p.message.topic != topic || p.delivery != Delivery::Queued);
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    let message = Message { topic, payload, retain: true, kind: Kind::Latest, stored: None };
+                    self.unacked.insert(1, Pending { seq, message, delivery: Delivery::Queued });
+                }
                 for (topic, status) in self.devices_last.clone() {
                     if !self.unacked.iter().any(|p| p.message.kind == Kind::Latest && p.message.topic == topic) {
                         let payload = status.to_json();

@@ -8,7 +8,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::analysis::{AnalysisError, AnalysisOutput, Analyzer};
+use crate::analysis::{AnalysisError, AnalysisFigures, AnalysisOutput, Analyzer};
 use crate::command::{Command, CommandReply, CommandRequest, Inbound};
 use crate::config::{self, Config};
 use crate::pipeline::{CaptureCounts, Pipeline, PipelineError};
@@ -261,6 +261,13 @@ impl Station {
                 Ok(message) => CommandReply::done(request, message),
                 Err(message) => failed(message),
             },
+            Command::ForgetHomeAssistant if !self.config.home_assistant.enabled => {
+                failed("Home Assistant discovery is off in this station's config".into())
+            }
+            Command::ForgetHomeAssistant => {
+                self.publisher.forget_home_assistant();
+                CommandReply::done(request, "removed from Home Assistant until the next start or reload")
+            }
             Command::CaptureNow | Command::Ask { .. } => match (&self.analyzer, &self.pipeline) {
                 (None, _) => failed("this station has no `[model]` to look and listen with".into()),
                 (Some(_), None) => failed("capture is paused: there is no current scene; resume first".into()),
@@ -293,6 +300,7 @@ impl Station {
             paused: self.pipeline.is_none(),
             capture,
             publisher: self.publisher.figures(),
+            model: self.analyzer.as_ref().map(Analyzer::figures),
             temperature_c: cpu_temperature(),
         };
         serde_json::to_string(&stats).unwrap_or_default()
@@ -309,6 +317,9 @@ struct StationStats<'a> {
     paused: bool,
     capture: CaptureCounts,
     publisher: PublisherFigures,
+    /// With `[model]`: looks taken and how long they took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<AnalysisFigures>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature_c: Option<f64>,
 }
@@ -398,6 +409,8 @@ fn needs_new_publisher(old: &Config, new: &Config) -> bool {
     old.mqtt != new.mqtt
         || old.station != new.station
         || old.commands != new.commands
+        || old.home_assistant != new.home_assistant
+        || old.tools != new.tools
         || old.queues.events != new.queues.events
         || old.outbox != new.outbox
         || old.outbox_dir() != new.outbox_dir()

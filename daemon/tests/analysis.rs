@@ -31,6 +31,9 @@ cooldown_secs = 0.5
 bundle = "{bundle}"
 threads = 1
 
+[stats]
+interval_secs = 1
+
 [analysis]
 triggers = ["motion"]
 cooldown_secs = 2
@@ -84,6 +87,9 @@ fn motion_makes_reports_an_alert_and_tool_calls_that_validate() {
     }
     let log = daemon.stderr();
     assert!(log.contains("tokens of station documents from"), "{log}");
+    let stats = subscriber.wait_for("figures", WAIT, |m| m.topic == "outpost/looker/stats").json();
+    assert!(stats["model"]["looks"].as_u64().unwrap() >= 1, "{stats}");
+    assert!(stats["model"]["mean_look_ms"].as_u64().unwrap() > 0, "{stats}");
 
     let received = subscriber.received().to_vec();
     let alerts: Vec<Value> = received.iter().filter(|m| m.topic == "outpost/looker/alert").map(|m| m.json()).collect();

@@ -40,6 +40,7 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub commands: CommandsConfig,
     pub stats: StatsConfig,
+    pub home_assistant: HomeAssistantConfig,
     pub log: LogConfig,
     /// Where relative paths in this config are resolved from: the config file's directory.
     #[serde(skip)]
@@ -445,6 +446,22 @@ pub struct CommandsConfig {
 impl Default for CommandsConfig {
     fn default() -> Self {
         Self { allowed: crate::command::NAMES.iter().map(|n| n.to_string()).collect() }
+    }
+}
+
+/// Home Assistant's MQTT discovery (see `home_assistant.rs`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HomeAssistantConfig {
+    /// Off by default: nothing goes to Home Assistant's topics unless asked.
+    pub enabled: bool,
+    /// Home Assistant's discovery prefix.
+    pub discovery_prefix: String,
+}
+
+impl Default for HomeAssistantConfig {
+    fn default() -> Self {
+        Self { enabled: false, discovery_prefix: "homeassistant".into() }
     }
 }
 

@@ -20,6 +20,12 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
         }
     }
     problems.seconds("stats.interval_secs", config.stats.interval_secs, false);
+    if let Err(why) = check_topic_prefix(&config.home_assistant.discovery_prefix) {
+        problems.add(
+            "home_assistant.discovery_prefix",
+            format!("{why}, got \"{}\"", config.home_assistant.discovery_prefix),
+        );
+    }
     analysis(config, &mut problems);
     let max_mb = config.outbox.max_mb;
     if !max_mb.is_finite() || !(0.01..=65536.0).contains(&max_mb) {

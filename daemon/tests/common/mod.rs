@@ -169,7 +169,10 @@ impl Subscriber {
     }
 
     pub fn connect_as(port: u16, filter: &str, credentials: Option<(&str, &str)>) -> Self {
-        let mut options = MqttOptions::new(format!("test-subscriber-{port}"), "127.0.0.1", port);
+        // Each subscriber its own id: a broker drops a client when another connects with its id.
+        static SUBSCRIBERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SUBSCRIBERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut options = MqttOptions::new(format!("test-subscriber-{port}-{n}"), "127.0.0.1", port);
         // Large enough for the oversized commands the tests send.
         options.set_clean_session(false).set_keep_alive(Duration::from_secs(5)).set_max_packet_size(1 << 20, 1 << 20);
         if let Some((user, password)) = credentials {
