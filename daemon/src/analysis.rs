@@ -22,10 +22,12 @@ use uuid::Uuid;
 
 use crate::capture::Frame;
 use crate::command::{Command, CommandReply, CommandRequest, ToolResult};
-use crate::config::{AlertRule, AnalysisConfig, Config};
+use base64::Engine;
+
+use crate::config::{AlertRule, AnalysisConfig, Config, ThumbnailsConfig};
 use crate::event::{Event, EventDetail};
 use crate::model::{Model, ModelError, Part, Question, Role, Sampling, ToolCall, ToolSet, Turn};
-use crate::outbox::{Priority, PRIORITY_ACTION, PRIORITY_REPORT};
+use crate::outbox::{Priority, PRIORITY_ACTION, PRIORITY_EVENT, PRIORITY_REPORT};
 use crate::report::{ModelIdentity, ReportTiming, SceneObservation, SceneReport, Trigger, TriggerKind};
 
 /// Commands waiting for the model; more are refused as busy.
@@ -90,6 +92,8 @@ struct Look {
     command: Option<CommandRequest>,
     /// A tool's answer to a call the model made: the conversation of that call goes on.
     tool_result: Option<ToolResult>,
+    /// Where the motion that started it was: `(x, y, width, height)` in fractions of the frame.
+    motion: Option<(f64, f64, f64, f64)>,
 }
 
 #[derive(Default)]
@@ -112,6 +116,14 @@ pub struct Inbox {
 impl Inbox {
     /// A gate event: a look, if its kind triggers one and is not cooling down.
     pub fn offer(&self, event: &Event) {
+        let motion = match &event.detail {
+            EventDetail::Motion(m) if m.frame_width > 0 && m.frame_height > 0 => {
+                let (w, h) = (f64::from(m.frame_width), f64::from(m.frame_height));
+                let r = m.region;
+                Some((f64::from(r.x) / w, f64::from(r.y) / h, f64::from(r.width) / w, f64::from(r.height) / h))
+            }
+            _ => None,
+        };
         let (kind, speech) = match &event.detail {
             EventDetail::Motion(_) => (TriggerKind::Motion, None),
             EventDetail::Sound(_) => (TriggerKind::Sound, None),
@@ -135,6 +147,7 @@ impl Inbox {
             speech,
             command: None,
             tool_result: None,
+            motion,
         }) {
             debug!("a newer {kind:?} trigger replaces a waiting {:?} one", replaced.trigger.kind);
         }
@@ -153,6 +166,7 @@ impl Inbox {
                 speech: None,
                 command: None,
                 tool_result: None,
+                motion: None,
             });
             drop(state);
             self.ready.notify_one();
@@ -172,6 +186,7 @@ impl Inbox {
             speech: None,
             command: Some(request),
             tool_result: None,
+            motion: None,
         });
         drop(state);
         self.ready.notify_one();
@@ -191,6 +206,7 @@ impl Inbox {
             speech: None,
             command: None,
             tool_result: Some(result),
+            motion: None,
         });
         drop(state);
         self.ready.notify_one();
@@ -295,6 +311,7 @@ impl Analyzer {
         let gauges = Arc::new(AnalysisGauges::default());
         let worker = Worker {
             gauges: Arc::clone(&gauges),
+            thumbnails: config.thumbnails.enabled.then(|| config.thumbnails.clone()),
             station: config.station.id.clone(),
             analysis: config.analysis.clone(),
             system: system_prompt(&config.analysis, &documents),
@@ -337,6 +354,7 @@ impl Analyzer {
 
 struct Worker {
     gauges: Arc<AnalysisGauges>,
+    thumbnails: Option<ThumbnailsConfig>,
     station: String,
     analysis: AnalysisConfig,
     system: String,
@@ -479,8 +497,19 @@ impl Worker {
             priority: PRIORITY_REPORT + report.observation.severity.min(3),
             label: format!("report {}", report.id),
         }));
+        if let (Some(settings), Some(frame)) = (&self.thumbnails, &look.frame) {
+            match thumbnail(&frame.image, settings) {
+                Ok(jpeg) => outputs.push(AnalysisOutput::Publish(Publication {
+                    subtopic: "thumbnail".into(),
+                    payload: base64::engine::general_purpose::STANDARD.encode(jpeg),
+                    priority: PRIORITY_EVENT,
+                    label: format!("thumbnail of report {}", report.id),
+                })),
+                Err(e) => warn!("cannot make the thumbnail of report {}: {e}", report.id),
+            }
+        }
         let now = Instant::now();
-        for alert in self.alerts.iter_mut().filter_map(|rule| rule.check(&report, now)) {
+        for alert in self.alerts.iter_mut().filter_map(|rule| rule.check(&report, look.motion, now)) {
             info!("alert `{}` raised by report {}", alert.rule, report.id);
             outputs.push(AnalysisOutput::Publish(Publication {
                 subtopic: "alert".into(),
@@ -593,6 +622,21 @@ impl Worker {
     }
 }
 
+/// The frame, `settings.width` wide at most, as a JPEG.
+fn thumbnail(frame: &image::RgbImage, settings: &ThumbnailsConfig) -> Result<Vec<u8>, image::ImageError> {
+    let small;
+    let picture = if frame.width() > settings.width {
+        let height = (u64::from(frame.height()) * u64::from(settings.width) / u64::from(frame.width())).max(1) as u32;
+        small = image::imageops::resize(frame, settings.width, height, image::imageops::FilterType::Triangle);
+        &small
+    } else {
+        frame
+    };
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, settings.quality).encode_image(picture)?;
+    Ok(jpeg)
+}
+
 /// The system turn: who the model is here, what matters, local documents, the report's fields.
 fn system_prompt(analysis: &AnalysisConfig, documents: &str) -> String {
     let mut system = format!(
@@ -646,6 +690,9 @@ pub struct Alert {
     pub timestamp: String,
     /// The rule's name.
     pub rule: String,
+    /// The rule's zone the motion was in, when the rule has zones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
     pub severity: u8,
     pub summary: String,
     pub labels: Vec<String>,
@@ -668,11 +715,19 @@ impl AlertState {
     }
 
     /// The alert `report` raises, unless it continues an activity already alerted.
-    fn check(&mut self, report: &SceneReport, now: Instant) -> Option<Alert> {
-        if !matches(&self.rule, &report.observation) {
+    fn check(&mut self, report: &SceneReport, motion: Option<(f64, f64, f64, f64)>, now: Instant) -> Option<Alert> {
+        let zone = match (&self.rule.zones[..], motion) {
+            ([], _) => Ok(None),
+            (zones, Some((x, y, w, h))) => {
+                zones.iter().find(|zone| zone.overlaps(x, y, w, h)).map(|zone| Some(zone.name.clone())).ok_or(())
+            }
+            (_, None) => Err(()),
+        };
+        let Ok(zone) = zone.and_then(|zone| if matches(&self.rule, &report.observation) { Ok(zone) } else { Err(()) })
+        else {
             self.active_since_match = None;
             return None;
-        }
+        };
         let rearm = Duration::from_secs_f64(self.rule.rearm_secs);
         let continuing = self.active_since_match.is_some_and(|last| now.duration_since(last) < rearm);
         self.active_since_match = Some(now);
@@ -686,6 +741,7 @@ impl AlertState {
             station: report.station.clone(),
             timestamp: report.timestamp.clone(),
             rule: self.rule.name.clone(),
+            zone,
             severity: o.severity,
             summary: o.summary.clone(),
             labels: o.labels.clone(),
@@ -771,7 +827,20 @@ mod tests {
             min_vehicles: 0,
             min_hazards: 0,
             rearm_secs: 60.0,
+            zones: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_rule_with_zones_needs_motion_inside_one() {
+        let gate = crate::config::Zone { name: "gate".into(), x: 0.5, y: 0.0, width: 0.5, height: 0.5 };
+        let mut state = AlertState::new(AlertRule { zones: vec![gate], ..rule() });
+        let fire = report(observation(3, &["fire"], 0));
+        let now = Instant::now();
+        assert!(state.check(&fire, Some((0.0, 0.6, 0.2, 0.2)), now).is_none(), "motion outside the zone");
+        assert!(state.check(&fire, None, now).is_none(), "no motion: a sound or a command started the look");
+        let alert = state.check(&fire, Some((0.4, 0.1, 0.2, 0.2)), now).unwrap();
+        assert_eq!(alert.zone.as_deref(), Some("gate"));
     }
 
     #[test]
@@ -789,13 +858,13 @@ mod tests {
         let mut state = AlertState::new(rule());
         let start = Instant::now();
         let fire = observation(3, &["fire"], 0);
-        assert!(state.check(&report(fire.clone()), start).is_some());
-        assert!(state.check(&report(fire.clone()), start + Duration::from_secs(30)).is_none(), "same activity");
-        assert!(state.check(&report(fire.clone()), start + Duration::from_secs(80)).is_none(), "still going");
+        assert!(state.check(&report(fire.clone()), None, start).is_some());
+        assert!(state.check(&report(fire.clone()), None, start + Duration::from_secs(30)).is_none(), "same activity");
+        assert!(state.check(&report(fire.clone()), None, start + Duration::from_secs(80)).is_none(), "still going");
         // A gap past rearm_secs, or a report that no longer matches, ends the activity.
-        assert!(state.check(&report(fire.clone()), start + Duration::from_secs(200)).is_some());
-        assert!(state.check(&report(observation(0, &[], 0)), start + Duration::from_secs(201)).is_none());
-        let alert = state.check(&report(fire), start + Duration::from_secs(202)).unwrap();
+        assert!(state.check(&report(fire.clone()), None, start + Duration::from_secs(200)).is_some());
+        assert!(state.check(&report(observation(0, &[], 0)), None, start + Duration::from_secs(201)).is_none());
+        let alert = state.check(&report(fire), None, start + Duration::from_secs(202)).unwrap();
         assert_eq!((alert.rule.as_str(), alert.severity), ("fire", 3));
     }
 }

@@ -56,6 +56,13 @@ pub fn discovery_payload(config: &Config) -> String {
         json!({"p": "binary_sensor", "name": "Alert", "device_class": "problem", "state_topic": alert,
                "value_template": "ON", "off_delay": 300, "json_attributes_topic": alert}),
     );
+    if config.thumbnails.enabled {
+        add(
+            "thumbnail",
+            json!({"p": "image", "name": "Thumbnail", "image_topic": format!("{root}/thumbnail"),
+                   "image_encoding": "b64", "content_type": "image/jpeg"}),
+        );
+    }
     for tool in &config.tools {
         let name = tool.name.as_str();
         add(

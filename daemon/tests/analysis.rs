@@ -108,6 +108,7 @@ fn motion_makes_reports_an_alert_and_tool_calls_that_validate() {
         let priority = arguments["priority"].as_i64().unwrap();
         assert!((1..=3).contains(&priority), "{call}");
     }
+    assert!(!received.iter().any(|m| m.topic == "outpost/looker/thumbnail"), "thumbnails are off by default");
     let other_tools: Vec<_> = received
         .iter()
         .filter(|m| m.topic.starts_with("outpost/looker/tool/") && !m.topic.ends_with("/dispatch_rescue_team"))
@@ -207,4 +208,25 @@ fn a_tool_result_continues_the_conversation_and_malformed_ones_are_refused() {
     client.publish(results, format!(r#"{{"id":"{call_id}","result":{{}}}}"#));
     let reply = client.wait_for("a refusal of the repeat", WAIT, |m| m.topic == replies).json();
     assert!(reply["message"].as_str().unwrap().contains("is waiting for a result"), "{reply}");
+}
+
+#[test]
+fn thumbnails_when_asked_for_are_small_jpegs_of_the_reported_frame() {
+    use base64::Engine;
+
+    let broker = Mosquitto::start();
+    let mut client = Subscriber::connect(broker.port, "outpost/#");
+    let dir = tempfile::tempdir().unwrap();
+    let config = station_config(dir.path(), "pictured", broker.port);
+    let text = std::fs::read_to_string(&config).unwrap().replace("triggers = [\"motion\"]", "triggers = []")
+        + "\n[thumbnails]\nenabled = true\nwidth = 160\n";
+    std::fs::write(&config, text).unwrap();
+    let _daemon = Daemon::run_config(&config);
+    client.wait_for("a first event", WAIT, |m| m.topic == "outpost/pictured/events");
+    client.publish("outpost/pictured/cmd/capture-now", "");
+    let thumbnail = client.wait_for("a thumbnail", WAIT, |m| m.topic == "outpost/pictured/thumbnail");
+    let jpeg = base64::engine::general_purpose::STANDARD.decode(thumbnail.payload.trim()).unwrap();
+    let picture = image::load_from_memory_with_format(&jpeg, image::ImageFormat::Jpeg).unwrap();
+    // The sample clip is 320x240.
+    assert_eq!((picture.width(), picture.height()), (160, 120));
 }

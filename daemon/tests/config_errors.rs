@@ -150,6 +150,18 @@ fn broken_files_name_file_line_key_and_problem() {
             &format!("{GOOD}\n[log]\nlevel = \"loud\""),
             "station.toml:10:1: log.level: `loud` is not a log level or filter: `loud` is none of off, error, warn, info, debug, trace",
         ),
+        // Issue 5's tables.
+        (
+            &format!("{GOOD}\n[commands]\nallowed = [\"pause\", \"selfdestruct\"]\n[outbox]\nmax_mb = 0"),
+            "station.toml:10:21: commands.allowed[1]: `selfdestruct` is not a command; they are capture-now, ask, pause, resume, reload, forget-home-assistant\n\
+             station.toml:12:1: outbox.max_mb: must be a size in MiB from 0.01 to 65536, got 0",
+        ),
+        (
+            &format!("{GOOD}\n[[alerts]]\nname = \"at gate\"\n[[alerts.zones]]\nname = \"gate\"\nx = 0.5\ny = 0\nwidth = 0.8\nheight = 1"),
+            "station.toml: model: `[[alerts]]` and `[[tools]]` act on the model's reports: a `[model]` is needed\n\
+             station.toml:10:1: alerts[0].name: must be letters, digits, `-` or `_`, got \"at gate\"\n\
+             station.toml:11:1: alerts[0].zones[0]: `gate` must lie within the frame: x, y, width, height are fractions of it (0-1), width and height above 0",
+        ),
     ];
     let mut mismatches = Vec::new();
     for (text, expected) in cases {

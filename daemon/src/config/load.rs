@@ -128,8 +128,23 @@ impl Locator<'_> {
         let mut table = self.document.get_ref();
         let mut found: Option<usize> = None;
         for part in key.split('.').filter(|p| !p.is_empty()) {
+            // `alerts[0]`, `allowed[1]`: an element of an array (of tables).
+            let (part, index) = match part.strip_suffix(']').and_then(|p| p.split_once('[')) {
+                Some((name, index)) => (name, index.parse::<usize>().ok()),
+                None => (part, None),
+            };
             let Some((name, value)) = table.iter().find(|(name, _)| name.get_ref().as_ref() == part) else { break };
             found = Some(name.span().start);
+            let value = match (value.get_ref(), index) {
+                (DeValue::Array(items), Some(index)) => match items.get(index) {
+                    Some(item) => {
+                        found = Some(item.span().start);
+                        item
+                    }
+                    None => break,
+                },
+                _ => value,
+            };
             match value.get_ref() {
                 DeValue::Table(inner) => table = inner,
                 _ => break,

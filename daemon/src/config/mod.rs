@@ -41,6 +41,7 @@ pub struct Config {
     pub commands: CommandsConfig,
     pub stats: StatsConfig,
     pub home_assistant: HomeAssistantConfig,
+    pub thumbnails: ThumbnailsConfig,
     pub log: LogConfig,
     /// Where relative paths in this config are resolved from: the config file's directory.
     #[serde(skip)]
@@ -408,6 +409,27 @@ pub struct AlertRule {
     pub min_hazards: u8,
     #[serde(default = "default_rearm_secs")]
     pub rearm_secs: f64,
+    /// Only looks started by motion inside one of these parts of the frame (empty: anywhere).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zones: Vec<Zone>,
+}
+
+/// A part of the camera's frame, in fractions of its width and height from the top left corner.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Zone {
+    pub name: String,
+    pub x: f64,
+    pub y: f64,
+    pub width: f64,
+    pub height: f64,
+}
+
+impl Zone {
+    /// Whether the box `(x, y, width, height)`, in the same fractions, overlaps this zone.
+    pub fn overlaps(&self, x: f64, y: f64, width: f64, height: f64) -> bool {
+        x < self.x + self.width && self.x < x + width && y < self.y + self.height && self.y < y + height
+    }
 }
 
 fn default_rearm_secs() -> f64 {
@@ -462,6 +484,24 @@ pub struct HomeAssistantConfig {
 impl Default for HomeAssistantConfig {
     fn default() -> Self {
         Self { enabled: false, discovery_prefix: "homeassistant".into() }
+    }
+}
+
+/// A small JPEG of the frame each report was made from, on `<root>/thumbnail`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThumbnailsConfig {
+    /// Off by default: pictures of people leave the device only when asked.
+    pub enabled: bool,
+    /// Pixels wide (the height keeps the frame's proportions); a smaller frame is kept as it is.
+    pub width: u32,
+    /// JPEG quality, 1-100.
+    pub quality: u8,
+}
+
+impl Default for ThumbnailsConfig {
+    fn default() -> Self {
+        Self { enabled: false, width: 320, quality: 70 }
     }
 }
 

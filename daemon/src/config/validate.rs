@@ -20,6 +20,16 @@ pub(super) fn validate(config: &Config) -> Vec<(String, String)> {
         }
     }
     problems.seconds("stats.interval_secs", config.stats.interval_secs, false);
+    let thumbnails = &config.thumbnails;
+    if !(16..=1920).contains(&thumbnails.width) {
+        problems.add("thumbnails.width", format!("must be from 16 to 1920 pixels, got {}", thumbnails.width));
+    }
+    if !(1..=100).contains(&thumbnails.quality) {
+        problems.add("thumbnails.quality", format!("must be from 1 to 100, got {}", thumbnails.quality));
+    }
+    if thumbnails.enabled && config.model.is_none() {
+        problems.add("thumbnails.enabled", "thumbnails are of the frames reports are made from: a `[model]` is needed");
+    }
     if let Err(why) = check_topic_prefix(&config.home_assistant.discovery_prefix) {
         problems.add(
             "home_assistant.discovery_prefix",
@@ -426,6 +436,23 @@ fn analysis(config: &Config, problems: &mut Problems) {
             problems.add(&key("min_severity"), format!("severity runs from 0 to 3, got {}", rule.min_severity));
         }
         problems.seconds(&key("rearm_secs"), rule.rearm_secs, false);
+        for (z, zone) in rule.zones.iter().enumerate() {
+            let inside = |v: f64| (0.0..=1.0).contains(&v);
+            if ![zone.x, zone.y, zone.width, zone.height].into_iter().all(inside)
+                || zone.width == 0.0
+                || zone.height == 0.0
+                || zone.x + zone.width > 1.0
+                || zone.y + zone.height > 1.0
+            {
+                problems.add(
+                    &key(&format!("zones[{z}]")),
+                    format!(
+                        "`{}` must lie within the frame: x, y, width, height are fractions of it (0-1), width and height above 0",
+                        zone.name
+                    ),
+                );
+            }
+        }
     }
     if !config.tools.is_empty() {
         if let Err(e) = crate::model::ToolSet::new(config.tools.clone()) {
