@@ -183,7 +183,8 @@ pub struct ToolResult {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ToolResultPayload {
-    id: uuid::Uuid,
+    #[serde(default)]
+    id: Option<uuid::Uuid>,
     #[serde(default)]
     result: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
@@ -207,19 +208,25 @@ impl ToolResult {
 }
 
 /// Parses the result of a call of `tool`: `{"id": "<call id>", "result": {…}}` or
-/// `{"id": "<call id>", "error": "what went wrong"}`.
-pub fn parse_tool_result(tool: &str, payload: &[u8]) -> Result<ToolResult, String> {
+/// `{"id": "<call id>", "error": "what went wrong"}`. Over MQTT 5 the id may come as the
+/// correlation data instead (the call's own, sent back to its response topic).
+pub fn parse_tool_result(tool: &str, payload: &[u8], correlation: Option<&[u8]>) -> Result<ToolResult, String> {
     if payload.len() > MAX_TOOL_RESULT_BYTES {
         return Err(format!("the payload is {} bytes, over the limit of {MAX_TOOL_RESULT_BYTES}", payload.len()));
     }
     let parsed: ToolResultPayload =
         serde_json::from_slice(payload).map_err(|e| format!("the payload is not a valid tool result: {e}"))?;
+    let correlated = correlation.and_then(|c| std::str::from_utf8(c).ok()).and_then(|c| c.parse::<uuid::Uuid>().ok());
+    let call_id = parsed
+        .id
+        .or(correlated)
+        .ok_or("a tool result names its call: `id` in the payload, or MQTT 5 correlation data")?;
     let response = match (parsed.result, parsed.error) {
         (Some(result), None) => serde_json::json!({ "result": result }),
         (None, Some(error)) if !error.trim().is_empty() => serde_json::json!({ "error": error }),
         _ => return Err("a tool result has either `result` (an object) or `error` (a message)".into()),
     };
-    Ok(ToolResult { tool: tool.to_owned(), call_id: parsed.id, response })
+    Ok(ToolResult { tool: tool.to_owned(), call_id, response })
 }
 
 #[cfg(test)]
@@ -271,10 +278,11 @@ mod tests {
     #[test]
     fn tool_results_are_checked_whole() {
         let id = "01a21ca2-c5de-70f3-a878-cb8364503513";
-        let ok =
-            parse_tool_result("siren", format!(r#"{{"id":"{id}","result":{{"sounded":true}}}}"#).as_bytes()).unwrap();
+        let ok = parse_tool_result("siren", None, format!(r#"{{"id":"{id}","result":{{"sounded":true}}}}"#).as_bytes())
+            .unwrap();
         assert_eq!(ok.response, serde_json::json!({"result": {"sounded": true}}));
-        let failed = parse_tool_result("siren", format!(r#"{{"id":"{id}","error":"no power"}}"#).as_bytes()).unwrap();
+        let failed =
+            parse_tool_result("siren", None, format!(r#"{{"id":"{id}","error":"no power"}}"#).as_bytes()).unwrap();
         assert_eq!(failed.response, serde_json::json!({"error": "no power"}));
         let cases: [(String, &str); 6] = [
             ("{not json".into(), "not a valid tool result"),
@@ -285,11 +293,11 @@ mod tests {
             (format!(r#"{{"id":"{id}","result":{{}},"extra":1}}"#), "unknown field `extra`"),
         ];
         for (payload, expected) in cases {
-            let error = parse_tool_result("siren", payload.as_bytes()).unwrap_err();
+            let error = parse_tool_result("siren", None, payload.as_bytes()).unwrap_err();
             assert!(error.contains(expected), "{payload}: `{error}` lacks `{expected}`");
         }
         let huge = format!(r#"{{"id":"{id}","result":{{"x":"{}"}}}}"#, "a".repeat(MAX_TOOL_RESULT_BYTES));
-        assert!(parse_tool_result("siren", huge.as_bytes()).unwrap_err().contains("over the limit"));
+        assert!(parse_tool_result("siren", None, huge.as_bytes()).unwrap_err().contains("over the limit"));
     }
 
     #[test]

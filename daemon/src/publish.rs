@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rumqttc::{AsyncClient, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use rumqttc::{v5, AsyncClient, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
@@ -30,6 +31,7 @@ use crate::config::Config;
 use crate::event::Event;
 use crate::home_assistant;
 use crate::outbox::{Outbox, OutboxError, Priority, StoredMessage, PRIORITY_EVENT};
+use crate::report::SceneReport;
 use crate::tls::{self, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +204,7 @@ impl PublisherHandle {
 /// published first.
 pub fn spawn(config: &Config, echo: bool) -> Result<PublisherHandle, PublishError> {
     let options = mqtt_options(config)?;
+    let options_v5 = mqtt5_options(config)?;
     let (outbox, held) = Outbox::open(&config.outbox_dir(), config.outbox_max_bytes())?;
     if !held.is_empty() {
         info!("outbox {}: {} messages from an earlier run to deliver first", outbox.dir().display(), held.len());
@@ -213,7 +216,7 @@ pub fn spawn(config: &Config, echo: bool) -> Result<PublisherHandle, PublishErro
     let (camera, camera_rx) = StatusReporter::new();
     let (microphone, microphone_rx) = StatusReporter::new();
     let gauges = Arc::new(PublisherGauges::default());
-    let mut publisher = Publisher::new(config, options, echo, outbox, commands_tx, Arc::clone(&gauges));
+    let mut publisher = Publisher::new(config, (options, options_v5), echo, outbox, commands_tx, Arc::clone(&gauges));
     for message in held {
         publisher.enqueue_held(message);
     }
@@ -322,14 +325,67 @@ enum SessionNotice {
     Connected,
     Sent { pkid: u16 },
     Acked { pkid: u16 },
-    Received { topic: String, payload: Vec<u8> },
+    Received { topic: String, payload: Vec<u8>, correlation: Option<Vec<u8>> },
     Lost(String),
     Disconnected,
 }
 
+/// The MQTT version a connection speaks: 5 when the broker does, 3.1.1 otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    V5,
+    V311,
+}
+
+/// A connection's client, of either version.
+enum Client {
+    V311(AsyncClient),
+    V5(v5::AsyncClient),
+}
+
+impl Client {
+    fn try_publish(
+        &self,
+        topic: &str,
+        retain: bool,
+        payload: &[u8],
+        properties: Option<PublishProperties>,
+    ) -> Result<(), String> {
+        let payload = payload.to_vec();
+        match (self, properties) {
+            (Client::V311(client), _) => {
+                client.try_publish(topic, QoS::AtLeastOnce, retain, payload).map_err(|e| e.to_string())
+            }
+            (Client::V5(client), Some(properties)) => client
+                .try_publish_with_properties(topic, v5::mqttbytes::QoS::AtLeastOnce, retain, payload, properties)
+                .map_err(|e| e.to_string()),
+            (Client::V5(client), None) => {
+                client.try_publish(topic, v5::mqttbytes::QoS::AtLeastOnce, retain, payload).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    fn try_subscribe(&self, filter: &str) -> Result<(), String> {
+        match self {
+            Client::V311(client) => client.try_subscribe(filter, QoS::AtLeastOnce).map_err(|e| e.to_string()),
+            Client::V5(client) => {
+                client.try_subscribe(filter, v5::mqttbytes::QoS::AtLeastOnce).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    async fn disconnect(&self) -> Result<(), String> {
+        match self {
+            Client::V311(client) => client.disconnect().await.map_err(|e| e.to_string()),
+            Client::V5(client) => client.disconnect().await.map_err(|e| e.to_string()),
+        }
+    }
+}
+
 struct Session {
     id: u64,
-    client: AsyncClient,
+    client: Client,
+    protocol: Protocol,
     connected: bool,
     /// Sequence numbers handed over, waiting for their packet ids, oldest first.
     handed: VecDeque<u64>,
@@ -337,6 +393,12 @@ struct Session {
 
 struct Publisher {
     options: MqttOptions,
+    options_v5: v5::MqttOptions,
+    /// The version the next connection tries.
+    protocol: Protocol,
+    /// A connection has succeeded with `protocol`: no more switching.
+    protocol_settled: bool,
+    message_expiry: u32,
     broker: String,
     topics: Topics,
     echo: bool,
@@ -363,6 +425,63 @@ struct Publisher {
     report: PublisherReport,
 }
 
+/// The same for MQTT 5.
+fn mqtt5_options(config: &Config) -> Result<v5::MqttOptions, TlsError> {
+    let mqtt = &config.mqtt;
+    let mut options = v5::MqttOptions::new(config.client_id(), mqtt.host.clone(), mqtt.port);
+    let will = v5::mqttbytes::v5::LastWill::new(
+        Topics::new(config).status,
+        STATUS_OFFLINE,
+        v5::mqttbytes::QoS::AtLeastOnce,
+        true,
+        None,
+    );
+    options
+        .set_keep_alive(Duration::from_secs(mqtt.keep_alive_secs as u64))
+        .set_clean_start(true)
+        .set_outgoing_inflight_upper_limit(RUMQTTC_IN_FLIGHT)
+        .set_max_packet_size(Some(MAX_INCOMING_BYTES as u32))
+        .set_last_will(will);
+    if let Some(username) = &mqtt.username {
+        options.set_credentials(username.clone(), mqtt.password.clone().unwrap_or_default());
+    }
+    if let Some(tls) = &mqtt.tls {
+        let client = tls::client_config(tls, &config.base_dir)?;
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(client)));
+    }
+    Ok(options)
+}
+
+/// MQTT 5 properties by topic: reports and alerts expire (`[mqtt] message_expiry_secs`) and say
+/// their schema version; a tool call names where its result goes and the id to answer with.
+fn properties_for(topics: &Topics, expiry: u32, message: &Message) -> Option<PublishProperties> {
+    let kind = message.topic.strip_prefix(&topics.root)?.strip_prefix('/')?;
+    let json = || PublishProperties {
+        payload_format_indicator: Some(1),
+        content_type: Some("application/json".into()),
+        message_expiry_interval: (expiry > 0).then_some(expiry),
+        ..PublishProperties::default()
+    };
+    match kind {
+        "report" => Some(PublishProperties {
+            user_properties: vec![("schema_version".into(), SceneReport::SCHEMA_VERSION.to_string())],
+            ..json()
+        }),
+        "alert" => Some(json()),
+        _ if kind.starts_with("tool/") && kind.matches('/').count() == 1 => {
+            let id = serde_json::from_str::<serde_json::Value>(&message.payload)
+                .ok()
+                .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_owned))?;
+            Some(PublishProperties {
+                response_topic: Some(format!("{}/result", message.topic)),
+                correlation_data: Some(id.into_bytes().into()),
+                ..json()
+            })
+        }
+        _ => None,
+    }
+}
+
 /// How to reach the broker: address, credentials, TLS, and the last will.
 fn mqtt_options(config: &Config) -> Result<MqttOptions, TlsError> {
     let mqtt = &config.mqtt;
@@ -386,7 +505,7 @@ fn mqtt_options(config: &Config) -> Result<MqttOptions, TlsError> {
 impl Publisher {
     fn new(
         config: &Config,
-        options: MqttOptions,
+        (options, options_v5): (MqttOptions, v5::MqttOptions),
         echo: bool,
         outbox: Outbox,
         commands: mpsc::Sender<Inbound>,
@@ -398,6 +517,10 @@ impl Publisher {
         let reconnect_min = Duration::from_secs_f64(mqtt.reconnect_min_secs);
         Self {
             options,
+            options_v5,
+            protocol: Protocol::V5,
+            protocol_settled: false,
+            message_expiry: mqtt.message_expiry_secs,
             broker: format!("{}:{}", mqtt.host, mqtt.port),
             topics,
             echo,
@@ -616,8 +739,8 @@ impl Publisher {
     }
 
     /// A tool's answer to a call: checked here, passed on to the model stage if well-formed.
-    fn on_tool_result(&mut self, tool: &str, payload: &[u8]) {
-        match command::parse_tool_result(tool, payload) {
+    fn on_tool_result(&mut self, tool: &str, payload: &[u8], correlation: Option<&[u8]>) {
+        match command::parse_tool_result(tool, payload, correlation) {
             Ok(result) => {
                 info!("result of tool call {} ({tool}) received", result.call_id);
                 if let Err(
@@ -643,7 +766,7 @@ impl Publisher {
 
     /// A message on a subscribed topic: a command, checked here, passed on to the service if it
     /// is well-formed and allowed, answered with the reason if not.
-    fn on_received(&mut self, topic: &str, payload: &[u8]) {
+    fn on_received(&mut self, topic: &str, payload: &[u8], correlation: Option<&[u8]>) {
         if let Some(discovery) = self.home_assistant.as_ref().filter(|d| d.birth_topic == topic) {
             if payload == b"online" && !discovery.forgotten {
                 debug!("Home Assistant is online: announcing the device again");
@@ -658,7 +781,7 @@ impl Publisher {
             .and_then(|t| t.strip_suffix("/result"))
             .filter(|name| !name.contains('/'));
         if let Some(tool) = tool {
-            self.on_tool_result(tool, payload);
+            self.on_tool_result(tool, payload, correlation);
             return;
         }
         let Some(name) = topic.strip_prefix(&self.topics.commands) else { return };
@@ -694,8 +817,11 @@ impl Publisher {
         for pending in self.unacked.iter_mut().filter(|p| p.delivery == Delivery::Queued).take(room) {
             let message = &pending.message;
             let payload = message.payload_to_send();
-            let result =
-                session.client.try_publish(&message.topic, QoS::AtLeastOnce, message.retain, payload.as_bytes());
+            let properties = match session.protocol {
+                Protocol::V5 => properties_for(&self.topics, self.message_expiry, message),
+                Protocol::V311 => None,
+            };
+            let result = session.client.try_publish(&message.topic, message.retain, payload.as_bytes(), properties);
             if let Err(e) = result {
                 debug!("client queue full, holding messages back: {e}");
                 break;
@@ -708,9 +834,20 @@ impl Publisher {
     fn start_session(&mut self) {
         self.sessions_started += 1;
         let id = self.sessions_started;
-        let (client, eventloop) = AsyncClient::new(self.options.clone(), MAX_IN_FLIGHT + 8);
-        tokio::spawn(drive_session(id, eventloop, self.notices_tx.clone()));
-        self.session = Some(Session { id, client, connected: false, handed: VecDeque::new() });
+        let client = match self.protocol {
+            Protocol::V5 => {
+                let (client, eventloop) = v5::AsyncClient::new(self.options_v5.clone(), MAX_IN_FLIGHT + 8);
+                tokio::spawn(drive_session_v5(id, eventloop, self.notices_tx.clone()));
+                Client::V5(client)
+            }
+            Protocol::V311 => {
+                let (client, eventloop) = AsyncClient::new(self.options.clone(), MAX_IN_FLIGHT + 8);
+                tokio::spawn(drive_session(id, eventloop, self.notices_tx.clone()));
+                Client::V311(client)
+            }
+        };
+        let protocol = self.protocol;
+        self.session = Some(Session { id, client, protocol, connected: false, handed: VecDeque::new() });
         self.reconnect_at = None;
         debug!("connecting to broker at {} (attempt {id})", self.broker);
     }
@@ -723,7 +860,9 @@ impl Publisher {
             SessionNotice::Connected => {
                 session.connected = true;
                 self.outage = false;
-                info!("connected to MQTT broker at {} as {}", self.broker, self.options.client_id());
+                self.protocol_settled = true;
+                let version = if session.protocol == Protocol::V5 { "MQTT 5" } else { "MQTT 3.1.1" };
+                info!("connected to MQTT broker at {} as {} ({version})", self.broker, self.options.client_id());
                 // A clean session forgets subscriptions: ask again on every connection.
                 let Some(session) = self.session.as_ref() else { return };
                 let birth = self.home_assistant.as_ref().map(|d| d.birth_topic.clone());
@@ -731,7 +870,7 @@ impl Publisher {
                     .into_iter()
                     .chain(birth)
                 {
-                    if let Err(e) = session.client.try_subscribe(&filter, QoS::AtLeastOnce) {
+                    if let Err(e) = session.client.try_subscribe(&filter) {
                         warn!("cannot subscribe to {filter}: {e}");
                     }
                 }
@@ -767,7 +906,9 @@ impl Publisher {
                     }
                 }
             }
-            SessionNotice::Received { topic, payload } => self.on_received(&topic, &payload),
+            SessionNotice::Received { topic, payload, correlation } => {
+                self.on_received(&topic, &payload, correlation.as_deref())
+            }
             SessionNotice::Sent { pkid } => {
                 if let Some(seq) = session.handed.pop_front() {
                     if let Some(pending) = self.unacked.iter_mut().find(|p| p.seq == seq) {
@@ -797,7 +938,22 @@ impl Publisher {
             }
             SessionNotice::Lost(why) => {
                 let was_connected = session.connected;
+                let tried = session.protocol;
                 self.session = None;
+                if !self.protocol_settled && tried == Protocol::V5 {
+                    // A broker that speaks only 3.1.1 refuses (or cannot read) an MQTT 5 CONNECT:
+                    // try 3.1.1 at once; until one version connects, attempts alternate.
+                    debug!("MQTT 5 connection to {} failed ({why}); trying MQTT 3.1.1", self.broker);
+                    self.protocol = Protocol::V311;
+                    self.reconnect_at = Some(Instant::now());
+                    for pending in &mut self.unacked {
+                        pending.delivery = Delivery::Queued;
+                    }
+                    return;
+                }
+                if !self.protocol_settled {
+                    self.protocol = Protocol::V5;
+                }
                 self.outage |= was_connected;
                 for pending in &mut self.unacked {
                     pending.delivery = Delivery::Queued;
@@ -842,15 +998,46 @@ impl Publisher {
     }
 }
 
+/// [`drive_session`] for an MQTT 5 connection.
+async fn drive_session_v5(id: u64, mut eventloop: v5::EventLoop, notices: mpsc::UnboundedSender<(u64, SessionNotice)>) {
+    use v5::mqttbytes::v5::{Packet as Packet5, PubAckReason};
+    loop {
+        let notice = match eventloop.poll().await {
+            Ok(v5::Event::Incoming(Packet5::ConnAck(_))) => SessionNotice::Connected,
+            Ok(v5::Event::Incoming(Packet5::PubAck(ack))) => {
+                if !matches!(ack.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers) {
+                    warn!("the broker took a message but did not pass it on: {:?}", ack.reason);
+                }
+                SessionNotice::Acked { pkid: ack.pkid }
+            }
+            Ok(v5::Event::Incoming(Packet5::Publish(publish))) => SessionNotice::Received {
+                topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+                payload: publish.payload.to_vec(),
+                correlation: publish.properties.and_then(|p| p.correlation_data).map(|c| c.to_vec()),
+            },
+            Ok(v5::Event::Outgoing(Outgoing::Publish(pkid))) => SessionNotice::Sent { pkid },
+            Ok(v5::Event::Outgoing(Outgoing::Disconnect)) => SessionNotice::Disconnected,
+            Ok(_) => continue,
+            Err(e) => SessionNotice::Lost(e.to_string()),
+        };
+        let last = matches!(notice, SessionNotice::Lost(_) | SessionNotice::Disconnected);
+        if notices.send((id, notice)).is_err() || last {
+            return;
+        }
+    }
+}
+
 /// Polls one connection's event loop until the connection ends, reporting what matters.
 async fn drive_session(id: u64, mut eventloop: EventLoop, notices: mpsc::UnboundedSender<(u64, SessionNotice)>) {
     loop {
         let notice = match eventloop.poll().await {
             Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => SessionNotice::Connected,
             Ok(rumqttc::Event::Incoming(Packet::PubAck(ack))) => SessionNotice::Acked { pkid: ack.pkid },
-            Ok(rumqttc::Event::Incoming(Packet::Publish(publish))) => {
-                SessionNotice::Received { topic: publish.topic.clone(), payload: publish.payload.to_vec() }
-            }
+            Ok(rumqttc::Event::Incoming(Packet::Publish(publish))) => SessionNotice::Received {
+                topic: publish.topic.clone(),
+                payload: publish.payload.to_vec(),
+                correlation: None,
+            },
             Ok(rumqttc::Event::Outgoing(Outgoing::Publish(pkid))) => SessionNotice::Sent { pkid },
             Ok(rumqttc::Event::Outgoing(Outgoing::Disconnect)) => SessionNotice::Disconnected,
             Ok(_) => continue,

@@ -230,3 +230,64 @@ fn thumbnails_when_asked_for_are_small_jpegs_of_the_reported_frame() {
     // The sample clip is 320x240.
     assert_eq!((picture.width(), picture.height()), (160, 120));
 }
+
+#[test]
+fn over_mqtt5_reports_carry_their_schema_version_and_a_tool_result_comes_back_by_correlation() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{Client, Event, MqttOptions};
+
+    let broker = Mosquitto::start();
+    let mut options = MqttOptions::new("test-mqtt5-dashboard", "127.0.0.1", broker.port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut connection) = Client::new(options, 16);
+    client.subscribe("outpost/m5/#", QoS::AtLeastOnce).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for notification in connection.iter() {
+            match notification {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    if tx.send((topic, p.payload.to_vec(), p.properties)).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+    let wait_for = |topic: &str| loop {
+        let (got, payload, properties) = rx.recv_timeout(WAIT).unwrap_or_else(|_| panic!("nothing on {topic}"));
+        if got == topic {
+            return (payload, properties.unwrap_or_default());
+        }
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = station_config(dir.path(), "m5", broker.port);
+    let text = std::fs::read_to_string(&config).unwrap().replace("triggers = [\"motion\"]", "triggers = []");
+    std::fs::write(&config, text).unwrap();
+    let daemon = Daemon::run_config(&config);
+    daemon.wait_for_log("(MQTT 5)", WAIT);
+    client.publish("outpost/m5/cmd/capture-now", QoS::AtLeastOnce, false, "").unwrap();
+
+    let (_, properties) = wait_for("outpost/m5/report");
+    assert!(properties.user_properties.contains(&("schema_version".into(), "1".into())), "{properties:?}");
+    assert!(properties.message_expiry_interval.is_some_and(|s| s > 86_000), "{properties:?}");
+    let (payload, properties) = wait_for("outpost/m5/tool/dispatch_rescue_team");
+    let call: Value = serde_json::from_slice(&payload).unwrap();
+    let response_topic = properties.response_topic.clone().expect("a response topic");
+    assert_eq!(response_topic, "outpost/m5/tool/dispatch_rescue_team/result");
+    let correlation = properties.correlation_data.clone().expect("correlation data");
+    assert_eq!(correlation.as_ref(), call["id"].as_str().unwrap().as_bytes());
+
+    // The answer names its call by correlation data alone, as MQTT 5 request/response does.
+    let answer = PublishProperties { correlation_data: Some(correlation), ..PublishProperties::default() };
+    client
+        .publish_with_properties(response_topic, QoS::AtLeastOnce, false, r#"{"result":{"team":"alpha"}}"#, answer)
+        .unwrap();
+    let (reply, _) = wait_for("outpost/m5/tool/dispatch_rescue_team/result/reply");
+    let reply: Value = serde_json::from_slice(&reply).unwrap();
+    assert_eq!((reply["ok"].as_bool(), reply["id"].as_str()), (Some(true), call["id"].as_str()), "{reply}");
+}

@@ -362,4 +362,6 @@ fn demo_runs_with_its_own_broker_shows_a_report_an_alert_and_a_tool_call_and_sto
     lines.extend(rx.iter());
     assert_eq!(lines.last().map(String::as_str), Some("outpost/demo/status stopped"), "{}", lines.join("\n"));
     assert!(daemon.stderr().contains("embedded MQTT broker on 127.0.0.1:"));
+    // The embedded broker speaks 3.1.1 only: the daemon falls back to it.
+    assert!(daemon.stderr().contains("(MQTT 3.1.1)"), "{}", daemon.stderr());
 }

@@ -92,6 +92,9 @@ pub struct MqttConfig {
     /// First wait after a lost connection; doubles on each failure up to `reconnect_max_secs`.
     pub reconnect_min_secs: f64,
     pub reconnect_max_secs: f64,
+    /// Over MQTT 5, reports and alerts the broker could not deliver within this many seconds are
+    /// dropped there (a dashboard that comes back days later needs no stale alarms); 0 = never.
+    pub message_expiry_secs: u32,
     /// Connect with TLS (brokers usually listen for it on port 8883).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
@@ -122,6 +125,7 @@ impl Default for MqttConfig {
             password: None,
             reconnect_min_secs: 1.0,
             reconnect_max_secs: 30.0,
+            message_expiry_secs: 86_400,
             tls: None,
         }
     }
