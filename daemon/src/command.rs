@@ -278,11 +278,11 @@ mod tests {
     #[test]
     fn tool_results_are_checked_whole() {
         let id = "01a21ca2-c5de-70f3-a878-cb8364503513";
-        let ok = parse_tool_result("siren", None, format!(r#"{{"id":"{id}","result":{{"sounded":true}}}}"#).as_bytes())
+        let ok = parse_tool_result("siren", format!(r#"{{"id":"{id}","result":{{"sounded":true}}}}"#).as_bytes(), None)
             .unwrap();
         assert_eq!(ok.response, serde_json::json!({"result": {"sounded": true}}));
         let failed =
-            parse_tool_result("siren", None, format!(r#"{{"id":"{id}","error":"no power"}}"#).as_bytes()).unwrap();
+            parse_tool_result("siren", format!(r#"{{"id":"{id}","error":"no power"}}"#).as_bytes(), None).unwrap();
         assert_eq!(failed.response, serde_json::json!({"error": "no power"}));
         let cases: [(String, &str); 6] = [
             ("{not json".into(), "not a valid tool result"),
@@ -293,11 +293,16 @@ mod tests {
             (format!(r#"{{"id":"{id}","result":{{}},"extra":1}}"#), "unknown field `extra`"),
         ];
         for (payload, expected) in cases {
-            let error = parse_tool_result("siren", None, payload.as_bytes()).unwrap_err();
+            let error = parse_tool_result("siren", payload.as_bytes(), None).unwrap_err();
             assert!(error.contains(expected), "{payload}: `{error}` lacks `{expected}`");
         }
         let huge = format!(r#"{{"id":"{id}","result":{{"x":"{}"}}}}"#, "a".repeat(MAX_TOOL_RESULT_BYTES));
-        assert!(parse_tool_result("siren", None, huge.as_bytes()).unwrap_err().contains("over the limit"));
+        assert!(parse_tool_result("siren", huge.as_bytes(), None).unwrap_err().contains("over the limit"));
+        // Over MQTT 5 the call's id may come as correlation data instead.
+        let correlated = parse_tool_result("siren", br#"{"result":{}}"#, Some(id.as_bytes())).unwrap();
+        assert_eq!(correlated.call_id.to_string(), id);
+        let unnamed = parse_tool_result("siren", br#"{"result":{}}"#, None).unwrap_err();
+        assert!(unnamed.contains("names its call"), "{unnamed}");
     }
 
     #[test]
