@@ -257,10 +257,15 @@ fn over_mqtt5_reports_carry_their_schema_version_and_a_tool_result_comes_back_by
             }
         }
     });
-    let wait_for = |topic: &str| loop {
-        let (got, payload, properties) = rx.recv_timeout(WAIT).unwrap_or_else(|_| panic!("nothing on {topic}"));
-        if got == topic {
-            return (payload, properties.unwrap_or_default());
+    let wait_for = |topic: &str| {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let (got, payload, properties) =
+                rx.recv_timeout(left).unwrap_or_else(|_| panic!("nothing on {topic} within {WAIT:?}"));
+            if got == topic {
+                return (payload, properties.unwrap_or_default());
+            }
         }
     };
 
