@@ -55,6 +55,8 @@ confirm = true
 
 [tools.parameters.location]
 type = "string"
+# Bounded, so that a call always ends well within max_tokens.
+max_length = 60
 description = "Where to go."
 
 [tools.parameters.priority]
