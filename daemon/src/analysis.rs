@@ -96,6 +96,21 @@ struct Look {
     motion: Option<(f64, f64, f64, f64)>,
 }
 
+impl Look {
+    /// A look triggered now by `kind`, at `frame`.
+    fn now(kind: TriggerKind, event_id: Option<Uuid>, frame: Option<Frame>) -> Self {
+        Self {
+            trigger: Trigger { kind, event_id },
+            captured_at: SystemTime::now(),
+            frame,
+            speech: None,
+            command: None,
+            tool_result: None,
+            motion: None,
+        }
+    }
+}
+
 #[derive(Default)]
 struct InboxState {
     pending: Option<Look>,
@@ -140,15 +155,8 @@ impl Inbox {
         state.last_look.retain(|&(k, _)| k != kind);
         state.last_look.push((kind, now));
         let captured_at = humantime::parse_rfc3339(&event.timestamp).unwrap_or_else(|_| SystemTime::now());
-        if let Some(replaced) = state.pending.replace(Look {
-            trigger: Trigger { kind, event_id: Some(event.id) },
-            captured_at,
-            frame: self.latest_frame.get(),
-            speech,
-            command: None,
-            tool_result: None,
-            motion,
-        }) {
+        let look = Look { captured_at, speech, motion, ..Look::now(kind, Some(event.id), self.latest_frame.get()) };
+        if let Some(replaced) = state.pending.replace(look) {
             debug!("a newer {kind:?} trigger replaces a waiting {:?} one", replaced.trigger.kind);
         }
         drop(state);
@@ -159,15 +167,7 @@ impl Inbox {
     fn offer_scheduled(&self) {
         let mut state = self.lock();
         if state.pending.is_none() && !state.closed {
-            state.pending = Some(Look {
-                trigger: Trigger { kind: TriggerKind::Schedule, event_id: None },
-                captured_at: SystemTime::now(),
-                frame: self.latest_frame.get(),
-                speech: None,
-                command: None,
-                tool_result: None,
-                motion: None,
-            });
+            state.pending = Some(Look::now(TriggerKind::Schedule, None, self.latest_frame.get()));
             drop(state);
             self.ready.notify_one();
         }
@@ -175,42 +175,26 @@ impl Inbox {
 
     /// A `capture-now` or `ask` command; false when too many are waiting.
     pub fn command(&self, request: CommandRequest) -> bool {
+        let look = Look { command: Some(request), ..Look::now(TriggerKind::Command, None, self.latest_frame.get()) };
+        self.queue_first(look)
+    }
+
+    /// A tool's result, queued with the commands; false when too many are waiting.
+    pub fn tool_result(&self, result: ToolResult) -> bool {
+        let look = Look::now(TriggerKind::ToolResult, Some(result.call_id), None);
+        self.queue_first(Look { tool_result: Some(result), ..look })
+    }
+
+    /// Queues a look ahead of the gates' (commands and results); false when too many wait.
+    fn queue_first(&self, look: Look) -> bool {
         let mut state = self.lock();
         if state.closed || state.commands.len() >= MAX_QUEUED_COMMANDS {
             return false;
         }
-        state.commands.push_back(Look {
-            trigger: Trigger { kind: TriggerKind::Command, event_id: None },
-            captured_at: SystemTime::now(),
-            frame: self.latest_frame.get(),
-            speech: None,
-            command: Some(request),
-            tool_result: None,
-            motion: None,
-        });
+        state.commands.push_back(look);
         drop(state);
         self.ready.notify_one();
         true
-    }
-
-    /// A tool's result, queued with the commands; given back when too many are waiting.
-    pub fn tool_result(&self, result: ToolResult) -> Result<(), ToolResult> {
-        let mut state = self.lock();
-        if state.closed || state.commands.len() >= MAX_QUEUED_COMMANDS {
-            return Err(result);
-        }
-        state.commands.push_back(Look {
-            trigger: Trigger { kind: TriggerKind::ToolResult, event_id: Some(result.call_id) },
-            captured_at: SystemTime::now(),
-            frame: None,
-            speech: None,
-            command: None,
-            tool_result: Some(result),
-            motion: None,
-        });
-        drop(state);
-        self.ready.notify_one();
-        Ok(())
     }
 
     pub fn latest_frame(&self) -> &LatestFrame {

@@ -203,8 +203,15 @@ impl PublisherHandle {
 /// Opens the outbox and starts the publisher task; what the outbox held from an earlier run is
 /// published first.
 pub fn spawn(config: &Config, echo: bool) -> Result<PublisherHandle, PublishError> {
-    let options = mqtt_options(config)?;
-    let options_v5 = mqtt5_options(config)?;
+    // The certificates are read once, for both versions.
+    let tls = match &config.mqtt.tls {
+        Some(tls) => {
+            Some(Transport::tls_with_config(TlsConfiguration::Rustls(tls::client_config(tls, &config.base_dir)?)))
+        }
+        None => None,
+    };
+    let options = mqtt_options(config, tls.clone());
+    let options_v5 = mqtt5_options(config, tls);
     let (outbox, held) = Outbox::open(&config.outbox_dir(), config.outbox_max_bytes())?;
     if !held.is_empty() {
         info!("outbox {}: {} messages from an earlier run to deliver first", outbox.dir().display(), held.len());
@@ -426,7 +433,7 @@ struct Publisher {
 }
 
 /// The same for MQTT 5.
-fn mqtt5_options(config: &Config) -> Result<v5::MqttOptions, TlsError> {
+fn mqtt5_options(config: &Config, tls: Option<Transport>) -> v5::MqttOptions {
     let mqtt = &config.mqtt;
     let mut options = v5::MqttOptions::new(config.client_id(), mqtt.host.clone(), mqtt.port);
     let will = v5::mqttbytes::v5::LastWill::new(
@@ -445,11 +452,10 @@ fn mqtt5_options(config: &Config) -> Result<v5::MqttOptions, TlsError> {
     if let Some(username) = &mqtt.username {
         options.set_credentials(username.clone(), mqtt.password.clone().unwrap_or_default());
     }
-    if let Some(tls) = &mqtt.tls {
-        let client = tls::client_config(tls, &config.base_dir)?;
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(client)));
+    if let Some(transport) = tls {
+        options.set_transport(transport);
     }
-    Ok(options)
+    options
 }
 
 /// MQTT 5 properties by topic: reports and alerts expire (`[mqtt] message_expiry_secs`) and say
@@ -482,8 +488,8 @@ fn properties_for(topics: &Topics, expiry: u32, message: &Message) -> Option<Pub
     }
 }
 
-/// How to reach the broker: address, credentials, TLS, and the last will.
-fn mqtt_options(config: &Config) -> Result<MqttOptions, TlsError> {
+/// How to reach the broker: address, credentials, transport (TLS), and the last will.
+fn mqtt_options(config: &Config, tls: Option<Transport>) -> MqttOptions {
     let mqtt = &config.mqtt;
     let mut options = MqttOptions::new(config.client_id(), mqtt.host.clone(), mqtt.port);
     options
@@ -495,11 +501,10 @@ fn mqtt_options(config: &Config) -> Result<MqttOptions, TlsError> {
     if let Some(username) = &mqtt.username {
         options.set_credentials(username.clone(), mqtt.password.clone().unwrap_or_default());
     }
-    if let Some(tls) = &mqtt.tls {
-        let client = tls::client_config(tls, &config.base_dir)?;
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(client)));
+    if let Some(transport) = tls {
+        options.set_transport(transport);
     }
-    Ok(options)
+    options
 }
 
 impl Publisher {
@@ -646,9 +651,14 @@ impl Publisher {
     }
 
     fn enqueue(&mut self, message: Message) {
+        self.enqueue_at(self.unacked.len(), message);
+    }
+
+    /// Queues `message` at `index` of the queue (0: next to go).
+    fn enqueue_at(&mut self, index: usize, message: Message) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.unacked.push_back(Pending { seq, message, delivery: Delivery::Queued });
+        self.unacked.insert(index, Pending { seq, message, delivery: Delivery::Queued });
     }
 
     fn enqueue_event(&mut self, event: &Event) {
@@ -877,8 +887,6 @@ impl Publisher {
                 self.backoff = self.reconnect_min;
                 // A fresh `online` goes first; one left over from a dropped connection is stale.
                 self.unacked.retain(|p| !(p.message.kind == Kind::Status && p.message.payload == STATUS_ONLINE));
-                let seq = self.next_seq;
-                self.next_seq += 1;
                 let message = Message {
                     topic: self.topics.status.clone(),
                     payload: STATUS_ONLINE.into(),
@@ -886,23 +894,17 @@ impl Publisher {
                     kind: Kind::Status,
                     stored: None,
                 };
-                self.unacked.push_front(Pending { seq, message, delivery: Delivery::Queued });
+                self.enqueue_at(0, message);
                 // The device is announced again: a broker without persistence has forgotten it.
                 if let Some(discovery) = self.home_assistant.as_ref().filter(|d| !d.forgotten) {
                     let (topic, payload) = (discovery.config_topic.clone(), discovery.payload.clone());
                     self.unacked.retain(|p| p.message.topic != topic || p.delivery != Delivery::Queued);
-                    let seq = self.next_seq;
-                    self.next_seq += 1;
-                    let message = Message { topic, payload, retain: true, kind: Kind::Latest, stored: None };
-                    self.unacked.insert(1, Pending { seq, message, delivery: Delivery::Queued });
+                    self.enqueue_at(1, Message { topic, payload, retain: true, kind: Kind::Latest, stored: None });
                 }
                 for (topic, status) in self.devices_last.clone() {
                     if !self.unacked.iter().any(|p| p.message.kind == Kind::Latest && p.message.topic == topic) {
                         let payload = status.to_json();
-                        let seq = self.next_seq;
-                        self.next_seq += 1;
-                        let message = Message { topic, payload, retain: true, kind: Kind::Latest, stored: None };
-                        self.unacked.insert(1, Pending { seq, message, delivery: Delivery::Queued });
+                        self.enqueue_at(1, Message { topic, payload, retain: true, kind: Kind::Latest, stored: None });
                     }
                 }
             }
@@ -940,26 +942,23 @@ impl Publisher {
                 let was_connected = session.connected;
                 let tried = session.protocol;
                 self.session = None;
-                if !self.protocol_settled && tried == Protocol::V5 {
-                    // A broker that speaks only 3.1.1 refuses (or cannot read) an MQTT 5 CONNECT:
-                    // try 3.1.1 at once; until one version connects, attempts alternate.
-                    debug!("MQTT 5 connection to {} failed ({why}); trying MQTT 3.1.1", self.broker);
-                    self.protocol = Protocol::V311;
-                    self.reconnect_at = Some(Instant::now());
-                    for pending in &mut self.unacked {
-                        pending.delivery = Delivery::Queued;
-                    }
-                    return;
-                }
-                if !self.protocol_settled {
-                    self.protocol = Protocol::V5;
-                }
                 self.outage |= was_connected;
                 for pending in &mut self.unacked {
                     pending.delivery = Delivery::Queued;
                     if let Some(stored) = pending.message.stored.as_mut() {
                         stored.held |= was_connected;
                     }
+                }
+                if !self.protocol_settled && tried == Protocol::V5 {
+                    // A broker that speaks only 3.1.1 refuses (or cannot read) an MQTT 5 CONNECT:
+                    // try 3.1.1 at once; until one version connects, attempts alternate.
+                    debug!("MQTT 5 connection to {} failed ({why}); trying MQTT 3.1.1", self.broker);
+                    self.protocol = Protocol::V311;
+                    self.reconnect_at = Some(Instant::now());
+                    return;
+                }
+                if !self.protocol_settled {
+                    self.protocol = Protocol::V5;
                 }
                 let wait = self.backoff;
                 self.backoff = (self.backoff * 2).min(self.reconnect_max);

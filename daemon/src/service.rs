@@ -139,8 +139,9 @@ pub async fn run(config: Config, options: ServiceOptions) -> Result<PublisherRep
             Wake::Inbound(Inbound::ToolResult(result)) => match &station.analyzer {
                 None => station.publisher.reply(result.reply(false, "this station has no `[model]` that made calls")),
                 Some(analyzer) => {
-                    if let Err(result) = analyzer.inbox().tool_result(result) {
-                        station.publisher.reply(result.reply(false, "the model is busy; send the result again"));
+                    let busy = result.reply(false, "the model is busy; send the result again");
+                    if !analyzer.inbox().tool_result(result) {
+                        station.publisher.reply(busy);
                     }
                 }
             },
