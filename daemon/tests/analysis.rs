@@ -1,14 +1,15 @@
 //! The model stage in the running daemon, on the tiny random-weight Gemma 4 bundle: motion makes
 //! the model look, and what it reports, the alerts its reports raise and the tool calls it makes
 //! arrive on a real mosquitto, valid against the committed schema and the declared tools;
-//! `capture-now` and `ask` work through MQTT commands.
+//! `capture-now` and `ask` work through MQTT commands; tool results come back by id or by MQTT 5
+//! correlation data; alerts raised while the broker is down survive a SIGKILL.
 
 mod common;
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::{write_config, Daemon, Mosquitto, Subscriber, CLIP_CAMERA};
+use common::{stored_ids, write_config, Daemon, Mosquitto, Subscriber, CLIP_CAMERA};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -234,7 +235,7 @@ fn thumbnails_when_asked_for_are_small_jpegs_of_the_reported_frame() {
 }
 
 #[test]
-fn over_mqtt5_reports_carry_their_schema_version_and_tool_results_are_read_by_correlation() {
+fn over_mqtt5_reports_carry_their_schema_version_and_tool_calls_are_answered_by_correlation() {
     use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::{Client, Event, MqttOptions};
@@ -282,24 +283,96 @@ fn over_mqtt5_reports_carry_their_schema_version_and_tool_results_are_read_by_co
     let (_, properties) = wait_for("outpost/m5/report");
     assert!(properties.user_properties.contains(&("schema_version".into(), "1".into())), "{properties:?}");
     assert!(properties.message_expiry_interval.is_some_and(|s| s > 86_000), "{properties:?}");
-    // A result that names its call by correlation data alone, as MQTT 5 request/response does, is
-    // read by that id: here no call of it is waiting, and the reply says so for that id.
-    let call_id = "01a21ca2-c5de-70f3-a878-cb8364503513";
-    let answer = PublishProperties {
-        correlation_data: Some(call_id.as_bytes().to_vec().into()),
-        ..PublishProperties::default()
-    };
-    client
-        .publish_with_properties(
-            "outpost/m5/tool/dispatch_rescue_team/result",
-            QoS::AtLeastOnce,
-            false,
-            r#"{"result":{"team":"alpha"}}"#,
-            answer,
-        )
-        .unwrap();
+
+    // The call says where to answer and how to name it, as MQTT 5 request/response does.
+    let (call, properties) = wait_for("outpost/m5/tool/dispatch_rescue_team");
+    let call: Value = serde_json::from_slice(&call).unwrap();
+    let call_id = call["id"].as_str().unwrap().to_owned();
+    let results = "outpost/m5/tool/dispatch_rescue_team/result";
+    assert_eq!(properties.response_topic.as_deref(), Some(results), "{properties:?}");
+    assert_eq!(properties.correlation_data.as_deref(), Some(call_id.as_bytes()), "{properties:?}");
+
+    // An answer that names its call by that correlation data alone continues the conversation.
+    let answer = PublishProperties { correlation_data: properties.correlation_data, ..PublishProperties::default() };
+    client.publish_with_properties(results, QoS::AtLeastOnce, false, r#"{"result":{"team":"alpha"}}"#, answer).unwrap();
+    let (report, _) = wait_for("outpost/m5/report");
+    let report: Value = serde_json::from_slice(&report).unwrap();
+    assert_eq!(report["trigger"]["kind"], "tool_result", "{report}");
+    assert_eq!(report["trigger"]["event_id"], call_id.as_str(), "{report}");
     let (reply, _) = wait_for("outpost/m5/tool/dispatch_rescue_team/result/reply");
     let reply: Value = serde_json::from_slice(&reply).unwrap();
-    assert_eq!(reply["id"], call_id, "{reply}");
-    assert!(reply["message"].as_str().unwrap().contains(&format!("no call {call_id}")), "{reply}");
+    assert_eq!((reply["ok"].as_bool(), reply["id"].as_str()), (Some(true), Some(call_id.as_str())), "{reply}");
+}
+
+#[test]
+fn killed_mid_burst_of_alerts_in_an_outage_the_restarted_daemon_delivers_every_stored_alert_in_order() {
+    let mut broker = Mosquitto::start();
+    let mut subscriber = Subscriber::connect(broker.port, "outpost/#");
+    let dir = tempfile::tempdir().unwrap();
+    let config = station_config(dir.path(), "alarmed", broker.port);
+    // Every look raises an alert, as fast as the model can look: a burst.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("cooldown_secs = 2", "cooldown_secs = 0\nimage_tokens = 70")
+        .replace("rearm_secs = 3600", "rearm_secs = 0")
+        .replace("tool_min_severity = 0", "tool_min_severity = 3")
+        + "\n[outbox]\ndir = \"outbox\"\n";
+    std::fs::write(&config, text).unwrap();
+    let alerts = "outpost/alarmed/alert";
+
+    let mut first = Daemon::run_config(&config);
+    subscriber.wait_for("a first alert", WAIT, |m| m.topic == alerts);
+    broker.stop();
+    first.wait_for_log("lost connection to MQTT broker", WAIT);
+    let outage_log_start = first.stderr().len();
+    // The alerts go on into the outbox while the broker is away; then the power goes.
+    first.wait_for_log_where("two alerts stored in the outage", 2 * WAIT, |log| {
+        stored_ids(&log[outage_log_start..], "alert").len() >= 2
+    });
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    first.wait(WAIT);
+    let log = first.stderr();
+    let stored = stored_ids(&log, "alert");
+    let stored_in_outage = stored_ids(&log[outage_log_start..], "alert");
+
+    broker.restart();
+    let restarted_at = std::time::SystemTime::now();
+    let second = Daemon::run_config(&config);
+    let missing = std::cell::RefCell::new(stored.iter().cloned().collect::<std::collections::HashSet<_>>());
+    for message in subscriber.received() {
+        if message.topic == alerts {
+            missing.borrow_mut().remove(message.json()["id"].as_str().unwrap());
+        }
+    }
+    if !missing.borrow().is_empty() {
+        subscriber.wait_for("every alert the killed daemon had stored", WAIT, |m| {
+            if m.topic == alerts {
+                missing.borrow_mut().remove(m.json()["id"].as_str().unwrap());
+            }
+            missing.borrow().is_empty()
+        });
+    }
+    second.wait_for_log("messages from an earlier run to deliver first", WAIT);
+
+    let delivered: Vec<_> = subscriber.received().iter().filter(|m| m.topic == alerts).cloned().collect();
+    let mut first_seen: Vec<String> = Vec::new();
+    for message in &delivered {
+        let alert = message.json();
+        let id = alert["id"].as_str().unwrap().to_owned();
+        // Raised while the broker was down, so it can only have come from the outbox, after the restart.
+        if stored_in_outage.contains(&id) {
+            assert!(message.received_at > restarted_at, "{}", message.payload);
+            assert_eq!(alert["historical"], true, "left by the killed daemon: {}", message.payload);
+        }
+        if stored.contains(&id) && !first_seen.contains(&id) {
+            first_seen.push(id);
+        }
+    }
+    assert_eq!(first_seen, stored, "every stored alert, once each at least, in the order it was raised");
+    eprintln!(
+        "{} alerts stored by the killed daemon, {} in the outage; {} deliveries of them",
+        stored.len(),
+        stored_in_outage.len(),
+        delivered.iter().filter(|m| stored.iter().any(|id| m.payload.contains(id.as_str()))).count()
+    );
 }

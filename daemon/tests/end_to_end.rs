@@ -6,7 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, SystemTime};
 
-use common::{write_config, Daemon, Mosquitto, Subscriber, CLIP_CAMERA, FAST_MOTION_GATE};
+use common::{stored_ids, write_config, Daemon, Mosquitto, Subscriber, CLIP_CAMERA, FAST_MOTION_GATE};
 use nix::sys::signal::Signal;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -161,14 +161,6 @@ fn daemon_keeps_trying_when_no_broker_is_there() {
     subscriber.wait_for("a held event", WAIT, |m| m.topic == "outpost/lonely/events");
 }
 
-/// The ids of the events the daemon logged as written to its outbox, in order.
-fn stored_event_ids(log: &str) -> Vec<String> {
-    log.lines()
-        .filter_map(|line| line.split_once(" stored in the outbox as message "))
-        .filter_map(|(before, _)| before.rsplit(' ').next().map(str::to_owned))
-        .collect()
-}
-
 #[test]
 fn killed_mid_burst_in_an_outage_the_restarted_daemon_delivers_every_stored_event_in_order() {
     let mut broker = Mosquitto::start();
@@ -186,7 +178,7 @@ fn killed_mid_burst_in_an_outage_the_restarted_daemon_delivers_every_stored_even
     std::thread::sleep(Duration::from_secs(2));
     first.signal(Signal::SIGKILL);
     first.wait(WAIT);
-    let stored = stored_event_ids(&first.stderr());
+    let stored = stored_ids(&first.stderr(), "event");
     assert!(stored.len() >= 10, "only {} events stored:\n{}", stored.len(), first.stderr());
 
     broker.restart();

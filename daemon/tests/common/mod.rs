@@ -308,9 +308,14 @@ impl Daemon {
 
     /// Waits until the log contains `text`.
     pub fn wait_for_log(&self, text: &str, timeout: Duration) {
+        self.wait_for_log_where(&format!("`{text}`"), timeout, |log| log.contains(text));
+    }
+
+    /// Waits until `wanted` holds for the whole log so far.
+    pub fn wait_for_log_where(&self, what: &str, timeout: Duration, wanted: impl Fn(&str) -> bool) {
         let deadline = Instant::now() + timeout;
-        while !self.stderr().contains(text) {
-            assert!(Instant::now() < deadline, "outpostd never logged `{text}`; its log:\n{}", self.stderr());
+        while !wanted(&self.stderr()) {
+            assert!(Instant::now() < deadline, "outpostd never logged {what}; its log:\n{}", self.stderr());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -325,6 +330,18 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The ids of the messages of one kind (`event`, `alert`) that the daemon logged as written to its
+/// outbox, in order.
+pub fn stored_ids(log: &str, kind: &str) -> Vec<String> {
+    let suffix = format!(" {kind}");
+    log.lines()
+        .filter_map(|line| line.split_once(" stored in the outbox as message "))
+        .filter_map(|(label, _)| label.rsplit_once(' '))
+        .filter(|(head, _)| head.ends_with(&suffix))
+        .map(|(_, id)| id.to_owned())
+        .collect()
 }
 
 /// Writes a station config for a broker on `port`, with the given extra TOML, into `dir`.
