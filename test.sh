@@ -3,7 +3,8 @@
 # and preparing the real Gemma 3 270M bundles outside the repository
 # (deploy/models/prepare_test_models.sh, cached in ~/.cache/outpost) and the silero VAD model
 # (deploy/models/fetch_silero_vad.sh, same cache). The models are prepared while the tests
-# compile. Extra arguments go to `cargo test`, e.g. `bash test.sh --test end_to_end`.
+# compile. Then the emulated aarch64 pass (cross/aarch64.sh test). Extra arguments go to the native
+# `cargo test` alone, e.g. `bash test.sh --test end_to_end`.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash deploy/dev-setup.sh
@@ -24,3 +25,11 @@ source "$models_env"
 set +a
 export OUTPOST_REQUIRE_REAL_MODEL=1
 cargo test --workspace --locked "$@"
+
+# The same runtime built for the Raspberry Pi 5 and tested under qemu (cross/README.md): the model
+# parity tests prove tract's NEON and fp16 paths give the answers they give here. Only for the
+# whole suite (no extra arguments); OUTPOST_SKIP_AARCH64=1 leaves it out.
+if (($# == 0)) && [ -z "${OUTPOST_SKIP_AARCH64:-}" ]; then
+  bash cross/setup.sh
+  bash cross/aarch64.sh test
+fi

@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use crate::capture::Frame;
 use crate::command::{Command, CommandReply, CommandRequest, ToolResult};
+use crate::supervision::Heartbeat;
 use base64::Engine;
 
 use crate::config::{AlertRule, AnalysisConfig, Config, ThumbnailsConfig};
@@ -227,6 +228,8 @@ impl Inbox {
 /// The model stage's figures for `<root>/stats`.
 #[derive(Debug, Default)]
 pub struct AnalysisGauges {
+    /// Beaten between looks and at each token of one: silence means the model is stuck.
+    heartbeat: Heartbeat,
     looks: AtomicU64,
     failures: AtomicU64,
     last_look_ms: AtomicU64,
@@ -314,7 +317,10 @@ impl Analyzer {
         let thread_inbox = Arc::clone(&inbox);
         let thread = std::thread::Builder::new()
             .name("analyzer".into())
-            .spawn(move || worker.run(&thread_inbox, schedule))
+            .spawn(move || {
+                let _stage = tracing::info_span!("stage", stage = "analyzer").entered();
+                worker.run(&thread_inbox, schedule)
+            })
             .map_err(AnalysisError::Thread)?;
         Ok(Some(Self { inbox, gauges, thread: Some(thread) }))
     }
@@ -325,6 +331,10 @@ impl Analyzer {
 
     pub fn figures(&self) -> AnalysisFigures {
         self.gauges.snapshot()
+    }
+
+    pub fn heartbeat(&self) -> &Heartbeat {
+        &self.gauges.heartbeat
     }
 
     /// Ends the thread after the look in progress, if any.
@@ -364,12 +374,21 @@ struct PendingCall {
 const MAX_PENDING_CALLS: usize = 16;
 
 impl Worker {
-    fn run(mut self, inbox: &Inbox, schedule: Option<Duration>) {
+    fn run(self, inbox: &Inbox, schedule: Option<Duration>) {
+        let heartbeat = self.gauges.heartbeat.clone();
+        heartbeat.beat();
+        self.serve(inbox, schedule);
+        heartbeat.retire();
+    }
+
+    fn serve(mut self, inbox: &Inbox, schedule: Option<Duration>) {
+        // Waiting for work beats the heartbeat this often.
+        const BEAT_EVERY: Duration = Duration::from_secs(1);
         let mut next_scheduled = schedule.map(|every| Instant::now() + every);
         loop {
-            let wait =
-                next_scheduled.map_or(Duration::from_secs(3600), |at| at.saturating_duration_since(Instant::now()));
-            let look = match inbox.take(wait) {
+            self.gauges.heartbeat.beat();
+            let wait = next_scheduled.map_or(BEAT_EVERY, |at| at.saturating_duration_since(Instant::now()));
+            let look = match inbox.take(wait.min(BEAT_EVERY)) {
                 Ok(Some(look)) => look,
                 Ok(None) => {
                     if let (Some(at), Some(every)) = (next_scheduled, schedule) {
@@ -382,6 +401,9 @@ impl Worker {
                 }
                 Err(()) => return,
             };
+            // The journal gets the id of what started the look with each of its lines.
+            let _look =
+                tracing::info_span!("look", event_id = look.trigger.event_id.map(tracing::field::display)).entered();
             let outputs = match (look.command.as_ref().map(|c| &c.command), &look.tool_result) {
                 (Some(Command::Ask { question }), _) => self.ask(&look, question),
                 (_, Some(result)) => self.continue_after(&look, result),
@@ -445,7 +467,7 @@ impl Worker {
                 .as_ref()
                 .map(|c| AnalysisOutput::Reply(CommandReply::failed(c.command.name(), c.id.clone(), why)))
         };
-        let answer = match self.model.answer(&question, |_| {}) {
+        let answer = match self.model.answer(&question, |_| self.gauges.heartbeat.beat()) {
             Ok(answer) => answer,
             Err(e) => {
                 self.gauges.failures.fetch_add(1, Ordering::Relaxed);
@@ -525,7 +547,7 @@ impl Worker {
             audio: None,
             ..self.question(look, prompt.clone(), self.analysis.max_tokens)
         };
-        let answer = match self.model.answer(&question, |_| {}) {
+        let answer = match self.model.answer(&question, |_| self.gauges.heartbeat.beat()) {
             Ok(answer) => answer,
             Err(e) => {
                 warn!("the model failed on a tool call for report {}: {e}", report.id);
@@ -562,7 +584,7 @@ impl Worker {
     fn ask(&self, look: &Look, question_text: &str) -> Vec<AnalysisOutput> {
         let Some(command) = &look.command else { return Vec::new() };
         let question = self.question(look, question_text.to_owned(), ASK_MAX_TOKENS);
-        let reply = match self.model.answer(&question, |_| {}) {
+        let reply = match self.model.answer(&question, |_| self.gauges.heartbeat.beat()) {
             Ok(answer) => CommandReply::done(command, answer.text.trim()),
             Err(e) => {
                 CommandReply::failed(command.command.name(), command.id.clone(), format!("the model failed: {e}"))

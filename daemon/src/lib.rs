@@ -19,4 +19,5 @@ pub mod publish;
 pub mod queue;
 pub mod report;
 pub mod service;
+pub mod supervision;
 pub mod tls;

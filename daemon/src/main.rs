@@ -246,7 +246,7 @@ fn run_demo(broker: Option<String>) -> anyhow::Result<()> {
 
 /// Starts logging and the async runtime, then runs the service until it stops.
 fn run(config: Config, options: ServiceOptions) -> anyhow::Result<()> {
-    init_logging(&config.log.level);
+    init_logging(&config.log.level, &config.station.id);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -256,14 +256,41 @@ fn run(config: Config, options: ServiceOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(level: &str) {
+fn init_logging(level: &str, station: &str) {
+    use tracing_subscriber::prelude::*;
+
     // The embedded broker logs every connection, and an error for each clean disconnect: noise here.
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(format!("{level},rumqttd=off")))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+    let registry = tracing_subscriber::registry().with(filter);
+    if started_by_systemd_with_journal() {
+        match tracing_journald::layer() {
+            Ok(journal) => {
+                // Each entry: PRIORITY from the level, TARGET the stage's module, the stage's
+                // span fields (OUTPOST_STAGE, OUTPOST_EVENT_ID) and the station.
+                let journal = journal
+                    .with_syslog_identifier("outpostd".into())
+                    .with_field_prefix(Some("OUTPOST".into()))
+                    .with_custom_fields([("OUTPOST_STATION", station)]);
+                registry.with(journal).init();
+                return;
+            }
+            Err(e) => eprintln!("outpostd: cannot reach the journal ({e}); logging to stderr"),
+        }
+    }
+    registry
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()))
         .init();
+}
+
+/// Whether stderr is the journal stream systemd connected (`JOURNAL_STREAM` names its device and
+/// inode): then the journal's own protocol carries priorities and fields. Anywhere else, stderr.
+fn started_by_systemd_with_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else { return false };
+    let Some((device, inode)) = stream.to_str().and_then(|s| s.split_once(':')) else { return false };
+    let Ok(stderr) = std::fs::metadata("/proc/self/fd/2") else { return false };
+    device.parse() == Ok(stderr.dev()) && inode.parse() == Ok(stderr.ino())
 }

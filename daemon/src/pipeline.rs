@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::event::{Event, EventDetail};
 use crate::gate::{MotionGate, SoundGate, SpeechEvent, SpeechGate, VadError};
 use crate::queue::{BoundedQueue, Pop};
+use crate::supervision::Heartbeat;
 
 /// A source that fails this many times in a row is given up on.
 const MAX_CONSECUTIVE_SOURCE_ERRORS: u32 = 10;
@@ -54,6 +55,8 @@ pub struct Pipeline {
     /// Tells live sources to leave their retry loops.
     stop: StopFlag,
     sources: Vec<std::thread::JoinHandle<()>>,
+    /// Each gate thread's, by name (the sources' are their devices' [`StatusReporter`]s').
+    gate_heartbeats: Vec<(&'static str, Heartbeat)>,
 }
 
 impl Pipeline {
@@ -74,6 +77,7 @@ impl Pipeline {
             events,
             gate_alive,
             sources: std::sync::Mutex::new(Vec::new()),
+            gate_heartbeats: std::sync::Mutex::new(Vec::new()),
         };
         let stop = StopFlag::default();
 
@@ -187,7 +191,13 @@ impl Pipeline {
             warn!("no gate is enabled: nothing will be published but the station's status");
         }
         let sources = lanes.sources.into_inner().unwrap_or_default();
-        Ok(Self { frames, audio, stats: lanes.stats, gates_done, stop, sources })
+        let gate_heartbeats = lanes.gate_heartbeats.into_inner().unwrap_or_default();
+        Ok(Self { frames, audio, stats: lanes.stats, gates_done, stop, sources, gate_heartbeats })
+    }
+
+    /// The gate threads' heartbeats, by thread name.
+    pub fn gate_heartbeats(&self) -> impl Iterator<Item = (&'static str, &Heartbeat)> {
+        self.gate_heartbeats.iter().map(|(name, heartbeat)| (*name, heartbeat))
     }
 
     /// Resolves once every gate has finished: all sources ended, or [`Pipeline::stop`] was called.
@@ -313,6 +323,7 @@ struct Lanes {
     /// Each gate thread holds a clone; `gates_done` sees them all dropped.
     gate_alive: mpsc::Sender<()>,
     sources: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    gate_heartbeats: std::sync::Mutex<Vec<(&'static str, Heartbeat)>>,
 }
 
 impl Lanes {
@@ -332,7 +343,11 @@ impl Lanes {
                     WhenFull::DropOldest => queue.push_drop_oldest(item),
                     WhenFull::Wait => queue.push_wait(item),
                 };
-                match run_source(&mut next, push, &queue, counter(&stats), source_name) {
+                let heartbeat = status.heartbeat();
+                heartbeat.beat();
+                let end = run_source(&mut next, push, &queue, counter(&stats), heartbeat, source_name);
+                heartbeat.retire();
+                match end {
                     SourceEnd::EndOfInput => status.ended(),
                     SourceEnd::GaveUp(error) => status.gave_up(&error),
                     SourceEnd::Stopped => {}
@@ -342,12 +357,18 @@ impl Lanes {
         if let (Some(source), Ok(mut sources)) = (source, self.sources.lock()) {
             sources.push(source);
         }
+        let heartbeat = Heartbeat::default();
+        heartbeat.beat();
+        if let Ok(mut heartbeats) = self.gate_heartbeats.lock() {
+            heartbeats.push((gate_name, heartbeat.clone()));
+        }
         spawn_thread(gate_name, {
             let (queue, events, stats, alive) =
                 (Arc::clone(&queue), self.events.clone(), Arc::clone(&self.stats), self.gate_alive.clone());
             let analysis = self.analysis.clone();
             move || {
-                run_gate(&queue, &events, analysis.as_deref(), &stats, &mut gate);
+                run_gate(&queue, &events, analysis.as_deref(), &stats, &heartbeat, &mut gate);
+                heartbeat.retire();
                 drop(alive);
             }
         });
@@ -358,9 +379,13 @@ impl Lanes {
 fn spawn_thread(name: &str, body: impl FnOnce() + Send + 'static) -> Option<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(name.to_owned())
-        .spawn(move || {
-            block_service_signals();
-            body();
+        .spawn({
+            let name = name.to_owned();
+            move || {
+                block_service_signals();
+                let _stage = tracing::info_span!("stage", stage = name).entered();
+                body();
+            }
         })
         .map_err(|e| error!("cannot start the {name} thread: {e}"))
         .ok()
@@ -397,6 +422,7 @@ fn run_source<T>(
     mut push: impl FnMut(T) -> bool,
     queue: &BoundedQueue<T>,
     captured: &AtomicU64,
+    heartbeat: &Heartbeat,
     name: &str,
 ) -> SourceEnd {
     let mut consecutive_errors = 0;
@@ -404,6 +430,7 @@ fn run_source<T>(
     while !queue.is_closed() {
         match next() {
             Ok(Some(item)) => {
+                heartbeat.beat();
                 consecutive_errors = 0;
                 captured.fetch_add(1, Ordering::Relaxed);
                 if !push(item) {
@@ -440,6 +467,7 @@ fn run_gate<T>(
     events: &mpsc::Sender<Event>,
     analysis: Option<&Inbox>,
     stats: &PipelineStats,
+    heartbeat: &Heartbeat,
     mut gate: impl FnMut(Option<&T>) -> Vec<Event>,
 ) {
     let send_all = |found: Vec<Event>| {
@@ -449,13 +477,14 @@ fn run_gate<T>(
             if let Some(inbox) = analysis {
                 inbox.offer(&event);
             }
-            if !send_event(without_audio(event), events, queue) {
+            if !send_event(without_audio(event), events, queue, heartbeat) {
                 return false;
             }
         }
         true
     };
     loop {
+        heartbeat.beat();
         match queue.pop_timeout(POLL_INTERVAL) {
             Pop::Item(item) => {
                 if !send_all(gate(Some(&item))) {
@@ -475,12 +504,18 @@ fn run_gate<T>(
 
 /// Waits for room in the publisher's queue (full while the broker is unreachable), but not past a
 /// stop: a gate that blocked there would hold the daemon up. False when the gate should end.
-fn send_event<T>(mut event: Event, events: &mpsc::Sender<Event>, queue: &BoundedQueue<T>) -> bool {
+fn send_event<T>(
+    mut event: Event,
+    events: &mpsc::Sender<Event>,
+    queue: &BoundedQueue<T>,
+    heartbeat: &Heartbeat,
+) -> bool {
     loop {
         match events.try_send(event) {
             Ok(()) => return true,
             Err(mpsc::error::TrySendError::Full(held)) if !queue.is_closed() => {
                 event = held;
+                heartbeat.beat();
                 std::thread::sleep(SEND_RETRY_INTERVAL);
             }
             Err(mpsc::error::TrySendError::Full(held)) => {

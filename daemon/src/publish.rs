@@ -22,7 +22,7 @@ use rumqttc::{v5, AsyncClient, EventLoop, LastWill, MqttOptions, Outgoing, Packe
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::analysis::Publication;
 use crate::capture::{DeviceReporters, DeviceStatus, StatusReporter};
@@ -32,6 +32,7 @@ use crate::event::Event;
 use crate::home_assistant;
 use crate::outbox::{Outbox, OutboxError, Priority, StoredMessage, PRIORITY_EVENT};
 use crate::report::SceneReport;
+use crate::supervision::Heartbeat;
 use crate::tls::{self, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +54,9 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// never holds one back and the order of `Outgoing::Publish` notices is the order of hand-over.
 const MAX_IN_FLIGHT: usize = 64;
 const RUMQTTC_IN_FLIGHT: u16 = 100;
+/// The publisher's loop wakes at least this often, to show it is not stuck.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
 /// A message handed to the broker this long after it was made is flagged as historical.
 const HISTORICAL_AFTER: Duration = Duration::from_secs(10);
 /// Incoming messages past this size end the connection (rumqttc refuses them unread); below it,
@@ -105,6 +109,8 @@ pub struct PublisherReport {
 /// The publisher's figures, for `<root>/stats`, kept current by the publisher task.
 #[derive(Debug, Default)]
 pub struct PublisherGauges {
+    /// Beaten by the publisher's loop, which wakes at least every `HEARTBEAT_EVERY`.
+    pub heartbeat: Heartbeat,
     pub connected: AtomicBool,
     pub events_delivered: AtomicU64,
     pub outbox_messages: AtomicU64,
@@ -153,6 +159,10 @@ impl PublisherHandle {
 
     pub fn figures(&self) -> PublisherFigures {
         self.gauges.snapshot()
+    }
+
+    pub fn heartbeat(&self) -> &Heartbeat {
+        &self.gauges.heartbeat
     }
 
     /// Where the sources report their devices' state.
@@ -235,7 +245,11 @@ pub fn spawn(config: &Config, echo: bool) -> Result<PublisherHandle, PublishErro
         commands: Some(commands),
         devices: DeviceReporters { camera, microphone },
         stop: Some(stop),
-        task: Some(tokio::spawn(publisher.run(events_rx, control_rx, devices_rx, stop_rx))),
+        task: Some(tokio::spawn(
+            publisher
+                .run(events_rx, control_rx, devices_rx, stop_rx)
+                .instrument(tracing::info_span!("stage", stage = "publisher")),
+        )),
     })
 }
 
@@ -564,7 +578,10 @@ impl Publisher {
     ) -> PublisherReport {
         let mut stopping = false;
         let mut flush_deadline: Option<Instant> = None;
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.gauges.heartbeat.beat();
             self.hand_over();
             self.update_gauges();
             if stopping && flush_deadline.is_none() {
@@ -623,8 +640,10 @@ impl Publisher {
                 () = sleep_until(flush_deadline.unwrap_or_else(Instant::now)), if flush_deadline.is_some() => {
                     break;
                 }
+                _ = heartbeat.tick() => {}
             }
         }
+        self.gauges.heartbeat.retire();
         self.report.events_undelivered = self.unacked.iter().filter(|p| p.message.kind == Kind::Stored).count();
         self.report.outbox_held = self.outbox.len();
         if self.report.events_undelivered > 0 {

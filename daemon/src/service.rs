@@ -13,6 +13,7 @@ use crate::command::{Command, CommandReply, CommandRequest, Inbound};
 use crate::config::{self, Config};
 use crate::pipeline::{CaptureCounts, Pipeline, PipelineError};
 use crate::publish::{self, PublisherFigures, PublisherHandle, PublisherReport};
+use crate::supervision::{self, ServiceManager};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -45,6 +46,7 @@ enum Wake {
     Inbound(Inbound),
     Analysis(AnalysisOutput),
     Stats,
+    Supervise,
 }
 
 /// What runs: the config in force, its publisher, and its capture (none while paused).
@@ -60,6 +62,8 @@ struct Station {
     /// Capture figures of the pipelines stopped so far.
     earlier_counts: CaptureCounts,
     started: Instant,
+    /// systemd, when it started the daemon: readiness, status and the watchdog.
+    manager: ServiceManager,
 }
 
 /// Runs until SIGTERM or SIGINT, or until every source has ended; then flushes what is queued,
@@ -102,8 +106,13 @@ pub async fn run(config: Config, options: ServiceOptions) -> Result<PublisherRep
         analysis_tx,
         earlier_counts: CaptureCounts::default(),
         started: Instant::now(),
+        manager: ServiceManager::from_env(),
     };
     let mut stats_timer = stats_timer(&station.config);
+    let mut supervise_timer = station.manager.is_listening().then(|| {
+        let every = station.manager.watchdog_interval().unwrap_or(STATUS_EVERY).min(STARTUP_CHECK_EVERY);
+        tokio::time::interval(every)
+    });
 
     loop {
         let wake = tokio::select! {
@@ -114,14 +123,17 @@ pub async fn run(config: Config, options: ServiceOptions) -> Result<PublisherRep
             Some(inbound) = next_command(&mut station.commands) => Wake::Inbound(inbound),
             Some(output) = analysis_rx.recv() => Wake::Analysis(output),
             _ = tick(&mut stats_timer) => Wake::Stats,
+            _ = supervise_tick(&mut supervise_timer) => Wake::Supervise,
         };
         match wake {
             Wake::Stop(signal) => {
                 info!("{signal}: stopping");
+                station.manager.stopping();
                 break;
             }
             Wake::SourcesEnded => {
                 info!("every source has ended: stopping");
+                station.manager.stopping();
                 break;
             }
             Wake::Reload => {
@@ -148,6 +160,13 @@ pub async fn run(config: Config, options: ServiceOptions) -> Result<PublisherRep
             Wake::Analysis(AnalysisOutput::Publish(publication)) => station.publisher.publish(publication),
             Wake::Analysis(AnalysisOutput::Reply(reply)) => station.publisher.reply(reply),
             Wake::Stats => station.publisher.stats(station.stats_json()),
+            Wake::Supervise => {
+                if station.supervise() {
+                    // Ready: from now on the check runs at the watchdog's pace.
+                    let every = station.manager.watchdog_interval().unwrap_or(STATUS_EVERY);
+                    supervise_timer = Some(tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+                }
+            }
         }
     }
     if let Some(mut pipeline) = station.pipeline.take() {
@@ -185,6 +204,15 @@ impl Station {
             return Ok(Ok(format!("{} is unchanged", path.display())));
         }
         info!("{why}: applying the new config from {}", path.display());
+        self.manager.reloading();
+        let applied = self.apply(new, &path).await;
+        let status = self.status_line();
+        self.manager.ready(&status);
+        applied
+    }
+
+    /// Replaces the config in force by `new`, restarting only the stages whose part changed.
+    async fn apply(&mut self, new: Config, path: &std::path::Path) -> Result<Result<String, String>, ServiceError> {
         let was_capturing = self.pipeline.is_some();
         self.stop_capture().await;
         let mut config = new;
@@ -289,6 +317,61 @@ impl Station {
         }
     }
 
+    /// Tells systemd how the station is and feeds its watchdog while no stage is wedged. True
+    /// when this made the station ready: capture and model are up from the start, so that is when
+    /// the broker has connected, or after `BROKER_READY_WAIT` without it (the outbox keeps
+    /// everything meanwhile, and a station without its link still watches).
+    fn supervise(&mut self) -> bool {
+        let status = self.status_line();
+        let becomes_ready = !self.manager.is_ready()
+            && (self.publisher.figures().connected || self.started.elapsed() >= BROKER_READY_WAIT);
+        if becomes_ready {
+            self.manager.ready(&status);
+        } else {
+            self.manager.status(&status);
+        }
+        if let Some(limit) = self.manager.wedged_after() {
+            let devices = self.publisher.devices();
+            let mut stages = vec![("publisher", self.publisher.heartbeat())];
+            if self.pipeline.is_some() {
+                stages.push(("camera source", devices.camera.heartbeat()));
+                stages.push(("microphone source", devices.microphone.heartbeat()));
+            }
+            stages.extend(self.pipeline.iter().flat_map(Pipeline::gate_heartbeats));
+            stages.extend(self.analyzer.iter().map(|analyzer| ("model", analyzer.heartbeat())));
+            let wedged = supervision::wedged(stages, limit);
+            self.manager.watchdog(&wedged);
+        }
+        becomes_ready
+    }
+
+    /// One line for `systemctl status`: what the station is doing now.
+    fn status_line(&self) -> String {
+        let figures = self.publisher.figures();
+        let mut parts = vec![if figures.connected {
+            format!("broker {} connected", self.config.mqtt.host)
+        } else {
+            format!(
+                "broker {} unreachable, {} messages kept in the outbox",
+                self.config.mqtt.host, figures.outbox_messages
+            )
+        }];
+        if self.pipeline.is_some() {
+            let devices = self.publisher.devices();
+            for (name, reporter) in [("camera", &devices.camera), ("microphone", &devices.microphone)] {
+                parts.extend(reporter.state().map(|state| format!("{name} {state}")));
+            }
+        } else {
+            parts.push("capture paused".into());
+        }
+        let capture = self.earlier_counts.then(self.pipeline.as_ref().map(Pipeline::counts).unwrap_or_default());
+        parts.push(format!("{} events", capture.events));
+        if let Some(analyzer) = &self.analyzer {
+            parts.push(format!("{} looks", analyzer.figures().looks));
+        }
+        parts.join("; ")
+    }
+
     fn stats_json(&self) -> String {
         let capture = match &self.pipeline {
             Some(pipeline) => self.earlier_counts.then(pipeline.counts()),
@@ -363,6 +446,22 @@ fn stats_timer_if_changed(
         _ => stats_timer(config),
     }
 }
+
+async fn supervise_tick(timer: &mut Option<tokio::time::Interval>) {
+    match timer {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Until the station is ready, how often readiness is checked.
+const STARTUP_CHECK_EVERY: Duration = Duration::from_millis(500);
+/// Without a watchdog, how often the status line is refreshed.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+/// How long start-up waits for the broker before saying ready without it.
+const BROKER_READY_WAIT: Duration = Duration::from_secs(30);
 
 async fn tick(timer: &mut Option<(f64, tokio::time::Interval)>) {
     match timer {

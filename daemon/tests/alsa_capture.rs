@@ -311,11 +311,7 @@ fn the_daemon_publishes_speech_heard_through_an_alsa_microphone() {
 #[test]
 fn probe_lists_the_capture_pcms() {
     let alsa_config = format!("/usr/share/alsa/alsa.conf:{}", alsa_dir().join("test.conf").display());
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_outpostd"))
-        .arg("probe")
-        .env("ALSA_CONFIG_PATH", &alsa_config)
-        .output()
-        .unwrap();
+    let output = common::outpostd().arg("probe").env("ALSA_CONFIG_PATH", &alsa_config).output().unwrap();
     assert!(output.status.success(), "{output:?}");
     let shown = String::from_utf8(output.stdout).unwrap();
     println!("{shown}");

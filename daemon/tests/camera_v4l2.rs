@@ -276,7 +276,7 @@ fn a_stalled_camera_is_reported_and_reopened() {
 fn probe_describes_an_emulated_camera() {
     let camera = EmulatedCamera::mjpeg("30,15");
     let node = camera.dir.path().join("video0");
-    let output = Command::new(env!("CARGO_BIN_EXE_outpostd"))
+    let output = common::outpostd()
         .args(["probe", "--camera"])
         .arg(camera.by_id())
         .arg("--camera")

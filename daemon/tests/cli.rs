@@ -2,13 +2,12 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::{write_config, Daemon, Mosquitto, CLIP_CAMERA};
 
 fn outpostd(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_outpostd")).args(args).output().expect("run outpostd")
+    common::outpostd().args(args).output().expect("run outpostd")
 }
 
 #[test]

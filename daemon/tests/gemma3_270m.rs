@@ -6,6 +6,8 @@
 //! `OUTPOST_GEMMA3_BUNDLE` (f32) and `OUTPOST_GEMMA3_Q4_BUNDLE` (Q4_0). Without them these tests
 //! say why and pass, unless `OUTPOST_REQUIRE_REAL_MODEL` is set, as it is in CI.
 
+#[path = "common/binary.rs"]
+mod binary;
 #[path = "common/prepared.rs"]
 mod prepared;
 
@@ -195,7 +197,7 @@ fn model_run_continues_a_prompt_as_pytorch_does() {
     let Some(dir) = prepared_path("OUTPOST_GEMMA3_BUNDLE") else { return };
     let case = &reference()["greedy"][0];
     let expected_ids = ids(&case["ids"]);
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_outpostd"))
+    let output = binary::outpostd()
         .args(["model", "run", dir.to_str().unwrap(), "--prompt", case["prompt"].as_str().unwrap()])
         .args(["--max-tokens", "12", "--temperature", "0"])
         .output()

@@ -1,6 +1,8 @@
 //! The tiny random-weight Gemma 4 bundle through tract, against PyTorch's outputs saved by
 //! `deploy/models/make_tiny_gemma4.py`.
 
+#[path = "common/binary.rs"]
+mod binary;
 #[path = "common/npy.rs"]
 mod npy;
 
@@ -177,7 +179,7 @@ fn model_run_streams_pytorchs_greedy_answer() {
     std::fs::write(&config, format!("[microphone]\nsource = \"wav\"\npath = \"builtin:speech.wav\"\n{model_table}"))
         .unwrap();
     for choice in [["--threads", "1"], ["--config", config.to_str().unwrap()]] {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_outpostd"));
+        let mut command = binary::outpostd();
         command.args(["model", "run"]);
         if choice[0] == "--threads" {
             command.arg(bundle_dir());
@@ -197,10 +199,7 @@ fn model_run_streams_pytorchs_greedy_answer() {
 
 #[test]
 fn model_run_without_a_bundle_says_what_it_needs() {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_outpostd"))
-        .args(["model", "run", "--prompt", "Hello"])
-        .output()
-        .unwrap();
+    let output = binary::outpostd().args(["model", "run", "--prompt", "Hello"]).output().unwrap();
     assert_eq!(output.status.code(), Some(2), "{output:?}");
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("<BUNDLE>"), "{stderr}");

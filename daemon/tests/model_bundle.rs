@@ -1,7 +1,9 @@
 //! Model bundles: a good one is described, each kind of broken one gets its own message.
 
+#[path = "common/binary.rs"]
+mod binary;
+
 use std::path::Path;
-use std::process::Command;
 
 use outpost::model::{sha256_file, Bundle};
 use serde_json::json;
@@ -50,10 +52,7 @@ fn good_bundle_opens_and_is_described() {
     assert_eq!(bundle.file("decoder"), Some(dir.path().join("decoder.onnx")));
     assert_eq!(bundle.total_bytes(), 4096 + 1000 + 17);
 
-    let output = Command::new(env!("CARGO_BIN_EXE_outpostd"))
-        .args(["model", "inspect", dir.path().to_str().unwrap()])
-        .output()
-        .unwrap();
+    let output = binary::outpostd().args(["model", "inspect", dir.path().to_str().unwrap()]).output().unwrap();
     assert!(output.status.success(), "{output:?}");
     let shown = String::from_utf8(output.stdout).unwrap();
     for expected in [
@@ -133,10 +132,7 @@ fn inspect_of_a_broken_bundle_fails_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     write_bundle(dir.path());
     std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_outpostd"))
-        .args(["model", "inspect", dir.path().to_str().unwrap()])
-        .output()
-        .unwrap();
+    let output = binary::outpostd().args(["model", "inspect", dir.path().to_str().unwrap()]).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("tokenizer.json: `tokenizer` file is missing"), "{stderr}");

@@ -140,10 +140,7 @@ fn a_tls_file_that_is_missing_or_not_pem_is_a_config_error() {
     ];
     for (tls, key, message) in cases {
         let config = write_station(dir.path(), "bad", &format!("port = 8883\n[mqtt.tls]\n{tls}"));
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_outpostd"))
-            .args(["check-config", config.to_str().unwrap()])
-            .output()
-            .unwrap();
+        let output = common::outpostd().args(["check-config", config.to_str().unwrap()]).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(78), "{tls}: {stderr}");
         assert!(

@@ -12,6 +12,8 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::supervision::Heartbeat;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceState {
@@ -23,6 +25,17 @@ pub enum DeviceState {
     Ended,
     /// The station stopped capturing (a clean stop).
     Stopped,
+}
+
+impl std::fmt::Display for DeviceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceState::Online => "online",
+            DeviceState::Offline => "offline",
+            DeviceState::Ended => "ended",
+            DeviceState::Stopped => "stopped",
+        })
+    }
 }
 
 /// One report, published as JSON: `{"state":"offline","source":"...","error":"...","retry_in_secs":4.0,"since":"..."}`.
@@ -68,13 +81,25 @@ impl DeviceStatus {
 #[derive(Debug, Clone)]
 pub struct StatusReporter {
     sender: Arc<watch::Sender<Option<DeviceStatus>>>,
+    /// Beaten by whichever source thread drives the device, as it delivers and as it waits to
+    /// retry: silence means that thread is stuck.
+    heartbeat: Heartbeat,
 }
 
 impl StatusReporter {
     /// A reporter and the receiver that sees its latest report.
     pub fn new() -> (Self, watch::Receiver<Option<DeviceStatus>>) {
         let (sender, receiver) = watch::channel(None);
-        (Self { sender: Arc::new(sender) }, receiver)
+        (Self { sender: Arc::new(sender), heartbeat: Heartbeat::default() }, receiver)
+    }
+
+    pub fn heartbeat(&self) -> &Heartbeat {
+        &self.heartbeat
+    }
+
+    /// The state last reported, if any.
+    pub fn state(&self) -> Option<DeviceState> {
+        self.sender.borrow().as_ref().map(|s| s.state)
     }
 
     pub fn online(&self, source: &str, mode: impl Into<String>) {
@@ -245,10 +270,19 @@ impl Reconnect {
     /// Before an attempt to open: waits out the back-off after a failure. False once the
     /// pipeline is stopping.
     pub fn ready_to_open(&mut self) -> bool {
+        // Waiting out a back-off is not being stuck: the wait beats the heartbeat as it goes.
+        const BEAT_EVERY: Duration = Duration::from_secs(1);
         if self.wait_first {
-            let delay = self.backoff.advance();
-            if !self.stop.sleep(delay) {
-                return false;
+            let deadline = std::time::Instant::now() + self.backoff.advance();
+            loop {
+                self.status.heartbeat.beat();
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                if !self.stop.sleep(left.min(BEAT_EVERY)) {
+                    return false;
+                }
             }
         }
         !self.stop.is_set()

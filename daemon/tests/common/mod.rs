@@ -9,6 +9,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+mod binary;
+pub use binary::outpostd;
+
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
@@ -268,7 +271,7 @@ impl Daemon {
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let stderr_path = dir.path().join("stderr.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_outpostd"))
+        let child = outpostd()
             .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "info,outpost=debug")
