@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{stored_ids, write_config, Daemon, Mosquitto, Subscriber, CLIP_CAMERA};
+use common::{stored_ids, wait_for_ids, write_config, Daemon, Mosquitto, Subscriber, CLIP_CAMERA};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -338,34 +338,14 @@ fn killed_mid_burst_of_alerts_in_an_outage_the_restarted_daemon_delivers_every_s
     broker.restart();
     let restarted_at = std::time::SystemTime::now();
     let second = Daemon::run_config(&config);
-    let missing = std::cell::RefCell::new(stored.iter().cloned().collect::<std::collections::HashSet<_>>());
-    for message in subscriber.received() {
-        if message.topic == alerts {
-            missing.borrow_mut().remove(message.json()["id"].as_str().unwrap());
-        }
-    }
-    if !missing.borrow().is_empty() {
-        subscriber.wait_for("every alert the killed daemon had stored", WAIT, |m| {
-            if m.topic == alerts {
-                missing.borrow_mut().remove(m.json()["id"].as_str().unwrap());
-            }
-            missing.borrow().is_empty()
-        });
-    }
+    let (delivered, first_seen) = wait_for_ids(&mut subscriber, alerts, &stored, WAIT);
     second.wait_for_log("messages from an earlier run to deliver first", WAIT);
-
-    let delivered: Vec<_> = subscriber.received().iter().filter(|m| m.topic == alerts).cloned().collect();
-    let mut first_seen: Vec<String> = Vec::new();
     for message in &delivered {
         let alert = message.json();
-        let id = alert["id"].as_str().unwrap().to_owned();
         // Raised while the broker was down, so it can only have come from the outbox, after the restart.
-        if stored_in_outage.contains(&id) {
+        if stored_in_outage.iter().any(|id| alert["id"] == id.as_str()) {
             assert!(message.received_at > restarted_at, "{}", message.payload);
             assert_eq!(alert["historical"], true, "left by the killed daemon: {}", message.payload);
-        }
-        if stored.contains(&id) && !first_seen.contains(&id) {
-            first_seen.push(id);
         }
     }
     assert_eq!(first_seen, stored, "every stored alert, once each at least, in the order it was raised");

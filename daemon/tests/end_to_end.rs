@@ -6,7 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, SystemTime};
 
-use common::{stored_ids, write_config, Daemon, Mosquitto, Subscriber, CLIP_CAMERA, FAST_MOTION_GATE};
+use common::{stored_ids, wait_for_ids, write_config, Daemon, Mosquitto, Subscriber, CLIP_CAMERA, FAST_MOTION_GATE};
 use nix::sys::signal::Signal;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -184,36 +184,17 @@ fn killed_mid_burst_in_an_outage_the_restarted_daemon_delivers_every_stored_even
     broker.restart();
     let restarted_at = SystemTime::now();
     let second = Daemon::run_config(&config);
-    let missing = std::cell::RefCell::new(stored.iter().cloned().collect::<std::collections::HashSet<_>>());
     // Those delivered before the outage are already there; the rest come from the outbox.
-    for message in subscriber.received() {
-        if message.topic == "outpost/burst/events" {
-            missing.borrow_mut().remove(message.json()["id"].as_str().unwrap());
-        }
-    }
-    if !missing.borrow().is_empty() {
-        subscriber.wait_for("every event the killed daemon had stored", WAIT, |m| {
-            if m.topic == "outpost/burst/events" {
-                missing.borrow_mut().remove(m.json()["id"].as_str().unwrap());
-            }
-            missing.borrow().is_empty()
-        });
-    }
+    let (events, first_seen) = wait_for_ids(&mut subscriber, "outpost/burst/events", &stored, WAIT);
     second.wait_for_log("messages from an earlier run to deliver first", WAIT);
-
-    let events: Vec<_> = subscriber.received().iter().filter(|m| m.topic == "outpost/burst/events").cloned().collect();
-    let mut first_seen: Vec<String> = Vec::new();
     for message in &events {
         let json = message.json();
-        let id = json["id"].as_str().unwrap().to_owned();
+        let id = json["id"].as_str().unwrap();
         let at = humantime::parse_rfc3339(json["timestamp"].as_str().unwrap()).unwrap();
         // Captured in the outage, so it can only have come from the outbox, through the restart.
-        if at > outage_start && stored.contains(&id) {
+        if at > outage_start && stored.iter().any(|s| s == id) {
             assert!(message.received_at > restarted_at);
             assert_eq!(json["historical"], true, "left by the killed daemon: {}", message.payload);
-        }
-        if stored.contains(&id) && !first_seen.contains(&id) {
-            first_seen.push(id);
         }
     }
     assert_eq!(first_seen, stored, "every stored event, once each at least, in the order it happened");

@@ -347,6 +347,38 @@ pub fn stored_ids(log: &str, kind: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits until each of `ids` has arrived on `topic` (as a message's `"id"`), counting those already
+/// received. Returns every message on `topic` so far, and the ids in the order each first arrived.
+pub fn wait_for_ids(
+    subscriber: &mut Subscriber,
+    topic: &str,
+    ids: &[String],
+    timeout: Duration,
+) -> (Vec<Message>, Vec<String>) {
+    let id_of = |m: &Message| m.json()["id"].as_str().map(str::to_owned);
+    let missing = std::cell::RefCell::new(ids.iter().cloned().collect::<std::collections::HashSet<_>>());
+    let arrived = |m: &Message| {
+        if let Some(id) = (m.topic == topic).then(|| id_of(m)).flatten() {
+            missing.borrow_mut().remove(&id);
+        }
+        missing.borrow().is_empty()
+    };
+    for message in subscriber.received() {
+        arrived(message);
+    }
+    if !missing.borrow().is_empty() {
+        subscriber.wait_for(&format!("every one of {} ids on {topic}", ids.len()), timeout, arrived);
+    }
+    let delivered: Vec<Message> = subscriber.received().iter().filter(|m| m.topic == topic).cloned().collect();
+    let mut first_seen: Vec<String> = Vec::new();
+    for id in delivered.iter().filter_map(id_of) {
+        if ids.contains(&id) && !first_seen.contains(&id) {
+            first_seen.push(id);
+        }
+    }
+    (delivered, first_seen)
+}
+
 /// Writes a station config for a broker on `port`, with the given extra TOML, into `dir`.
 pub fn write_config(dir: &Path, station: &str, port: u16, extra: &str) -> PathBuf {
     let path = dir.join(format!("{station}.toml"));
