@@ -376,7 +376,6 @@ const MAX_PENDING_CALLS: usize = 16;
 impl Worker {
     fn run(self, inbox: &Inbox, schedule: Option<Duration>) {
         let heartbeat = self.gauges.heartbeat.clone();
-        heartbeat.beat();
         self.serve(inbox, schedule);
         heartbeat.retire();
     }

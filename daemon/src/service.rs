@@ -122,8 +122,8 @@ pub async fn run(config: Config, options: ServiceOptions) -> Result<PublisherRep
             () = finished(&mut station.pipeline) => Wake::SourcesEnded,
             Some(inbound) = next_command(&mut station.commands) => Wake::Inbound(inbound),
             Some(output) = analysis_rx.recv() => Wake::Analysis(output),
-            _ = tick(&mut stats_timer) => Wake::Stats,
-            _ = supervise_tick(&mut supervise_timer) => Wake::Supervise,
+            _ = tick(stats_timer.as_mut().map(|(_, interval)| interval)) => Wake::Stats,
+            _ = tick(supervise_timer.as_mut()) => Wake::Supervise,
         };
         match wake {
             Wake::Stop(signal) => {
@@ -447,15 +447,6 @@ fn stats_timer_if_changed(
     }
 }
 
-async fn supervise_tick(timer: &mut Option<tokio::time::Interval>) {
-    match timer {
-        Some(interval) => {
-            interval.tick().await;
-        }
-        None => std::future::pending().await,
-    }
-}
-
 /// Until the station is ready, how often readiness is checked.
 const STARTUP_CHECK_EVERY: Duration = Duration::from_millis(500);
 /// Without a watchdog, how often the status line is refreshed.
@@ -463,9 +454,10 @@ const STATUS_EVERY: Duration = Duration::from_secs(10);
 /// How long start-up waits for the broker before saying ready without it.
 const BROKER_READY_WAIT: Duration = Duration::from_secs(30);
 
-async fn tick(timer: &mut Option<(f64, tokio::time::Interval)>) {
+/// The timer's next tick; never without a timer.
+async fn tick(timer: Option<&mut tokio::time::Interval>) {
     match timer {
-        Some((_, interval)) => {
+        Some(interval) => {
             interval.tick().await;
         }
         None => std::future::pending().await,
