@@ -3,8 +3,8 @@
 # and preparing the real Gemma 3 270M bundles outside the repository
 # (deploy/models/prepare_test_models.sh, cached in ~/.cache/outpost) and the silero VAD model
 # (deploy/models/fetch_silero_vad.sh, same cache). The models are prepared while the tests
-# compile. Then the emulated aarch64 pass (cross/aarch64.sh test). Extra arguments go to the native
-# `cargo test` alone, e.g. `bash test.sh --test end_to_end`.
+# compile. Then the emulated aarch64 pass (cross/aarch64.sh test) and the arm64 package's check.
+# Extra arguments go to the native `cargo test` alone, e.g. `bash test.sh --test end_to_end`.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash deploy/dev-setup.sh
@@ -32,4 +32,10 @@ cargo test --workspace --locked "$@"
 if (($# == 0)) && [ -z "${OUTPOST_SKIP_AARCH64:-}" ]; then
   bash cross/setup.sh
   bash cross/aarch64.sh test
+  # The arm64 Debian package, made from that pass's binary, installed into a scratch root like the
+  # amd64 one above (daemon/tests/debian_package.rs).
+  packages=$(mktemp -d)
+  trap 'rm -rf "$models_env" "$packages"' EXIT
+  arm64_package=$(bash cross/aarch64.sh deb --no-build --profile dev --fast --quiet -o "$packages")
+  OUTPOST_TEST_DEB="$arm64_package" cargo test --locked -p outpostd --test debian_package
 fi

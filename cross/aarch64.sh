@@ -5,6 +5,7 @@
 #   cross/aarch64.sh build            the release binary, stripped: prints its path
 #   cross/aarch64.sh test [ARGS...]   the emulated test pass (see EMULATED_TESTS), or
 #                                     `cargo test --target aarch64-unknown-linux-gnu ARGS...`
+#   cross/aarch64.sh deb [ARGS...]    the arm64 Debian package (cargo-deb; ARGS go to it): its path
 #
 # The compiler is rustup's where it has the aarch64 target, otherwise Debian's own Rust (rustc-web),
 # each with its own target directory under the cache: the two compilers' artifacts do not mix.
@@ -84,8 +85,12 @@ case "${1:-}" in
     "${cargo[@]}" test --locked --target "$target" -p outpostd "${EMULATED_TESTS[@]}"
     exec "${cargo[@]}" test --locked --target "$target" -p outpostd "${EMULATED_GEMMA3[@]}"
     ;;
+  deb)
+    shift
+    exec "${cargo[@]}" deb --locked --target "$target" -p outpostd "$@"
+    ;;
   *)
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
     ;;
 esac

@@ -10,6 +10,9 @@ packages=(
   libasound2-dev     # alsa-lib, which the microphone source links against
   pkg-config         # finds alsa-lib for the build
   libclang-dev       # bindgen, which the v4l crate runs to read the kernel's V4L2 headers
+  systemd            # systemd-analyze, which checks the unit (verify, security)
+  openssh-server     # the station deploy/deploy.sh installs to in the package tests
+  openssh-client
 )
 
 missing=()
@@ -31,3 +34,11 @@ command -v cargo >/dev/null || {
   echo "dev-setup: cargo not found: install Rust from https://rustup.rs, then run this again" >&2
   exit 1
 }
+
+# The Debian package (deploy/debian/) is made by cargo-deb; this version's maintainer-script
+# snippets are the ones daemon/tests/debian_package.rs runs.
+cargo_deb_version=3.8.0
+if ! cargo deb --version 2>/dev/null | grep -qx "cargo-deb $cargo_deb_version"; then
+  echo "dev-setup: installing cargo-deb $cargo_deb_version" >&2
+  cargo install --locked --quiet cargo-deb --version "$cargo_deb_version"
+fi

@@ -222,12 +222,12 @@ impl Station {
             if let Some(analyzer) = self.analyzer.take() {
                 tokio::task::spawn_blocking(move || analyzer.stop()).await?;
             }
-            self.analyzer = match Analyzer::start(&config, self.analysis_tx.clone()) {
+            self.analyzer = match self.load_analyzer(&config).await? {
                 Ok(analyzer) => analyzer,
                 Err(e) => {
                     failure = Some(format!("cannot start the new config's model stage ({e})"));
                     config = self.config.clone();
-                    Analyzer::start(&config, self.analysis_tx.clone())?
+                    self.load_analyzer(&config).await??
                 }
             };
         }
@@ -263,6 +263,33 @@ impl Station {
             None if was_capturing => Ok(format!("applied {}", path.display())),
             None => Ok(format!("applied {} (capture stays paused)", path.display())),
         })
+    }
+
+    /// Loads `config`'s model off the main loop: a minute on a Pi, longer than the watchdog allows
+    /// a silent loop. Meanwhile the watchdog is fed while the publisher beats and the load has
+    /// run less than `MODEL_LOAD_LIMIT`; a load that hangs past it is a wedge like any other.
+    async fn load_analyzer(
+        &mut self,
+        config: &Config,
+    ) -> Result<Result<Option<Analyzer>, AnalysisError>, ServiceError> {
+        let (owned, out) = (config.clone(), self.analysis_tx.clone());
+        let mut loading = tokio::task::spawn_blocking(move || Analyzer::start(&owned, out));
+        let Some(limit) = self.manager.wedged_after() else { return Ok(loading.await?) };
+        let started = Instant::now();
+        let mut check = tokio::time::interval(self.manager.watchdog_interval().unwrap_or(STATUS_EVERY));
+        loop {
+            tokio::select! {
+                loaded = &mut loading => return Ok(loaded?),
+                _ = check.tick() => {
+                    let mut wedged = supervision::wedged([("publisher", self.publisher.heartbeat())], limit);
+                    if started.elapsed() > MODEL_LOAD_LIMIT {
+                        wedged.push(format!("model (loading for {} s)", started.elapsed().as_secs()));
+                    }
+                    self.manager.status(&format!("loading the model ({} s)", started.elapsed().as_secs()));
+                    self.manager.watchdog(&wedged);
+                }
+            }
+        }
     }
 
     /// Carries out a command; `None` when the reply comes later (from the model stage).
@@ -451,6 +478,9 @@ fn stats_timer_if_changed(
 const STARTUP_CHECK_EVERY: Duration = Duration::from_millis(500);
 /// Without a watchdog, how often the status line is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
+/// How long a model load during a reload may take before it counts as wedged: a 3 GB bundle read
+/// from an SD card and its sha256s checked take about a minute on a Pi 5.
+const MODEL_LOAD_LIMIT: Duration = Duration::from_secs(300);
 /// How long start-up waits for the broker before saying ready without it.
 const BROKER_READY_WAIT: Duration = Duration::from_secs(30);
 

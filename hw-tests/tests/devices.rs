@@ -16,12 +16,11 @@ use outpost::config::PixelFormat;
 use outpost::gate::level_dbfs;
 use outpost::probe::{camera_nodes, capture_pcms};
 
-/// Says what was skipped where it is seen: straight to stderr, past the test harness's capture
-/// (which holds back a passing test's `println!`).
-fn skip(test: &str, why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "hw-tests: skipped {test}: {why}");
-}
+mod common;
+use common::{service_is_running, skip};
+
+/// The devices are the service's while it runs: V4L2 and ALSA give them to one process at a time.
+const SERVICE_HOLDS_THEM: &str = "the outpostd service holds the devices (sudo systemctl stop outpostd, then again)";
 
 /// A USB camera: the one named, else the first with a stable by-id name (the Pi's own /dev/video*
 /// nodes belong to its ISP and CSI receiver, not to a camera that can stream on its own).
@@ -34,6 +33,9 @@ fn usb_camera() -> Option<PathBuf> {
 
 #[test]
 fn a_usb_camera_streams_frames_of_the_negotiated_size() {
+    if service_is_running() {
+        return skip("usb camera", SERVICE_HOLDS_THEM);
+    }
     let Some(node) = usb_camera() else {
         return skip("usb camera", "no /dev/v4l/by-id camera (plug in a USB camera, or set OUTPOST_HW_CAMERA)");
     };
@@ -57,6 +59,9 @@ fn a_usb_camera_streams_frames_of_the_negotiated_size() {
 fn a_csi_camera_streams_through_rpicam_vid() {
     let found = std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join("rpicam-vid").is_file()));
+    if service_is_running() {
+        return skip("csi camera", SERVICE_HOLDS_THEM);
+    }
     if !found {
         return skip("csi camera", "rpicam-vid is not installed (Raspberry Pi OS: apt install rpicam-apps)");
     }
@@ -115,6 +120,9 @@ fn usb_microphone() -> Option<String> {
 
 #[test]
 fn a_usb_microphone_captures_16_khz_mono_without_overruns() {
+    if service_is_running() {
+        return skip("usb microphone", SERVICE_HOLDS_THEM);
+    }
     let Some(device) = usb_microphone() else {
         return skip(
             "usb microphone",
@@ -136,4 +144,48 @@ fn a_usb_microphone_captures_16_khz_mono_without_overruns() {
     println!("3 s of audio in {:.2} s, level {:.1} dBFS", elapsed.as_secs_f64(), level_dbfs(&samples));
     assert_eq!(microphone.overruns(), 0);
     assert_eq!(microphone.reopens(), 0, "the microphone failed while capturing: {:?}", status_rx.borrow());
+}
+
+/// A minute of both devices at once, as a station runs them: no frame stalls for a second, no
+/// audio is lost to an overrun, and neither device has to be opened again.
+#[test]
+fn a_minute_of_camera_and_microphone_capture_loses_nothing() {
+    if service_is_running() {
+        return skip("a minute of capture", SERVICE_HOLDS_THEM);
+    }
+    let (Some(node), Some(device)) = (usb_camera(), usb_microphone()) else {
+        return skip("a minute of capture", "needs both a USB camera and a USB microphone");
+    };
+    let minute = Duration::from_secs(60);
+    let microphone = std::thread::spawn(move || {
+        let (status, status_rx) = StatusReporter::new();
+        let settings = AlsaSettings { chunk_ms: 100, buffer_ms: 500 };
+        let mut microphone = AlsaCapture::open(&device, settings, status, StopFlag::default()).unwrap();
+        let start = Instant::now();
+        for _ in 0..600 {
+            microphone.next_chunk().unwrap().unwrap();
+        }
+        let took = start.elapsed();
+        assert_eq!(microphone.overruns(), 0, "{device}: audio was lost");
+        assert_eq!(microphone.reopens(), 0, "{device} failed while capturing: {:?}", status_rx.borrow());
+        took
+    });
+
+    let settings = V4l2Settings { format: PixelFormat::Mjpeg, width: 640, height: 480, fps: 10.0 };
+    let (status, status_rx) = StatusReporter::new();
+    let mut camera = V4l2Camera::open(node.clone(), settings, status, StopFlag::default());
+    let mode = camera.mode().unwrap_or_else(|| panic!("{} did not open: {:?}", node.display(), status_rx.borrow()));
+    let start = Instant::now();
+    let (mut frames, mut longest_gap, mut last) = (0u64, Duration::ZERO, Instant::now());
+    while start.elapsed() < minute {
+        camera.next_frame().unwrap().unwrap();
+        frames += 1;
+        longest_gap = longest_gap.max(last.elapsed());
+        last = Instant::now();
+    }
+    let audio_took = microphone.join().expect("the microphone thread failed");
+    println!("{}: {mode}: {frames} frames in 60 s, longest gap {longest_gap:?}", node.display());
+    println!("600 audio chunks (60 s) in {:.2} s", audio_took.as_secs_f64());
+    assert_eq!(camera.reopens(), 0, "the camera failed while streaming: {:?}", status_rx.borrow());
+    assert!(longest_gap < Duration::from_secs(1), "the camera stalled for {longest_gap:?}");
 }
