@@ -37,5 +37,5 @@ if (($# == 0)) && [ -z "${OUTPOST_SKIP_AARCH64:-}" ]; then
   packages=$(mktemp -d)
   trap 'rm -rf "$models_env" "$packages"' EXIT
   arm64_package=$(bash cross/aarch64.sh deb --no-build --profile dev --fast --quiet -o "$packages")
-  OUTPOST_TEST_DEB="$arm64_package" cargo test --locked -p outpostd --test debian_package
+  OUTPOST_TEST_DEB="$arm64_package" cargo test --locked -p outpostd --test debian_package scratch_root
 fi

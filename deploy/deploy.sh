@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs outpostd on a station over ssh: the package, the station's config and a model bundle,
 # every file checked on arrival, then (re)starts the service. Nothing on the station changes
-# until everything sent has arrived intact and the new config passes `outpostd check-config`.
+# until everything sent has arrived intact and the new config passes `outpostd check-config`
+# (deploy/install-on-station.sh, the station's half, says how).
 #
 #   bash deploy/deploy.sh [-p PORT] [-i IDENTITY] [-o SSH_OPTION]... USER@HOST \
 #       --package outpostd_VERSION_arm64.deb --config STATION.toml [--bundle MODEL_DIR]
@@ -47,7 +48,7 @@ name=$(dpkg-deb --field "$package" Package 2>/dev/null) || fail "--package $pack
 [ -f "$config" ] || fail "--config $config: no such file"
 if [ -n "$bundle" ]; then
   [ -f "$bundle/manifest.json" ] || fail "--bundle $bundle: no manifest.json, not a model bundle (deploy/models/README.md)"
-  grep -Eq "^[[:space:]]*bundle[[:space:]]*=[[:space:]]*\"/var/lib/outpost/models/$(basename "$bundle")/?\"" "$config" ||
+  grep -qF "\"/var/lib/outpost/models/$(basename "$bundle")\"" "$config" ||
     fail "--config $config: its [model] bundle must be \"/var/lib/outpost/models/$(basename "$bundle")\", where the bundle goes"
 fi
 
@@ -66,13 +67,14 @@ if [ -n "$bundle" ]; then
 fi
 echo "deploy: sending $(basename "$package")${bundle:+, the bundle $(basename "$bundle") ($(du -sh "$bundle" | cut -f1))} and $(basename "$config") to $station" >&2
 
-remote_dir=/var/tmp/outpost-deploy
-ssh "${ssh_options[@]}" "$station" "rm -rf $remote_dir && mkdir -p $remote_dir" ||
+# A directory of its own, readable by the login user alone: the config may hold the broker's
+# password. The station's script removes it, whatever happens there.
+remote_dir=$(ssh "${ssh_options[@]}" "$station" 'umask 077 && mktemp -d /var/tmp/outpost-deploy.XXXXXX') ||
   fail "cannot reach $station over ssh (key-based login is needed: ssh-copy-id $station)"
 scp -q -r "${scp_options[@]}" "${send[@]}" "$station:$remote_dir/" || fail "copying to $station failed"
 scp -q "${scp_options[@]}" "$staging/SHA256SUMS" "$station:$remote_dir/" || fail "copying to $station failed"
 
 sudo="sudo -n"
 [ "$(ssh "${ssh_options[@]}" "$station" id -u)" = 0 ] && sudo=""
-ssh "${ssh_options[@]}" "$station" "$sudo sh $remote_dir/install-on-station.sh $remote_dir ${bundle:+$(basename "$bundle")}" ||
-  fail "installing on $station failed (see above)"
+install=$(printf '%q ' sh "$remote_dir/install-on-station.sh" "$remote_dir" ${bundle:+"$(basename "$bundle")"})
+ssh "${ssh_options[@]}" "$station" "$sudo $install" || fail "installing on $station failed (see above)"

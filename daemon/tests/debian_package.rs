@@ -1,12 +1,13 @@
 //! The Debian package (`[package.metadata.deb]` in daemon/Cargo.toml, scripts in deploy/debian/),
 //! made by cargo-deb from the binary these tests run and installed into a scratch root with
 //! `dpkg --root`, its maintainer scripts run chrootless with `DPKG_ROOT` as dpkg sets it. Checked:
-//! the files and the conffile, the state directory, the post-install's word when the model bundle
-//! is missing and its enabling once the config is ready, `systemd-analyze verify` on the installed
-//! unit, then remove (config and state kept) and purge (both gone).
+//! the files and the conffile, the state directory, `systemd-analyze verify` on the installed unit,
+//! then remove (config and state kept) and purge (both gone). The post-install's decisions on a
+//! live system (the config not ready, then ready) are checked where `deploy.sh` installs the
+//! package on a station, below.
 //!
 //! `OUTPOST_TEST_DEB` names a package to check instead: test.sh hands over the arm64 package made
-//! from the emulated pass's binary, which cannot run here, so its post-install only says so.
+//! from the emulated pass's binary.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -39,24 +40,31 @@ fn run(command: &mut Command) -> Output {
 
 /// The package of this build: cargo-deb packs the test profile's binary (`--no-build`), so the
 /// check costs seconds, not a release build; what it proves, the package's layout and scripts, is
-/// the same for the release build (`deploy/package.sh`).
-fn package_of_this_build(out: &Path) -> PathBuf {
-    let binary = Path::new(env!("CARGO_BIN_EXE_outpostd"));
-    let profile_dir = binary.parent().unwrap();
-    let target_dir = profile_dir.parent().unwrap();
-    let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
-        "debug" => "dev",
-        other => other,
-    };
-    let output = Command::new("cargo")
-        .args(["deb", "-p", "outpostd", "--no-build", "--fast", "--quiet", "--profile", profile, "-o"])
-        .arg(out)
-        .env("CARGO_TARGET_DIR", target_dir)
-        .current_dir(repo())
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "cargo deb failed (deploy/dev-setup.sh installs cargo-deb):\n{}", said(&output));
-    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+/// the same for the release build (`deploy/package.sh`). Made once per run, into the target
+/// directory: two cargo-deb runs at once share its intermediate files.
+fn package_of_this_build() -> PathBuf {
+    static PACKAGE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PACKAGE
+        .get_or_init(|| {
+            let binary = Path::new(env!("CARGO_BIN_EXE_outpostd"));
+            let profile_dir = binary.parent().unwrap();
+            let target_dir = profile_dir.parent().unwrap();
+            let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
+                "debug" => "dev",
+                other => other,
+            };
+            let output = Command::new("cargo")
+                .args(["deb", "-p", "outpostd", "--no-build", "--fast", "--quiet", "--profile", profile, "-o"])
+                .arg(target_dir.join("debian-test"))
+                .env("CARGO_TARGET_DIR", target_dir)
+                .current_dir(repo())
+                .output()
+                .unwrap();
+            let failed = "cargo deb failed (deploy/dev-setup.sh installs cargo-deb)";
+            assert!(output.status.success(), "{failed}:\n{}", said(&output));
+            PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+        })
+        .clone()
 }
 
 /// The package's Depends names a package for every shared library the binary needs, and a libc
@@ -172,10 +180,9 @@ fn the_package_installs_into_a_scratch_root_waits_for_a_model_bundle_and_purges_
     if not_root("the package") {
         return;
     }
-    let out = tempfile::tempdir().unwrap();
     let package = match std::env::var_os("OUTPOST_TEST_DEB") {
         Some(given) => PathBuf::from(given),
-        None => package_of_this_build(out.path()),
+        None => package_of_this_build(),
     };
     let root = ScratchRoot::new(&package);
     let installed = root.dpkg(&["--install", package.to_str().unwrap()]);
@@ -212,36 +219,23 @@ fn the_package_installs_into_a_scratch_root_waits_for_a_model_bundle_and_purges_
     assert_eq!(root.mode("/var/lib/private"), 0o700);
     assert!(state.join(".").is_dir());
 
-    // Not enabled: the packaged config names a model bundle that is not there yet.
+    // Installed into a folder, the config's paths are that system's: not checked, not enabled,
+    // and the post-install says how to enable it there.
     let wanted = root.path("/etc/systemd/system/multi-user.target.wants/outpostd.service");
-    assert!(!wanted.exists() && wanted.symlink_metadata().is_err());
-    if root.foreign {
-        assert!(installed.contains("cannot run here, so the config was not checked"), "{installed}");
-    } else {
-        assert!(
-            installed.contains("the service was not enabled: /etc/outpost/outpostd.toml is not ready yet"),
-            "{installed}"
-        );
-        assert!(
-            installed.contains("model.bundle: /var/lib/outpost/models/gemma4-e2b: no manifest.json"),
-            "{installed}"
-        );
-        assert!(installed.contains("the config has 1 problem(s)"), "only the bundle is missing:\n{installed}");
-        assert!(installed.contains("sudo systemctl enable --now outpostd"), "{installed}");
+    assert!(wanted.symlink_metadata().is_err());
+    let expected = format!("outpostd: installed under {}; the service is not enabled there", root.dir.path().display());
+    assert!(installed.contains(&expected), "{installed}");
+    let root_arg = format!("--root={}", root.dir.path().display());
+    run(Command::new("systemctl").args([&root_arg, "enable", "outpostd.service"]));
+    assert_eq!(std::fs::read_link(&wanted).unwrap(), Path::new("/usr/lib/systemd/system/outpostd.service"));
 
-        // The station's config, naming a bundle that is in place: installing again enables the
-        // service, for the next boot since no systemd runs the scratch root.
-        let bundle = repo().join("daemon/tests/fixtures/gemma4-tiny").canonicalize().unwrap();
-        let text = String::from_utf8(config).unwrap();
-        let ready = text.replace("/var/lib/outpost/models/gemma4-e2b", bundle.to_str().unwrap());
-        assert_ne!(ready, text);
-        std::fs::write(root.path("/etc/outpost/outpostd.toml"), &ready).unwrap();
-        let again = root.dpkg(&["--install", package.to_str().unwrap()]);
-        assert!(again.contains("is ready; the service is enabled and starts at the next boot"), "{again}");
-        assert_eq!(std::fs::read_link(&wanted).unwrap(), Path::new("/usr/lib/systemd/system/outpostd.service"));
-        let kept = std::fs::read_to_string(root.path("/etc/outpost/outpostd.toml")).unwrap();
-        assert_eq!(kept, ready, "reinstalling replaced the station's config");
-    }
+    // Installing again keeps the station's edits to its config.
+    let edited = String::from_utf8(config).unwrap().replace("fps = 5", "fps = 2");
+    std::fs::write(root.path("/etc/outpost/outpostd.toml"), &edited).unwrap();
+    root.dpkg(&["--install", package.to_str().unwrap()]);
+    let kept = std::fs::read_to_string(root.path("/etc/outpost/outpostd.toml")).unwrap();
+    assert_eq!(kept, edited, "reinstalling replaced the station's config");
+    assert_eq!(root.mode("/etc/outpost/outpostd.toml"), 0o640);
 
     root.verify_unit();
 
@@ -296,6 +290,7 @@ impl Station {
              mount -t overlay overlay -o lowerdir=/,upperdir={upper},workdir={work} {merged}\n\
              mount -t proc proc {merged}/proc\n\
              mount --rbind /dev {merged}/dev\n\
+             mount --rbind /tmp {merged}/tmp\n\
              mount -t tmpfs tmpfs {merged}/run\n\
              mkdir -p {merged}/run/sshd\n\
              exec chroot {merged} /usr/sbin/sshd -D -e -f {config}",
@@ -327,13 +322,31 @@ impl Station {
         self.dir.path().join("upper").join(inside.trim_start_matches('/'))
     }
 
+    /// How ssh reaches this station: its port and key, this machine's ssh config left out.
+    fn ssh_options(&self) -> Vec<String> {
+        let key = self.dir.path().join("client_key");
+        ["-p", &self.port.to_string(), "-i", key.to_str().unwrap()]
+            .into_iter()
+            .chain(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
+            .chain(["-o", "IdentitiesOnly=yes"])
+            .map(String::from)
+            .collect()
+    }
+
+    /// A command run on the station as root, through ssh; what it printed.
+    fn ssh(&self, command: &str) -> String {
+        said(&run(Command::new("ssh")
+            .args(["-F", "/dev/null"])
+            .args(self.ssh_options())
+            .arg("root@127.0.0.1")
+            .arg(command)))
+    }
+
     /// `deploy/deploy.sh` to this station, as root; what it printed, and whether it succeeded.
     fn deploy(&self, package: &Path, config: &Path, bundle: &Path) -> (bool, String) {
-        let key = self.dir.path().join("client_key");
         let output = Command::new("bash")
             .arg(repo().join("deploy/deploy.sh"))
-            .args(["-p", &self.port.to_string(), "-i", key.to_str().unwrap()])
-            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
+            .args(self.ssh_options())
             .arg("root@127.0.0.1")
             .arg("--package")
             .arg(package)
@@ -363,7 +376,7 @@ fn deploy_installs_package_config_and_bundle_over_ssh_and_refuses_a_damaged_bund
         return;
     }
     let out = tempfile::tempdir().unwrap();
-    let package = package_of_this_build(out.path());
+    let package = package_of_this_build();
     let station = Station::start();
 
     // The station's config names the bundle where the deploy puts it.
@@ -376,9 +389,20 @@ fn deploy_installs_package_config_and_bundle_over_ssh_and_refuses_a_damaged_bund
     let config = out.path().join("station.toml");
     std::fs::write(&config, &text).unwrap();
 
+    // The package alone, as `apt install` puts it on a station: the config it brings names a
+    // bundle that is not there, so the service is not enabled, and the post-install says why.
+    let installed = station.ssh(&format!("apt-get install -y -qq {}", package.display()));
+    assert!(installed.contains("outpostd: /etc/outpost/outpostd.toml is not ready:"), "{installed}");
+    assert!(installed.contains("model.bundle: /var/lib/outpost/models/gemma4-e2b: no manifest.json"), "{installed}");
+    assert!(installed.contains("the config has 1 problem(s)"), "only the bundle is missing:\n{installed}");
+    assert!(installed.contains("outpostd: the service was not enabled"), "{installed}");
+    assert!(installed.contains("sudo systemctl enable --now outpostd"), "{installed}");
+    let wanted = station.changed("/etc/systemd/system/multi-user.target.wants/outpostd.service");
+    assert!(wanted.symlink_metadata().is_err());
+
     let (ok, said) = station.deploy(&package, &config, &bundle);
     assert!(ok, "{said}\nsshd:\n{}", station.sshd_log());
-    assert!(said.contains("what arrived is intact; installing outpostd 0.1.0"), "{said}");
+    assert!(said.contains("what arrived is intact and the config passes; installing outpostd 0.1.0"), "{said}");
     assert!(said.contains("installed and enabled; systemd is not running here"), "{said}");
     let status = std::fs::read_to_string(station.changed("/var/lib/dpkg/status")).unwrap();
     let entry = status.split("\n\n").find(|e| e.starts_with("Package: outpostd\n")).unwrap();
@@ -386,8 +410,13 @@ fn deploy_installs_package_config_and_bundle_over_ssh_and_refuses_a_damaged_bund
     assert_eq!(std::fs::read_to_string(station.changed("/etc/outpost/outpostd.toml")).unwrap(), text);
     let models = station.changed("/var/lib/private/outpost/models/gemma4-tiny");
     run(Command::new("diff").arg("--recursive").arg(&bundle).arg(&models));
-    assert!(station.changed("/etc/systemd/system/multi-user.target.wants/outpostd.service").symlink_metadata().is_ok());
-    assert!(!station.changed("/var/tmp/outpost-deploy").exists(), "the staging directory was left behind");
+    assert!(wanted.symlink_metadata().is_ok(), "the deploy did not enable the service");
+    let staging = std::fs::read_dir(station.changed("/var/tmp")).unwrap();
+    let left: Vec<_> =
+        staging.map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains("outpost")).collect();
+    assert!(left.is_empty(), "the staging directory was left behind: {left:?}");
+    // The station's copy, told apart from the one sent, to see which one a refused deploy keeps.
+    std::fs::write(models.join("deployed-first"), "").unwrap();
 
     // One byte of the model changed on the way: refused before anything is installed.
     let decoder = bundle.join("decoder.onnx");
@@ -399,7 +428,7 @@ fn deploy_installs_package_config_and_bundle_over_ssh_and_refuses_a_damaged_bund
     std::fs::write(&config, &changed_config).unwrap();
     let (ok, said) = station.deploy(&package, &config, &bundle);
     assert!(!ok, "a damaged bundle was accepted:\n{said}");
-    assert!(said.contains("the bundle gemma4-tiny does not match its manifest; nothing was installed"), "{said}");
+    assert!(said.contains("the bundle gemma4-tiny does not match its manifest; nothing was changed"), "{said}");
     assert!(said.contains("decoder.onnx"), "the file at fault is named:\n{said}");
     assert_eq!(std::fs::read_to_string(station.changed("/etc/outpost/outpostd.toml")).unwrap(), text);
     assert_ne!(std::fs::read(models.join("decoder.onnx")).unwrap(), std::fs::read(&decoder).unwrap());
@@ -410,8 +439,8 @@ fn deploy_installs_package_config_and_bundle_over_ssh_and_refuses_a_damaged_bund
     let (ok, said) = station.deploy(&package, &config, &bundle);
     assert!(!ok, "a bad config was accepted:\n{said}");
     assert!(said.contains("camera.fps"), "{said}");
-    assert!(said.contains("the station keeps its own config and bundle"), "{said}");
+    assert!(said.contains("the config was refused (above); nothing was changed"), "{said}");
     assert_eq!(std::fs::read_to_string(station.changed("/etc/outpost/outpostd.toml")).unwrap(), text);
-    assert!(models.join("manifest.json").is_file());
+    assert!(models.join("deployed-first").is_file(), "the station's bundle was not put back");
     assert!(!station.changed("/etc/outpost/outpostd.toml.new").exists());
 }
