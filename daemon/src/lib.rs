@@ -2,6 +2,7 @@
 //! whose events a sink publishes over MQTT. See ARCHITECTURE.md for the map.
 
 pub mod analysis;
+pub mod bench;
 pub mod broker;
 pub mod capture;
 pub mod command;

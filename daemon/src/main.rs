@@ -51,6 +51,10 @@ enum Command {
         #[arg(long = "camera", value_name = "DEVICE")]
         cameras: Vec<PathBuf>,
     },
+    /// Measure the model on this machine: load time, peak memory, prefill and decode rates, a
+    /// scene request's first token, the encoders, and how near decoding comes to the memory
+    /// bandwidth's limit.
+    Bench(BenchArgs),
     /// Work with model bundles.
     Model {
         #[command(subcommand)]
@@ -69,14 +73,25 @@ enum ModelCommand {
     Run(ModelRunArgs),
 }
 
+/// Which model, and on how many threads.
 #[derive(clap::Args)]
-struct ModelRunArgs {
+struct ModelChoice {
     /// The model bundle; by default the one the `--config` file's `[model]` names.
     #[arg(value_name = "BUNDLE", required_unless_present = "config")]
     bundle: Option<PathBuf>,
     /// A station config whose `[model]` table gives the bundle and the thread count.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Matrix-multiplication threads; by default `[model] threads` of the --config file, else
+    /// one per core.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct ModelRunArgs {
+    #[command(flatten)]
+    model: ModelChoice,
     #[arg(long)]
     prompt: String,
     /// A picture for the model to look at (PNG or JPEG).
@@ -99,10 +114,24 @@ struct ModelRunArgs {
     top_p: Option<f32>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Matrix-multiplication threads; by default `[model] threads` of the --config file, else
-    /// one per core.
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelChoice,
+    /// Runs of each measurement: the table gives their min, median and max.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Prompt lengths whose prefill is timed.
+    #[arg(long, value_delimiter = ',', default_values_t = [128, 512])]
+    prefill: Vec<usize>,
+    /// Tokens decoded after a short prompt.
+    #[arg(long, default_value_t = 128)]
+    decode: usize,
+    /// Print the figures as JSON instead of a table.
     #[arg(long)]
-    threads: Option<usize>,
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -129,6 +158,7 @@ fn main() -> ExitCode {
             Bundle::open(&bundle).map(|bundle| print!("{bundle}")).map_err(anyhow::Error::from)
         }
         Command::Model { command: ModelCommand::Run(args) } => model_run(&args),
+        Command::Bench(args) => bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -144,25 +174,7 @@ fn model_run(args: &ModelRunArgs) -> anyhow::Result<()> {
 
     use outpost::model::{use_threads, Model, Question, Sampling};
 
-    let model_config =
-        match &args.config {
-            Some(path) => match config::load(path) {
-                Ok(loaded) => Some(loaded.model.clone().map(|model| (loaded, model)).with_context(|| {
-                    format!("{}: has no [model] table to name the bundle and threads", path.display())
-                })?),
-                Err(e) => anyhow::bail!("{e}"),
-            },
-            None => None,
-        };
-    let bundle = match (&args.bundle, &model_config) {
-        (Some(bundle), _) => bundle.clone(),
-        (None, Some((loaded, model))) => loaded.resolve_path(&model.bundle),
-        (None, None) => anyhow::bail!("name a BUNDLE, or a --config whose [model] table names one"),
-    };
-    let threads = args.threads.unwrap_or_else(|| match &model_config {
-        Some((_, model)) => model.thread_count(),
-        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-    });
+    let (bundle, threads) = chosen_model(&args.model)?;
     use_threads(threads);
     let audio = args.audio.as_deref().map(read_speech).transpose()?;
     let image = match &args.image {
@@ -201,6 +213,51 @@ fn model_run(args: &ModelRunArgs) -> anyhow::Result<()> {
         answer.encode_time,
         generated.saturating_sub(1) as f64 / decode.as_secs_f64().max(1e-9)
     );
+    Ok(())
+}
+
+/// The bundle and thread count a command names, directly or through a config's `[model]`.
+fn chosen_model(choice: &ModelChoice) -> anyhow::Result<(PathBuf, usize)> {
+    let model_config =
+        match &choice.config {
+            Some(path) => match config::load(path) {
+                Ok(loaded) => Some(loaded.model.clone().map(|model| (loaded, model)).with_context(|| {
+                    format!("{}: has no [model] table to name the bundle and threads", path.display())
+                })?),
+                Err(e) => anyhow::bail!("{e}"),
+            },
+            None => None,
+        };
+    let bundle = match (&choice.bundle, &model_config) {
+        (Some(bundle), _) => bundle.clone(),
+        (None, Some((loaded, model))) => loaded.resolve_path(&model.bundle),
+        (None, None) => anyhow::bail!("name a BUNDLE, or a --config whose [model] table names one"),
+    };
+    let threads = choice.threads.unwrap_or_else(|| match &model_config {
+        Some((_, model)) => model.thread_count(),
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    });
+    Ok((bundle, threads))
+}
+
+fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+
+    let (bundle, threads) = chosen_model(&args.model)?;
+    let options = outpost::bench::BenchOptions {
+        runs: args.runs,
+        threads,
+        prefill_tokens: args.prefill.clone(),
+        decode_tokens: args.decode,
+        ..Default::default()
+    };
+    let report =
+        outpost::bench::run(&bundle, &options).with_context(|| format!("benchmarking {}", bundle.display()))?;
+    let mut stdout = std::io::stdout().lock();
+    match args.json {
+        true => writeln!(stdout, "{}", serde_json::to_string_pretty(&report)?)?,
+        false => writeln!(stdout, "{report}")?,
+    }
     Ok(())
 }
 

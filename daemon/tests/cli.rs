@@ -74,3 +74,55 @@ fn credentials_reach_the_broker_and_a_wrong_password_is_reported() {
     let admitted = Daemon::run_config(&station("trusted", "s3cret"));
     admitted.wait_for_log(&format!("connected to MQTT broker at 127.0.0.1:{} as outpostd-trusted", broker.port), wait);
 }
+
+fn tiny_model() -> String {
+    format!("{}/tests/fixtures/gemma4-tiny", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn bench_measures_the_model_and_the_limit_its_weights_set() {
+    let output = outpostd(&["bench", &tiny_model(), "--runs", "2", "--prefill", "16,48", "--decode", "8", "--json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["bundle"], "gemma4-tiny-random");
+    assert_eq!((report["runs"].as_u64(), report["decode_tokens"].as_u64()), (Some(2), Some(8)));
+    let lengths: Vec<_> = report["prefill"].as_array().unwrap().iter().map(|p| p["tokens"].as_u64().unwrap()).collect();
+    assert_eq!(lengths, [16, 48]);
+    let spreads = report["prefill"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["tokens_per_sec"])
+        .chain([&report["decode_tokens_per_sec"], &report["scene_first_token_ms"]])
+        .chain([&report["image_encoder_ms"], &report["audio_encoder_ms"]]);
+    for spread in spreads {
+        let (min, median, max) =
+            (spread["min"].as_f64().unwrap(), spread["median"].as_f64().unwrap(), spread["max"].as_f64().unwrap());
+        assert!(0.0 < min && min <= median && median <= max, "{spread}");
+    }
+    // Every decoder weight is read once per token: the decoder graph's size, from the manifest.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{}/manifest.json", tiny_model())).unwrap()).unwrap();
+    let limit = &report["limit"];
+    assert_eq!(limit["weight_bytes_per_token"], manifest["files"]["decoder"]["bytes"]);
+    let ceiling =
+        limit["read_bandwidth_gb_per_sec"].as_f64().unwrap() * 1e9 / limit["weight_bytes_per_token"].as_f64().unwrap();
+    assert!((limit["ceiling_tokens_per_sec"].as_f64().unwrap() - ceiling).abs() < 1e-6 * ceiling, "{limit}");
+    let fraction = report["decode_tokens_per_sec"]["median"].as_f64().unwrap() / ceiling;
+    assert!((limit["fraction_reached"].as_f64().unwrap() - fraction).abs() < 1e-9, "{limit}");
+    assert!(report["peak_rss_mb"].as_f64().unwrap() > 0.0);
+
+    let table = outpostd(&["bench", &tiny_model(), "--runs", "1", "--prefill", "16", "--decode", "4"]);
+    let table = String::from_utf8(table.stdout).unwrap();
+    for row in ["prefill 16 tokens (tokens/s)", "decode 4 tokens (tokens/s)", "image encoder (ms)", "limit: "] {
+        assert!(table.contains(row), "{row} missing:\n{table}");
+    }
+}
+
+#[test]
+fn bench_refuses_a_prompt_longer_than_the_context() {
+    let output = outpostd(&["bench", &tiny_model(), "--runs", "1", "--prefill", "5000"]);
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains("prefill needs 5000 positions, but the model's context holds 4096"), "{said}");
+}

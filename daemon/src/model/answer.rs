@@ -117,6 +117,11 @@ impl Model {
         &self.manifest_sha256
     }
 
+    /// The graphs, for driving prefill and decode step by step (`outpostd bench`).
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }

@@ -147,6 +147,11 @@ impl Runtime {
         })
     }
 
+    /// Positions the model attends over: prompt and answer together.
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
     /// A cache holding nothing yet.
     pub fn empty_cache(&self) -> Result<KvCache, RuntimeError> {
         let empty = |heads: usize, dim: usize| {

@@ -1,0 +1,391 @@
+//! `outpostd bench`: how fast the model runs on this machine, and how close that is to what its
+//! memory allows. Load time, peak resident memory, prefill and decode rates, a scene request's
+//! time to first token and the encoders' times, each over repeated runs (min, median, max), with
+//! the thread count. Beside them the physical limit: decoding reads every decoder weight once
+//! per token, so the machine's memory read bandwidth over the weights' bytes caps tokens/s.
+
+use std::fmt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::capture::{read_wav, split_jpeg_frames};
+use crate::media::{MediaRef, PEOPLE_MJPEG, SPEECH_WAV};
+use crate::model::{argmax, values, Model, ModelError, Question, RuntimeError, Sampling};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("the built-in sample media cannot be read: {0}")]
+    Media(String),
+    #[error("{what} needs {needed} positions, but the model's context holds {max}")]
+    Context { what: String, needed: usize, max: usize },
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Runs of each measurement; the figures are their min, median and max.
+    pub runs: usize,
+    pub threads: usize,
+    /// Prompt lengths whose prefill is timed.
+    pub prefill_tokens: Vec<usize>,
+    /// Tokens decoded one by one after a short prompt.
+    pub decode_tokens: usize,
+    /// Bytes the memory-bandwidth probe reads, more than the caches hold.
+    pub probe_bytes: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            runs: 3,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            prefill_tokens: vec![128, 512],
+            decode_tokens: 128,
+            probe_bytes: 256 << 20,
+        }
+    }
+}
+
+/// The minimum, median and maximum of repeated runs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Spread {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    fn of(mut samples: Vec<f64>) -> Spread {
+        samples.sort_by(f64::total_cmp);
+        let median = match samples.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => samples[n / 2],
+            n => (samples[n / 2 - 1] + samples[n / 2]) / 2.0,
+        };
+        Spread {
+            min: samples.first().copied().unwrap_or(f64::NAN),
+            median,
+            max: samples.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+}
+
+impl fmt::Display for Spread {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:>9.1} {:>9.1} {:>9.1}", self.min, self.median, self.max)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PrefillFigures {
+    pub tokens: usize,
+    pub tokens_per_sec: Spread,
+}
+
+/// What decoding could reach if it did nothing but read the weights.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhysicalLimit {
+    /// The decoder graph's bytes on disk: every weight is read once per decoded token.
+    pub weight_bytes_per_token: u64,
+    /// Measured here, every core reading one large buffer (best of three passes).
+    pub read_bandwidth_gb_per_sec: f64,
+    pub ceiling_tokens_per_sec: f64,
+    /// Median decode rate over the ceiling.
+    pub fraction_reached: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub bundle: String,
+    pub machine: String,
+    pub threads: usize,
+    pub runs: usize,
+    pub load_secs: f64,
+    pub peak_rss_mb: Option<f64>,
+    pub prefill: Vec<PrefillFigures>,
+    pub decode_tokens: usize,
+    pub decode_tokens_per_sec: Spread,
+    /// One sample picture at the default budget and a short prompt, to the first token.
+    pub scene_first_token_ms: Option<Spread>,
+    pub image_encoder_ms: Option<Spread>,
+    pub audio_encoder_ms: Option<Spread>,
+    pub limit: PhysicalLimit,
+}
+
+/// Loads `bundle` and measures it.
+pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchError> {
+    crate::model::use_threads(options.threads);
+    let loading = Instant::now();
+    let model = Model::load(bundle)?;
+    let load_secs = loading.elapsed().as_secs_f64();
+    let runtime = model.runtime();
+    let text = prompt_ids(&model, options.prefill_tokens.iter().copied().max().unwrap_or(0).max(16))?;
+
+    let mut prefill = Vec::new();
+    for &tokens in &options.prefill_tokens {
+        check_context(&model, "prefill", tokens)?;
+        let rates = repeat(options.runs, || {
+            let mut cache = runtime.empty_cache()?;
+            let started = Instant::now();
+            runtime.decode(runtime.embed(&text[..tokens])?, &mut cache)?;
+            Ok(tokens as f64 / started.elapsed().as_secs_f64())
+        })?;
+        prefill.push(PrefillFigures { tokens, tokens_per_sec: rates });
+    }
+
+    let decode_tokens = options.decode_tokens;
+    check_context(&model, &format!("decoding {decode_tokens} tokens after a 16-token prompt"), 16 + decode_tokens)?;
+    let decode_rates = repeat(options.runs, || {
+        let mut cache = runtime.empty_cache()?;
+        let mut logits = runtime.decode(runtime.embed(&text[..16])?, &mut cache)?;
+        let started = Instant::now();
+        for _ in 0..decode_tokens {
+            // Greedy, and never stopped by an end-of-turn token: every step costs the same.
+            let next = argmax(last_row(&logits)?);
+            logits = runtime.decode(runtime.embed(&[next])?, &mut cache)?;
+        }
+        Ok(decode_tokens as f64 / started.elapsed().as_secs_f64())
+    })?;
+
+    let sees = model.bundle.file("vision").is_some();
+    let hears = model.bundle.file("audio").is_some();
+    let (mut scene, mut image_encoder) = (None, None);
+    if sees {
+        let picture = sample_picture()?;
+        let mut encoder = Vec::new();
+        let first_token = repeat(options.runs, || {
+            let question = one_token_question("What is happening in this picture?", Some(picture.clone()), None);
+            let answer = model.answer(&question, |_| {})?;
+            encoder.push(millis(answer.encode_time));
+            Ok(millis(answer.first_token_time))
+        })?;
+        scene = Some(first_token);
+        image_encoder = Some(Spread::of(encoder));
+    }
+    let audio_encoder = match hears {
+        true => {
+            let speech = sample_speech()?;
+            Some(repeat(options.runs, || {
+                let answer = model.answer(&one_token_question("What was said?", None, Some(speech.clone())), |_| {})?;
+                Ok(millis(answer.encode_time))
+            })?)
+        }
+        false => None,
+    };
+
+    let weight_bytes_per_token: u64 =
+        model.bundle.manifest.files.iter().filter(|(role, _)| role.starts_with("decoder")).map(|(_, f)| f.bytes).sum();
+    // The machine's limit, whatever the thread count under test: every core reads.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let read_bandwidth_gb_per_sec = read_bandwidth(options.probe_bytes, cores);
+    let ceiling_tokens_per_sec = read_bandwidth_gb_per_sec * 1e9 / weight_bytes_per_token.max(1) as f64;
+    Ok(BenchReport {
+        bundle: model.bundle.manifest.name.clone(),
+        machine: machine(),
+        threads: options.threads,
+        runs: options.runs,
+        load_secs,
+        peak_rss_mb: peak_rss_mb(),
+        prefill,
+        decode_tokens,
+        decode_tokens_per_sec: decode_rates,
+        scene_first_token_ms: scene,
+        image_encoder_ms: image_encoder,
+        audio_encoder_ms: audio_encoder,
+        limit: PhysicalLimit {
+            weight_bytes_per_token,
+            read_bandwidth_gb_per_sec,
+            ceiling_tokens_per_sec,
+            fraction_reached: decode_rates.median / ceiling_tokens_per_sec,
+        },
+    })
+}
+
+fn repeat(runs: usize, mut measure: impl FnMut() -> Result<f64, BenchError>) -> Result<Spread, BenchError> {
+    let samples = (0..runs.max(1)).map(|_| measure()).collect::<Result<Vec<_>, _>>()?;
+    Ok(Spread::of(samples))
+}
+
+fn check_context(model: &Model, what: &str, needed: usize) -> Result<(), BenchError> {
+    let max = model.runtime().max_context();
+    match needed <= max {
+        true => Ok(()),
+        false => Err(BenchError::Context { what: what.into(), needed, max }),
+    }
+}
+
+/// At least `tokens` ids of ordinary text: the same paragraph again and again.
+fn prompt_ids(model: &Model, tokens: usize) -> Result<Vec<u32>, BenchError> {
+    const PARAGRAPH: &str = "A station on the hill watches the road and the river. When something moves, it looks \
+        closely, describes what it sees, and tells the people who keep watch. ";
+    let mut ids = Vec::with_capacity(tokens);
+    let paragraph = model.tokenizer().encode(PARAGRAPH).map_err(ModelError::from)?;
+    if paragraph.is_empty() {
+        return Ok(vec![0; tokens]);
+    }
+    while ids.len() < tokens {
+        ids.extend_from_slice(&paragraph);
+    }
+    ids.truncate(tokens);
+    Ok(ids)
+}
+
+fn one_token_question(prompt: &str, image: Option<image::RgbImage>, audio: Option<Vec<f32>>) -> Question {
+    Question {
+        prompt: prompt.into(),
+        // The budget a station's looks use by default.
+        image: image.map(|picture| (picture, crate::config::AnalysisConfig::default().image_tokens)),
+        audio,
+        max_tokens: 1,
+        sampling: Sampling::from_temperature(0.0, None, None, 0),
+        system: None,
+        tools: None,
+        constraint: None,
+        history: Vec::new(),
+    }
+}
+
+/// The first frame of the built-in sample clip.
+fn sample_picture() -> Result<image::RgbImage, BenchError> {
+    let clip = MediaRef::parse(&format!("builtin:{PEOPLE_MJPEG}"), Path::new("")).map_err(BenchError::Media)?;
+    let bytes = clip.read().map_err(|e| BenchError::Media(e.to_string()))?;
+    let first = split_jpeg_frames(&bytes).map_err(BenchError::Media)?.into_iter().next();
+    let first = first.ok_or_else(|| BenchError::Media(format!("{clip} holds no frame")))?;
+    let picture = image::load_from_memory(&bytes[first]).map_err(|e| BenchError::Media(e.to_string()))?;
+    Ok(picture.to_rgb8())
+}
+
+/// The built-in sample recording (16 kHz mono).
+fn sample_speech() -> Result<Vec<f32>, BenchError> {
+    let media = MediaRef::parse(&format!("builtin:{SPEECH_WAV}"), Path::new("")).map_err(BenchError::Media)?;
+    read_wav(&media).map(|recording| recording.samples).map_err(|e| BenchError::Media(e.to_string()))
+}
+
+fn last_row(logits: &tract_onnx::prelude::Tensor) -> Result<&[f32], BenchError> {
+    let vocab = *logits.shape().last().unwrap_or(&0);
+    let all = values::<f32>(logits).map_err(|source| RuntimeError::Run { graph: "decoder", source })?;
+    Ok(&all[all.len() - vocab..])
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
+/// GB/s of `threads` threads summing disjoint parts of one buffer of `bytes`, best of three
+/// passes: the rate a decode step's weight reads could reach at best.
+pub fn read_bandwidth(bytes: usize, threads: usize) -> f64 {
+    let words = vec![1u64; bytes / 8];
+    let chunk = words.len().div_ceil(threads.max(1));
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let total: u64 = std::thread::scope(|scope| {
+            let parts: Vec<_> = words.chunks(chunk).map(|part| scope.spawn(move || sum_words(part))).collect();
+            parts.into_iter().map(|part| part.join().unwrap_or(0)).sum()
+        });
+        let secs = started.elapsed().as_secs_f64();
+        // The sum is used, so the reads cannot be optimised away.
+        std::hint::black_box(total);
+        best = best.max((words.len() * 8) as f64 / secs / 1e9);
+    }
+    best
+}
+
+/// Four independent sums, so that several cache-line loads are in flight at once, as in a
+/// matrix kernel.
+fn sum_words(words: &[u64]) -> u64 {
+    let mut sums = [0u64; 4];
+    let mut quads = words.chunks_exact(4);
+    for quad in &mut quads {
+        for (sum, &word) in sums.iter_mut().zip(quad) {
+            *sum = sum.wrapping_add(word);
+        }
+    }
+    quads.remainder().iter().chain(&sums).fold(0, |total: u64, &word| total.wrapping_add(word))
+}
+
+/// The process's peak resident memory so far (`VmHWM`), where Linux tells it.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// The CPU model and core count, for the record.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name") || l.starts_with("Model"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, name)| name.trim().to_owned())
+        .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{model}, {cores} cores")
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} on {}, {} threads, {} runs", self.bundle, self.machine, self.threads, self.runs)?;
+        writeln!(
+            f,
+            "load {:.2} s, peak RSS {}",
+            self.load_secs,
+            self.peak_rss_mb.map_or("?".into(), |mb| format!("{mb:.0} MB"))
+        )?;
+        writeln!(f, "{:<34} {:>9} {:>9} {:>9}", "", "min", "median", "max")?;
+        for prefill in &self.prefill {
+            writeln!(f, "{:<34} {}", format!("prefill {} tokens (tokens/s)", prefill.tokens), prefill.tokens_per_sec)?;
+        }
+        writeln!(
+            f,
+            "{:<34} {}",
+            format!("decode {} tokens (tokens/s)", self.decode_tokens),
+            self.decode_tokens_per_sec
+        )?;
+        let rows = [
+            ("scene request, first token (ms)", self.scene_first_token_ms),
+            ("image encoder (ms)", self.image_encoder_ms),
+            ("audio encoder (ms)", self.audio_encoder_ms),
+        ];
+        for (name, figures) in rows {
+            match figures {
+                Some(figures) => writeln!(f, "{name:<34} {figures}")?,
+                None => writeln!(f, "{name:<34} (not in this bundle)")?,
+            }
+        }
+        let limit = &self.limit;
+        write!(
+            f,
+            "limit: {:.0} MB of weights per token at {:.1} GB/s read = {:.1} tokens/s; decode reaches {:.0}% of it",
+            limit.weight_bytes_per_token as f64 / 1e6,
+            limit.read_bandwidth_gb_per_sec,
+            limit.ceiling_tokens_per_sec,
+            limit.fraction_reached * 100.0
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bandwidth_probe_sums_every_word() {
+        let words: Vec<u64> = (1..=11).collect();
+        assert_eq!(sum_words(&words), 66);
+    }
+
+    #[test]
+    fn spread_gives_min_median_max_of_odd_and_even_counts() {
+        assert_eq!(Spread::of(vec![3.0, 1.0, 2.0]), Spread { min: 1.0, median: 2.0, max: 3.0 });
+        assert_eq!(Spread::of(vec![4.0, 1.0, 2.0, 3.0]), Spread { min: 1.0, median: 2.5, max: 4.0 });
+    }
+}
