@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::capture::{read_wav, split_jpeg_frames};
 use crate::media::{MediaRef, PEOPLE_MJPEG, SPEECH_WAV};
-use crate::model::{argmax, values, Model, ModelError, Question, RuntimeError, Sampling};
+use crate::model::{argmax, last_row, Model, ModelError, Question, RuntimeError, Sampling};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -265,12 +265,6 @@ fn sample_picture() -> Result<image::RgbImage, BenchError> {
 fn sample_speech() -> Result<Vec<f32>, BenchError> {
     let media = MediaRef::parse(&format!("builtin:{SPEECH_WAV}"), Path::new("")).map_err(BenchError::Media)?;
     read_wav(&media).map(|recording| recording.samples).map_err(|e| BenchError::Media(e.to_string()))
-}
-
-fn last_row(logits: &tract_onnx::prelude::Tensor) -> Result<&[f32], BenchError> {
-    let vocab = *logits.shape().last().unwrap_or(&0);
-    let all = values::<f32>(logits).map_err(|source| RuntimeError::Run { graph: "decoder", source })?;
-    Ok(&all[all.len() - vocab..])
 }
 
 fn millis(duration: Duration) -> f64 {

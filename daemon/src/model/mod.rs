@@ -20,7 +20,7 @@ pub use constrained::{Constraint, ConstraintError, ConstraintTimings, Grammar, G
 pub use image_input::{
     prepare as prepare_image, target_size, ImageInputError, ImageParams, ImagePatches, SOFT_TOKEN_BUDGETS,
 };
-pub use runtime::{use_threads, values, Embedded, KvCache, Runtime, RuntimeError, SoftTokens};
+pub use runtime::{last_row, use_threads, values, Embedded, KvCache, Runtime, RuntimeError, SoftTokens};
 pub use sampling::{argmax, Sampler, Sampling};
 pub use tokenizer::{TextStream, Tokenizer, TokenizerError};
 pub use tools::{

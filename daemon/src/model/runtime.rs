@@ -413,7 +413,7 @@ fn soft_tokens(outputs: &TVec<TValue>, graph: &'static str) -> Result<SoftTokens
 }
 
 /// Logits of the last position of `[1, n, vocab]`.
-fn last_row(logits: &Tensor) -> Result<&[f32], RuntimeError> {
+pub fn last_row(logits: &Tensor) -> Result<&[f32], RuntimeError> {
     let vocab = *logits.shape().last().unwrap_or(&0);
     let all = values::<f32>(logits).map_err(|source| RuntimeError::Run { graph: "decoder", source })?;
     Ok(&all[all.len() - vocab..])
