@@ -10,6 +10,8 @@ packages=(
   libasound2-dev     # alsa-lib, which the microphone source links against
   pkg-config         # finds alsa-lib for the build
   libclang-dev       # bindgen, which the v4l crate runs to read the kernel's V4L2 headers
+  cmake              # builds llama.cpp for outpost-bench's side-by-side runs (bench/)
+  g++                # the same
   systemd            # systemd-analyze, which checks the unit (verify, security)
   openssh-server     # the station deploy/deploy.sh installs to in the package tests
   openssh-client

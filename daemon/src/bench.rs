@@ -8,11 +8,11 @@ use std::fmt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::capture::{read_wav, split_jpeg_frames};
 use crate::media::{MediaRef, PEOPLE_MJPEG, SPEECH_WAV};
-use crate::model::{argmax, last_row, Model, ModelError, Question, RuntimeError, Sampling};
+use crate::model::{argmax, last_row, LogitRows, Model, ModelError, Question, RuntimeError, Sampling};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -52,8 +52,37 @@ impl Default for BenchOptions {
     }
 }
 
+/// What to measure, as `outpostd bench` and `outpost-bench` (bench/) take it on the command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchSettings {
+    /// Runs of each measurement: the table gives their min, median and max.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Prompt lengths whose prefill is timed.
+    #[arg(long, value_delimiter = ',', default_values_t = [128, 512])]
+    pub prefill: Vec<usize>,
+    /// Tokens decoded after a short prompt.
+    #[arg(long, default_value_t = 128)]
+    pub decode: usize,
+    /// Print the figures as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BenchSettings {
+    pub fn options(&self, threads: usize) -> BenchOptions {
+        BenchOptions {
+            runs: self.runs,
+            threads,
+            prefill_tokens: self.prefill.clone(),
+            decode_tokens: self.decode,
+            ..BenchOptions::default()
+        }
+    }
+}
+
 /// The minimum, median and maximum of repeated runs.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Spread {
     pub min: f64,
     pub median: f64,
@@ -61,7 +90,8 @@ pub struct Spread {
 }
 
 impl Spread {
-    fn of(mut samples: Vec<f64>) -> Spread {
+    /// The spread of `samples` (NaN for none).
+    pub fn of(mut samples: Vec<f64>) -> Spread {
         samples.sort_by(f64::total_cmp);
         let median = match samples.len() {
             0 => f64::NAN,
@@ -82,7 +112,7 @@ impl fmt::Display for Spread {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PrefillFigures {
     pub tokens: usize,
     pub tokens_per_sec: Spread,
@@ -91,7 +121,8 @@ pub struct PrefillFigures {
 /// What decoding could reach if it did nothing but read the weights.
 #[derive(Debug, Clone, Serialize)]
 pub struct PhysicalLimit {
-    /// The decoder graph's bytes on disk: every weight is read once per decoded token.
+    /// The decoder graph's and output layer's bytes on disk: every weight is read once per
+    /// decoded token.
     pub weight_bytes_per_token: u64,
     /// Measured here, every core reading one large buffer (best of three passes).
     pub read_bandwidth_gb_per_sec: f64,
@@ -125,7 +156,8 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
     let model = Model::load(bundle)?;
     let load_secs = loading.elapsed().as_secs_f64();
     let runtime = model.runtime();
-    let text = prompt_ids(&model, options.prefill_tokens.iter().copied().max().unwrap_or(0).max(16))?;
+    let longest = options.prefill_tokens.iter().copied().max().unwrap_or(0);
+    let text = prompt_ids(&model, longest.max(DECODE_PROMPT_TOKENS))?;
 
     let mut prefill = Vec::new();
     for &tokens in &options.prefill_tokens {
@@ -133,22 +165,26 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
         let rates = repeat(options.runs, || {
             let mut cache = runtime.empty_cache()?;
             let started = Instant::now();
-            runtime.decode(runtime.embed(&text[..tokens])?, &mut cache)?;
+            runtime.decode(runtime.embed(&text[..tokens])?, &mut cache, LogitRows::Last)?;
             Ok(tokens as f64 / started.elapsed().as_secs_f64())
         })?;
         prefill.push(PrefillFigures { tokens, tokens_per_sec: rates });
     }
 
     let decode_tokens = options.decode_tokens;
-    check_context(&model, &format!("decoding {decode_tokens} tokens after a 16-token prompt"), 16 + decode_tokens)?;
+    check_context(
+        &model,
+        &format!("decoding {decode_tokens} tokens after a {DECODE_PROMPT_TOKENS}-token prompt"),
+        DECODE_PROMPT_TOKENS + decode_tokens,
+    )?;
     let decode_rates = repeat(options.runs, || {
         let mut cache = runtime.empty_cache()?;
-        let mut logits = runtime.decode(runtime.embed(&text[..16])?, &mut cache)?;
+        let mut logits = runtime.decode(runtime.embed(&text[..DECODE_PROMPT_TOKENS])?, &mut cache, LogitRows::Last)?;
         let started = Instant::now();
         for _ in 0..decode_tokens {
             // Greedy, and never stopped by an end-of-turn token: every step costs the same.
             let next = argmax(last_row(&logits)?);
-            logits = runtime.decode(runtime.embed(&[next])?, &mut cache)?;
+            logits = runtime.decode(runtime.embed(&[next])?, &mut cache, LogitRows::Last)?;
         }
         Ok(decode_tokens as f64 / started.elapsed().as_secs_f64())
     })?;
@@ -179,8 +215,16 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
         false => None,
     };
 
-    let weight_bytes_per_token: u64 =
-        model.bundle.manifest.files.iter().filter(|(role, _)| role.starts_with("decoder")).map(|(_, f)| f.bytes).sum();
+    // The decoder graph and the output layer outside it, if any (the embedding tables are read
+    // by row).
+    let weight_bytes_per_token: u64 = model
+        .bundle
+        .manifest
+        .files
+        .iter()
+        .filter(|(role, _)| role.starts_with("decoder") || *role == "output_layer")
+        .map(|(_, f)| f.bytes)
+        .sum();
     // The machine's limit, whatever the thread count under test: every core reads.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let read_bandwidth_gb_per_sec = read_bandwidth(options.probe_bytes, cores);
@@ -220,20 +264,25 @@ fn check_context(model: &Model, what: &str, needed: usize) -> Result<(), BenchEr
     }
 }
 
+/// The prompt the timed decoding follows.
+pub const DECODE_PROMPT_TOKENS: usize = 16;
+
+/// The text every prompt of the bench is made of, here and on the llama.cpp side (`bench/`).
+pub const PROMPT_PARAGRAPH: &str = "A station on the hill watches the road and the river. When something moves, it \
+    looks closely, describes what it sees, and tells the people who keep watch. ";
+
 /// At least `tokens` ids of ordinary text: the same paragraph again and again.
 fn prompt_ids(model: &Model, tokens: usize) -> Result<Vec<u32>, BenchError> {
-    const PARAGRAPH: &str = "A station on the hill watches the road and the river. When something moves, it looks \
-        closely, describes what it sees, and tells the people who keep watch. ";
-    let mut ids = Vec::with_capacity(tokens);
-    let paragraph = model.tokenizer().encode(PARAGRAPH).map_err(ModelError::from)?;
-    if paragraph.is_empty() {
-        return Ok(vec![0; tokens]);
+    let paragraph = model.tokenizer().encode(PROMPT_PARAGRAPH).map_err(ModelError::from)?;
+    Ok(repeat_to(&paragraph, tokens))
+}
+
+/// `paragraph` again and again, cut at `tokens` ids (zeros if it is empty).
+pub fn repeat_to(paragraph: &[u32], tokens: usize) -> Vec<u32> {
+    match paragraph.is_empty() {
+        true => vec![0; tokens],
+        false => paragraph.iter().copied().cycle().take(tokens).collect(),
     }
-    while ids.len() < tokens {
-        ids.extend_from_slice(&paragraph);
-    }
-    ids.truncate(tokens);
-    Ok(ids)
 }
 
 fn one_token_question(prompt: &str, image: Option<image::RgbImage>, audio: Option<Vec<f32>>) -> Question {
@@ -305,7 +354,7 @@ fn sum_words(words: &[u64]) -> u64 {
 }
 
 /// The process's peak resident memory so far (`VmHWM`), where Linux tells it.
-fn peak_rss_mb() -> Option<f64> {
+pub fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -120,18 +120,8 @@ struct ModelRunArgs {
 struct BenchArgs {
     #[command(flatten)]
     model: ModelChoice,
-    /// Runs of each measurement: the table gives their min, median and max.
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
-    /// Prompt lengths whose prefill is timed.
-    #[arg(long, value_delimiter = ',', default_values_t = [128, 512])]
-    prefill: Vec<usize>,
-    /// Tokens decoded after a short prompt.
-    #[arg(long, default_value_t = 128)]
-    decode: usize,
-    /// Print the figures as JSON instead of a table.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    settings: outpost::bench::BenchSettings,
 }
 
 fn main() -> ExitCode {
@@ -244,17 +234,11 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     use std::io::Write;
 
     let (bundle, threads) = chosen_model(&args.model)?;
-    let options = outpost::bench::BenchOptions {
-        runs: args.runs,
-        threads,
-        prefill_tokens: args.prefill.clone(),
-        decode_tokens: args.decode,
-        ..Default::default()
-    };
+    let options = args.settings.options(threads);
     let report =
         outpost::bench::run(&bundle, &options).with_context(|| format!("benchmarking {}", bundle.display()))?;
     let mut stdout = std::io::stdout().lock();
-    match args.json {
+    match args.settings.json {
         true => writeln!(stdout, "{}", serde_json::to_string_pretty(&report)?)?,
         false => writeln!(stdout, "{report}")?,
     }

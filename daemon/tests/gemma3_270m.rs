@@ -3,7 +3,8 @@
 //!
 //! The bundles are prepared outside the repository (the weights are fetched, never committed) by
 //! `deploy/models/prepare_test_models.sh`, which `test.sh` runs and which exports
-//! `OUTPOST_GEMMA3_BUNDLE` (f32) and `OUTPOST_GEMMA3_Q4_BUNDLE` (Q4_0). Without them these tests
+//! `OUTPOST_GEMMA3_BUNDLE` (f32), `OUTPOST_GEMMA3_Q4_BUNDLE` (Q4_0) and `OUTPOST_GEMMA3_Q8_BUNDLE`
+//! (Q8_0 projections through our tract operator). Without them these tests
 //! say why and pass, unless `OUTPOST_REQUIRE_REAL_MODEL` is set, as it is in CI.
 
 #[path = "common/binary.rs"]
@@ -14,13 +15,13 @@ mod prepared;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use outpost::model::{argmax, values, Bundle, KvCache, Runtime, Sampler, Sampling, Tokenizer};
+use outpost::model::{argmax, values, Bundle, KvCache, LogitRows, Runtime, Sampler, Sampling, Tokenizer};
 use prepared::prepared_path;
 use serde_json::Value;
 
 /// Greedy ids may part from PyTorch's only where PyTorch's two best logits are this close.
 const NEAR_TIE: f32 = 1e-3;
-/// Teacher-forced next tokens the Q4_0 bundle must share with the f32 one.
+/// Teacher-forced next tokens a quantized bundle must share with the f32 one.
 const QUANTIZED_AGREEMENT: f64 = 0.95;
 /// Positions per decoder run when scoring a long text: bounds the logits held at once
 /// (`positions x 262144 x 4` bytes).
@@ -144,7 +145,7 @@ fn teacher_forced_argmax(runtime: &Runtime, ids: &[u32]) -> Vec<u32> {
     let mut cache: KvCache = runtime.empty_cache().unwrap();
     let mut predicted = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(SCORING_CHUNK) {
-        let logits = runtime.decode(runtime.embed(chunk).unwrap(), &mut cache).unwrap();
+        let logits = runtime.decode(runtime.embed(chunk).unwrap(), &mut cache, LogitRows::All).unwrap();
         let vocab = *logits.shape().last().unwrap();
         predicted.extend(values::<f32>(&logits).unwrap().chunks(vocab).map(argmax));
     }
@@ -156,12 +157,10 @@ fn agreement(a: &[u32], b: &[u32]) -> f64 {
 }
 
 #[test]
-fn quantized_bundle_agrees_with_f32_on_teacher_forced_tokens() {
-    let (Some(f32_dir), Some(q4_dir)) =
-        (prepared_path("OUTPOST_GEMMA3_BUNDLE"), prepared_path("OUTPOST_GEMMA3_Q4_BUNDLE"))
-    else {
-        return;
-    };
+fn quantized_bundles_agree_with_f32_on_teacher_forced_tokens() {
+    let Some(f32_dir) = prepared_path("OUTPOST_GEMMA3_BUNDLE") else { return };
+    let quantized: Vec<_> =
+        ["OUTPOST_GEMMA3_Q4_BUNDLE", "OUTPOST_GEMMA3_Q8_BUNDLE"].into_iter().filter_map(prepared_path).collect();
     let forced = &reference()["teacher_forcing"];
     let text_ids = ids(&forced["ids"]);
     // The prediction after the last token has nothing to be compared with.
@@ -171,25 +170,30 @@ fn quantized_bundle_agrees_with_f32_on_teacher_forced_tokens() {
     let (_, full) = load(&f32_dir);
     let f32_predicted = teacher_forced_argmax(&full, &text_ids[..positions]);
     drop(full);
-    let (q4_bundle, quantized) = load(&q4_dir);
-    let q4_predicted = teacher_forced_argmax(&quantized, &text_ids[..positions]);
-
     let versus_pytorch = agreement(&f32_predicted, &pytorch);
-    let quantized_agreement = agreement(&q4_predicted, &f32_predicted);
     println!(
-        "{positions} teacher-forced next tokens of LICENSE: f32 bundle equals PyTorch on {:.2}%, {} ({}) equals f32 on {:.2}% (PyTorch: {:.2}%)",
-        100.0 * versus_pytorch,
-        q4_bundle.manifest.name,
-        q4_bundle.manifest.quantization,
-        100.0 * quantized_agreement,
-        100.0 * agreement(&q4_predicted, &pytorch),
+        "{positions} teacher-forced next tokens of LICENSE: f32 bundle equals PyTorch on {:.2}%",
+        100.0 * versus_pytorch
     );
     assert!(versus_pytorch >= 0.99, "f32 bundle agrees with PyTorch on only {:.2}%", 100.0 * versus_pytorch);
-    assert!(
-        quantized_agreement >= QUANTIZED_AGREEMENT,
-        "quantized bundle agrees with f32 on only {:.2}%",
-        100.0 * quantized_agreement
-    );
+    for dir in quantized {
+        let (bundle, runtime) = load(&dir);
+        let predicted = teacher_forced_argmax(&runtime, &text_ids[..positions]);
+        let versus_f32 = agreement(&predicted, &f32_predicted);
+        println!(
+            "{} ({}) equals f32 on {:.2}% (PyTorch: {:.2}%)",
+            bundle.manifest.name,
+            bundle.manifest.quantization,
+            100.0 * versus_f32,
+            100.0 * agreement(&predicted, &pytorch),
+        );
+        assert!(
+            versus_f32 >= QUANTIZED_AGREEMENT,
+            "{} agrees with f32 on only {:.2}%",
+            bundle.manifest.name,
+            100.0 * versus_f32
+        );
+    }
 }
 
 #[test]

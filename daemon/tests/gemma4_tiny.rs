@@ -8,7 +8,7 @@ mod npy;
 
 use std::path::{Path, PathBuf};
 
-use outpost::model::{values, AudioFeatures, Bundle, ImagePatches, Runtime, Sampler, Sampling};
+use outpost::model::{values, AudioFeatures, Bundle, ImagePatches, LogitRows, Runtime, Sampler, Sampling};
 use serde_json::Value;
 
 const TOLERANCE: f64 = 1e-4;
@@ -73,7 +73,7 @@ fn prefill_logits_match_pytorch() {
     assert!(max_abs_diff(values::<f32>(per_layer).unwrap(), &expected_per_layer.f32()) <= TOLERANCE);
 
     let mut cache = runtime.empty_cache().unwrap();
-    let logits = runtime.decode(embedded, &mut cache).unwrap();
+    let logits = runtime.decode(embedded, &mut cache, LogitRows::All).unwrap();
     let expected = reference("text_prefill_logits.npy");
     assert_eq!(logits.shape(), expected.shape.as_slice());
     let diff = max_abs_diff(values::<f32>(&logits).unwrap(), &expected.f32());

