@@ -16,6 +16,7 @@ use llama_cpp_2::token::LlamaToken;
 use outpost::bench::{
     peak_rss_mb, repeat_to, BenchOptions, PrefillFigures, Spread, DECODE_PROMPT_TOKENS, PROMPT_PARAGRAPH,
 };
+use outpost::model::argmax;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,7 +64,7 @@ pub fn run(gguf: &Path, options: &BenchOptions, our_paragraph: &[u32]) -> anyhow
 
     let mut prefill = Vec::new();
     for &tokens in &options.prefill_tokens {
-        let rates = repeat(options.runs, || {
+        let rates = Spread::measure::<anyhow::Error>(options.runs, || {
             context.clear_kv_cache();
             let mut batch = prompt_batch(&text[..tokens])?;
             let started = Instant::now();
@@ -73,14 +74,14 @@ pub fn run(gguf: &Path, options: &BenchOptions, our_paragraph: &[u32]) -> anyhow
         prefill.push(PrefillFigures { tokens, tokens_per_sec: rates });
     }
 
-    let decode_tokens_per_sec = repeat(options.runs, || {
+    let decode_tokens_per_sec = Spread::measure::<anyhow::Error>(options.runs, || {
         context.clear_kv_cache();
         let mut batch = prompt_batch(&text[..DECODE_PROMPT_TOKENS])?;
         context.decode(&mut batch).context("llama.cpp prefill")?;
         let started = Instant::now();
         for position in DECODE_PROMPT_TOKENS..DECODE_PROMPT_TOKENS + options.decode_tokens {
             // Greedy over the whole vocabulary, as ours: every step costs the same.
-            let next = argmax(last_logits(&context, &batch));
+            let next = LlamaToken(argmax(last_logits(&context, &batch)) as i32);
             batch.clear();
             batch.add(next, position as i32, &[0], true)?;
             context.decode(&mut batch).context("llama.cpp decode step")?;
@@ -112,14 +113,4 @@ fn prompt_batch(tokens: &[LlamaToken]) -> anyhow::Result<LlamaBatch<'static>> {
 
 fn last_logits<'a>(context: &'a LlamaContext<'_>, batch: &LlamaBatch<'_>) -> &'a [f32] {
     context.get_logits_ith(batch.n_tokens() - 1)
-}
-
-fn argmax(logits: &[f32]) -> LlamaToken {
-    let best = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(index, _)| index);
-    LlamaToken(best as i32)
-}
-
-fn repeat(runs: usize, mut measure: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<Spread> {
-    let samples = (0..runs.max(1)).map(|_| measure()).collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(Spread::of(samples))
 }

@@ -104,6 +104,12 @@ impl Spread {
             max: samples.last().copied().unwrap_or(f64::NAN),
         }
     }
+
+    /// Runs `measure` `runs` times (at least once) and gives the spread of what it measured.
+    pub fn measure<E>(runs: usize, mut measure: impl FnMut() -> Result<f64, E>) -> Result<Spread, E> {
+        let samples = (0..runs.max(1)).map(|_| measure()).collect::<Result<Vec<_>, _>>()?;
+        Ok(Spread::of(samples))
+    }
 }
 
 impl fmt::Display for Spread {
@@ -162,7 +168,7 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
     let mut prefill = Vec::new();
     for &tokens in &options.prefill_tokens {
         check_context(&model, "prefill", tokens)?;
-        let rates = repeat(options.runs, || {
+        let rates = Spread::measure::<BenchError>(options.runs, || {
             let mut cache = runtime.empty_cache()?;
             let started = Instant::now();
             runtime.decode(runtime.embed(&text[..tokens])?, &mut cache, LogitRows::Last)?;
@@ -177,7 +183,7 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
         &format!("decoding {decode_tokens} tokens after a {DECODE_PROMPT_TOKENS}-token prompt"),
         DECODE_PROMPT_TOKENS + decode_tokens,
     )?;
-    let decode_rates = repeat(options.runs, || {
+    let decode_rates = Spread::measure::<BenchError>(options.runs, || {
         let mut cache = runtime.empty_cache()?;
         let mut logits = runtime.decode(runtime.embed(&text[..DECODE_PROMPT_TOKENS])?, &mut cache, LogitRows::Last)?;
         let started = Instant::now();
@@ -195,7 +201,7 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
     if sees {
         let picture = sample_picture()?;
         let mut encoder = Vec::new();
-        let first_token = repeat(options.runs, || {
+        let first_token = Spread::measure::<BenchError>(options.runs, || {
             let question = one_token_question("What is happening in this picture?", Some(picture.clone()), None);
             let answer = model.answer(&question, |_| {})?;
             encoder.push(millis(answer.encode_time));
@@ -207,7 +213,7 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
     let audio_encoder = match hears {
         true => {
             let speech = sample_speech()?;
-            Some(repeat(options.runs, || {
+            Some(Spread::measure::<BenchError>(options.runs, || {
                 let answer = model.answer(&one_token_question("What was said?", None, Some(speech.clone())), |_| {})?;
                 Ok(millis(answer.encode_time))
             })?)
@@ -249,11 +255,6 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
             fraction_reached: decode_rates.median / ceiling_tokens_per_sec,
         },
     })
-}
-
-fn repeat(runs: usize, mut measure: impl FnMut() -> Result<f64, BenchError>) -> Result<Spread, BenchError> {
-    let samples = (0..runs.max(1)).map(|_| measure()).collect::<Result<Vec<_>, _>>()?;
-    Ok(Spread::of(samples))
 }
 
 fn check_context(model: &Model, what: &str, needed: usize) -> Result<(), BenchError> {

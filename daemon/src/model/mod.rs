@@ -8,6 +8,7 @@ mod chat;
 mod constrained;
 mod image_input;
 mod output_layer;
+mod product_threads;
 mod q8_0;
 mod q8_0_matmul;
 mod runtime;

@@ -4,9 +4,15 @@
 //! tract multiplies block-quantized weights only in Q4_0, which costs Gemma 3 270M too much
 //! accuracy, and f32 reads four times the bytes of Q8_0: decoding reads every weight once per
 //! token, so bytes are time. Each activation row is quantized to Q8_0 too and each block's dot
-//! product is exact integer arithmetic, as llama.cpp's `q8_0 x q8_0`, with AVX2 and NEON
-//! kernels beside a scalar reference they are tested against. The output layer
+//! product is exact integer arithmetic, as llama.cpp's `q8_0 x q8_0`. The output layer
 //! (`output_layer.rs`) and the decoder's projections (`q8_0_matmul.rs`, a tract operator) use it.
+//!
+//! The weights are held in panels of eight rows, interleaved four values at a time, so that one
+//! vector register holds four values of each of eight rows: a dot-product instruction (x86's
+//! VNNI `vpdpbusd`, ARM's `sdot`) against four values of an activation row broadcast to every
+//! lane then gives eight rows' sums at once, with no horizontal additions, and each weight
+//! load serves up to four activation rows. Kernels: AVX-512 VNNI, AVX2, NEON with and without
+//! the dot-product extension, and a scalar reference every one of them is tested against.
 
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -15,10 +21,29 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tract_onnx::prelude::f16;
 
+use super::product_threads;
+
 /// Values per Q8_0 block.
 pub const BLOCK: usize = 32;
 /// Bytes of one Q8_0 block on disk: an f16 scale, then 32 int8.
 pub const BLOCK_BYTES: usize = 2 + BLOCK;
+
+/// Rows per panel: one 32-bit lane of a 256-bit register each.
+const PANEL: usize = 8;
+/// Values of a row that sit together in a panel: one 32-bit lane.
+const GROUP: usize = 4;
+/// Bytes of one block of a panel: 32 values of each of its rows.
+const PANEL_BLOCK: usize = PANEL * BLOCK;
+/// Activation rows one kernel call takes at most.
+const TILE_ROWS: usize = 4;
+
+/// How weights are stored: XORed with this. x86 keeps them offset by 128, unsigned, because
+/// VNNI multiplies unsigned bytes by signed ones (the activations are the signed side; the
+/// offset comes back out through each activation block's sum). ARM's `sdot` is signed by signed.
+#[cfg(target_arch = "x86_64")]
+const WEIGHT_BIAS: u8 = 0x80;
+#[cfg(not(target_arch = "x86_64"))]
+const WEIGHT_BIAS: u8 = 0;
 
 /// Weights in a product below which one activation row is not split among threads.
 const PARALLEL_MIN_WEIGHTS: usize = 1 << 19;
@@ -50,9 +75,11 @@ pub enum Q8_0Error {
 pub struct Q8_0Matrix {
     rows: usize,
     columns: usize,
-    /// `rows x columns` int8, row-major: aligned runs of 32 for the vector loads.
-    quants: Vec<i8>,
-    /// One scale per block, row-major, widened from f16 once at load.
+    /// Panel by panel (the last one padded with zero rows), block by block, then for each group
+    /// of four values the eight rows' four in turn: `[panel][block][group][row][4]`, each byte
+    /// XORed with `WEIGHT_BIAS`.
+    quants: Vec<u8>,
+    /// One scale per block, widened from f16 once at load: `[panel][block][row]`.
     scales: Vec<f32>,
 }
 
@@ -83,7 +110,7 @@ impl Q8_0Matrix {
             let take = (rows - row).min(4096);
             let bytes = &mut chunk[..take * row_bytes];
             reader.read_exact(bytes).map_err(read_error)?;
-            matrix.unpack_blocks(row, bytes);
+            matrix.put_blocks(row, bytes);
             row += take;
         }
         Ok(matrix)
@@ -102,13 +129,13 @@ impl Q8_0Matrix {
                 columns,
             });
         }
-        matrix.unpack_blocks(0, blocks);
+        matrix.put_blocks(0, blocks);
         Ok(matrix)
     }
 
     /// The matrix from its int8 values (`rows x columns`, row-major) and one f16 scale per block.
-    pub fn from_parts(quants: Vec<i8>, scales: &[f16], rows: usize, columns: usize) -> Result<Self, Q8_0Error> {
-        let mut matrix = Self::zeros(0, columns)?;
+    pub fn from_parts(quants: &[i8], scales: &[f16], rows: usize, columns: usize) -> Result<Self, Q8_0Error> {
+        let mut matrix = Self::zeros(rows, columns)?;
         if quants.len() != rows * columns || scales.len() * BLOCK != quants.len() {
             return Err(Q8_0Error::Size {
                 path: "(in memory)".into(),
@@ -118,9 +145,14 @@ impl Q8_0Matrix {
                 columns,
             });
         }
-        matrix.rows = rows;
-        matrix.quants = quants;
-        matrix.scales = scales.iter().map(|s| s.to_f32()).collect();
+        let blocks = columns / BLOCK;
+        for (row, (values, scales)) in
+            quants.chunks_exact(columns.max(1)).zip(scales.chunks_exact(blocks.max(1))).enumerate()
+        {
+            for (block, (values, scale)) in values.chunks_exact(BLOCK).zip(scales).enumerate() {
+                matrix.put_block(row, block, scale.to_f32(), values.iter().map(|&q| q as u8));
+            }
+        }
         Ok(matrix)
     }
 
@@ -128,19 +160,32 @@ impl Q8_0Matrix {
         if !columns.is_multiple_of(BLOCK) {
             return Err(Q8_0Error::Width { columns });
         }
-        Ok(Self { rows, columns, quants: vec![0; rows * columns], scales: vec![0.0; rows * columns / BLOCK] })
+        let padded = rows.div_ceil(PANEL) * PANEL;
+        Ok(Self {
+            rows,
+            columns,
+            quants: vec![WEIGHT_BIAS; padded * columns],
+            scales: vec![0.0; padded * columns / BLOCK],
+        })
     }
 
-    /// Splits whole rows of blocks, starting at `first_row`, into quants and scales.
-    fn unpack_blocks(&mut self, first_row: usize, blocks: &[u8]) {
-        let first_block = first_row * self.columns / BLOCK;
+    /// Places whole rows of GGML blocks, starting at `first_row`.
+    fn put_blocks(&mut self, first_row: usize, blocks: &[u8]) {
+        let per_row = self.columns / BLOCK;
         for (n, block) in blocks.chunks_exact(BLOCK_BYTES).enumerate() {
-            let index = first_block + n;
-            self.scales[index] = f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
-            for (quant, &byte) in self.quants[index * BLOCK..(index + 1) * BLOCK].iter_mut().zip(&block[2..]) {
-                *quant = byte as i8;
-            }
+            let scale = f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
+            self.put_block(first_row + n / per_row, n % per_row, scale, block[2..].iter().copied());
         }
+    }
+
+    /// Places one block of one row: its scale and 32 values (int8 as bytes).
+    fn put_block(&mut self, row: usize, block: usize, scale: f32, values: impl Iterator<Item = u8>) {
+        let panel_block = row / PANEL * (self.columns / BLOCK) + block;
+        let start = panel_block * PANEL_BLOCK + row % PANEL * GROUP;
+        for (index, value) in values.enumerate() {
+            self.quants[start + index / GROUP * PANEL * GROUP + index % GROUP] = value ^ WEIGHT_BIAS;
+        }
+        self.scales[panel_block * PANEL + row % PANEL] = scale;
     }
 
     pub fn rows(&self) -> usize {
@@ -151,78 +196,121 @@ impl Q8_0Matrix {
         self.columns
     }
 
-    /// Bytes a pass over the weights reads.
-    pub fn weight_bytes(&self) -> usize {
-        self.quants.len() + self.scales.len() * std::mem::size_of::<f32>()
+    /// The weight at `row`, `column`, as stored in the file.
+    #[cfg(test)]
+    fn weight(&self, row: usize, column: usize) -> i8 {
+        let panel_block = row / PANEL * (self.columns / BLOCK) + column / BLOCK;
+        let index = column % BLOCK;
+        let byte = self.quants
+            [panel_block * PANEL_BLOCK + index / GROUP * PANEL * GROUP + row % PANEL * GROUP + index % GROUP];
+        (byte ^ WEIGHT_BIAS) as i8
+    }
+
+    /// The scale of `row`'s block `block`.
+    #[cfg(test)]
+    fn scale(&self, row: usize, block: usize) -> f32 {
+        self.scales[(row / PANEL * (self.columns / BLOCK) + block) * PANEL + row % PANEL]
     }
 
     /// `out[m, n] = W[n] . x[m]` for every row `m` of `activations` (`m x columns`) into `out`
-    /// (`m x rows`), on `threads` threads: one activation row splits the matrix's rows among
-    /// them, several split the activation rows (each thread then reads the whole matrix, in
-    /// tiles that stay in cache while its rows pass over them).
+    /// (`m x rows`), on `threads` threads.
     pub fn multiply(&self, activations: &[f32], out: &mut [f32], threads: usize) -> Result<(), Q8_0Error> {
+        self.multiply_with(Kernel::best(), activations, out, threads)
+    }
+
+    /// `multiply` with the given kernel. The threads share out the panels: each takes the next
+    /// chunk of them, against every activation row, until none is left, so that a thread that
+    /// wakes late takes fewer rather than holding the others up.
+    fn multiply_with(
+        &self,
+        kernel: Kernel,
+        activations: &[f32],
+        out: &mut [f32],
+        threads: usize,
+    ) -> Result<(), Q8_0Error> {
         if !activations.len().is_multiple_of(self.columns.max(1))
             || out.len() * self.columns != activations.len() * self.rows
         {
             return Err(Q8_0Error::Activations { got: activations.len(), columns: self.columns });
         }
         let m = activations.len() / self.columns.max(1);
-        // Waking a pool thread costs about what a small product takes (Gemma 3 270M's k and v:
-        // 640 x 256): below this size one thread does a row's product alone.
-        let threads = match m == 1 && self.rows * self.columns < PARALLEL_MIN_WEIGHTS {
-            true => 1,
-            false => threads.max(1),
-        };
         if m == 0 || self.rows == 0 {
             return Ok(());
         }
-        if m < threads {
-            for (x, out) in activations.chunks_exact(self.columns).zip(out.chunks_exact_mut(self.rows)) {
-                let x = QuantizedRow::of(x);
-                let per_thread = self.rows.div_ceil(threads);
-                run_parts(out.chunks_mut(per_thread).enumerate(), |(part, out)| {
-                    dot_rows(self, part * per_thread, &x, out)
-                });
+        let xs: Vec<QuantizedRow> = activations.chunks_exact(self.columns).map(QuantizedRow::of).collect();
+        // Waking a pool thread costs about what a small product takes (Gemma 3 270M's k and v:
+        // 640 x 256): below this size one thread does it alone.
+        let threads = match m * self.rows * self.columns < PARALLEL_MIN_WEIGHTS {
+            true => 1,
+            false => threads.max(1),
+        };
+        let panels = self.rows.div_ceil(PANEL);
+        let chunk = panels.div_ceil(threads * CHUNKS_PER_THREAD);
+        let chunks = panels.div_ceil(chunk);
+        let next = AtomicUsize::new(0);
+        let out = SharedRows { start: out.as_mut_ptr(), len: out.len() };
+        product_threads::run(threads, &|| loop {
+            let claimed = next.fetch_add(1, Ordering::Relaxed);
+            if claimed >= chunks {
+                break;
             }
-            return Ok(());
-        }
-        let rows_per_thread = m.div_ceil(threads);
-        let parts = activations.chunks(rows_per_thread * self.columns).zip(out.chunks_mut(rows_per_thread * self.rows));
-        run_parts(parts, |(xs, out)| {
-            let xs: Vec<QuantizedRow> = xs.chunks_exact(self.columns).map(QuantizedRow::of).collect();
-            // 16 KiB of weights at a time (Gemma 3 270M: 25 rows), against every activation row.
-            let tile = (16384 / self.columns).max(1);
-            for first in (0..self.rows).step_by(tile) {
-                let last = (first + tile).min(self.rows);
-                for (x, out) in xs.iter().zip(out.chunks_exact_mut(self.rows)) {
-                    dot_rows(self, first, x, &mut out[first..last]);
-                }
-            }
+            // SAFETY: each chunk is claimed once, and its panels' outputs are its own.
+            unsafe { self.products(kernel, claimed * chunk..(claimed * chunk + chunk).min(panels), &xs, &out) };
         });
         Ok(())
     }
+
+    /// The products of the rows of `panels` with every row of `xs` into `out` (`xs.len()` rows
+    /// of `self.rows`), weights in tiles that stay in cache while every activation row passes.
+    ///
+    /// # Safety
+    /// No other thread writes the outputs of these panels meanwhile.
+    unsafe fn products(&self, kernel: Kernel, panels: std::ops::Range<usize>, xs: &[QuantizedRow], out: &SharedRows) {
+        let blocks = self.columns / BLOCK;
+        let panel_bytes = self.columns * PANEL;
+        // About 16 KiB of weights at a time (Gemma 3 270M: 3 panels).
+        let tile = (16384 / panel_bytes).max(1);
+        for tile_start in panels.clone().step_by(tile) {
+            let tile_panels = tile_start..(tile_start + tile).min(panels.end);
+            for (group, xs) in xs.chunks(TILE_ROWS).enumerate() {
+                for panel in tile_panels.clone() {
+                    let quants = &self.quants[panel * panel_bytes..(panel + 1) * panel_bytes];
+                    let scales = &self.scales[panel * blocks * PANEL..(panel + 1) * blocks * PANEL];
+                    let mut sums = [[0.0f32; PANEL]; TILE_ROWS];
+                    kernel.panel(quants, scales, xs, &mut sums);
+                    let row = panel * PANEL;
+                    let live = PANEL.min(self.rows - row);
+                    for (m, sums) in sums[..xs.len()].iter().enumerate() {
+                        // SAFETY: this panel's outputs, inside `out` (`multiply_with` checked its
+                        // size), written by this thread alone (the caller's promise).
+                        unsafe { out.write((group * TILE_ROWS + m) * self.rows + row, &sums[..live]) };
+                    }
+                }
+            }
+        }
+    }
 }
 
-/// Runs `work` on every part: on the threads of tract's pool where the model has several
-/// (`use_threads`), one after the other otherwise. A pool, not threads of our own: a decode step
-/// makes over a hundred of these products, and starting threads for each cost more than some of
-/// them take.
-fn run_parts<P: Send>(parts: impl Iterator<Item = P>, work: impl Fn(P) + Sync) {
-    match tract_linalg::multithread::current_tract_executor() {
-        // The calling thread takes the first part itself: a pool thread that wakes for a
-        // part takes a while, and one could otherwise take both parts before the other wakes.
-        tract_linalg::multithread::Executor::MultiThread(pool) => pool.in_place_scope(|scope| {
-            let mut parts = parts;
-            let first = parts.next();
-            for part in parts {
-                let work = &work;
-                scope.spawn(move |_| work(part));
-            }
-            if let Some(first) = first {
-                work(first);
-            }
-        }),
-        _ => parts.for_each(work),
+/// Chunks of panels per thread: enough that a late thread's share is small, few enough that
+/// claiming them costs nothing.
+const CHUNKS_PER_THREAD: usize = 8;
+
+/// The output of a product, written by several threads at once, each to its own panels' columns.
+struct SharedRows {
+    start: *mut f32,
+    len: usize,
+}
+
+// SAFETY: the threads write disjoint parts (see `Q8_0Matrix::products`).
+unsafe impl Sync for SharedRows {}
+
+impl SharedRows {
+    /// # Safety
+    /// No other thread touches `at..at + values.len()` meanwhile.
+    unsafe fn write(&self, at: usize, values: &[f32]) {
+        assert!(at + values.len() <= self.len, "a product's output out of bounds");
+        // SAFETY: inside the buffer (checked), and this thread's alone (the caller's promise).
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.start.add(at), values.len()) };
     }
 }
 
@@ -231,6 +319,9 @@ fn run_parts<P: Send>(parts: impl Iterator<Item = P>, work: impl Fn(P) + Sync) {
 struct QuantizedRow {
     quants: Vec<i8>,
     scales: Vec<f32>,
+    /// Per block, `-128 x` the sum of its values: what the weights' offset adds to VNNI's sums.
+    #[cfg(target_arch = "x86_64")]
+    offset_corrections: Vec<i32>,
 }
 
 impl QuantizedRow {
@@ -246,49 +337,122 @@ impl QuantizedRow {
             }
             scales.push(scale);
         }
-        Self { quants, scales }
+        Self {
+            #[cfg(target_arch = "x86_64")]
+            offset_corrections: quants
+                .chunks_exact(BLOCK)
+                .map(|block| -128 * block.iter().map(|&q| i32::from(q)).sum::<i32>())
+                .collect(),
+            quants,
+            scales,
+        }
     }
 }
 
-/// `out[i] = W[first + i] . x` for the rows `out` covers, with the fastest kernel this CPU has.
-fn dot_rows(matrix: &Q8_0Matrix, first: usize, x: &QuantizedRow, out: &mut [f32]) {
-    let blocks = matrix.columns / BLOCK;
-    let weights = &matrix.quants[first * matrix.columns..(first + out.len()) * matrix.columns];
-    let scales = &matrix.scales[first * blocks..(first + out.len()) * blocks];
+/// A way to compute a panel's products. Each checks nothing itself: `panel` checks the sizes once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Reference,
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA, checked just above.
-        unsafe { x86::dot_rows_avx2(weights, scales, x, out) };
-        return;
-    }
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
     #[cfg(target_arch = "aarch64")]
-    {
-        // SAFETY: NEON is part of every aarch64 CPU.
-        unsafe { arm::dot_rows_neon(weights, scales, x, out) };
-        return;
+    Neon,
+    #[cfg(target_arch = "aarch64")]
+    NeonDotProduct,
+}
+
+/// Calls `kernel::<M>(args)` with `M` the number of activation rows (1 to 4): a constant, so
+/// that each count's sums stay in registers.
+macro_rules! for_rows {
+    ($rows:expr, $kernel:ident($($arg:expr),*)) => {
+        match $rows {
+            1 => $kernel::<1>($($arg),*),
+            2 => $kernel::<2>($($arg),*),
+            3 => $kernel::<3>($($arg),*),
+            _ => $kernel::<4>($($arg),*),
+        }
+    };
+}
+
+impl Kernel {
+    /// Every kernel this CPU runs, slowest first.
+    fn available() -> Vec<Kernel> {
+        #[allow(unused_mut)]
+        let mut kernels = vec![Kernel::Reference];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            kernels.push(Kernel::Avx2);
+            if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl") {
+                kernels.push(Kernel::Avx512Vnni);
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            kernels.push(Kernel::Neon);
+            if std::arch::is_aarch64_feature_detected!("dotprod") {
+                kernels.push(Kernel::NeonDotProduct);
+            }
+        }
+        kernels
     }
-    #[allow(unreachable_code)]
-    dot_rows_reference(weights, scales, x, out)
+
+    fn best() -> Kernel {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| Self::available().last().copied().unwrap_or(Kernel::Reference))
+    }
+
+    /// `sums[m][i]` = row `i` of the panel (`quants`, `scales`) . `xs[m]`, for up to four rows
+    /// of `xs`.
+    fn panel(self, quants: &[u8], scales: &[f32], xs: &[QuantizedRow], sums: &mut [[f32; PANEL]; TILE_ROWS]) {
+        // What the vector kernels read without bounds checks.
+        let blocks = scales.len() / PANEL;
+        assert!(
+            (1..=TILE_ROWS).contains(&xs.len())
+                && quants.len() == blocks * PANEL_BLOCK
+                && xs.iter().all(|x| x.scales.len() == blocks && x.quants.len() == blocks * BLOCK),
+            "a Q8_0 panel and its activation rows differ in width"
+        );
+        #[cfg(target_arch = "aarch64")]
+        use arm::{panel_dot_product, panel_neon};
+        #[cfg(target_arch = "x86_64")]
+        use x86::{panel_avx2, panel_vnni};
+        // SAFETY: each kernel runs only where `available` found its CPU features, and the sizes
+        // it relies on are checked above.
+        match self {
+            Kernel::Reference => panel_reference(quants, scales, xs, sums),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { for_rows!(xs.len(), panel_avx2(quants, scales, xs, sums)) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { for_rows!(xs.len(), panel_vnni(quants, scales, xs, sums)) },
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Neon => unsafe { for_rows!(xs.len(), panel_neon(quants, scales, xs, sums)) },
+            #[cfg(target_arch = "aarch64")]
+            Kernel::NeonDotProduct => unsafe { for_rows!(xs.len(), panel_dot_product(quants, scales, xs, sums)) },
+        }
+    }
 }
 
 /// The reference the vector kernels are held to: each block's integer dot product, scaled by
 /// both blocks' scales, summed in block order.
-fn dot_rows_reference(weights: &[i8], scales: &[f32], x: &QuantizedRow, out: &mut [f32]) {
-    let columns = x.quants.len();
-    let blocks = columns / BLOCK;
-    for (row, logit) in out.iter_mut().enumerate() {
-        let w = &weights[row * columns..(row + 1) * columns];
-        let d = &scales[row * blocks..(row + 1) * blocks];
-        *logit = (0..blocks)
-            .map(|b| {
-                let dot: i32 = w[b * BLOCK..(b + 1) * BLOCK]
-                    .iter()
-                    .zip(&x.quants[b * BLOCK..(b + 1) * BLOCK])
-                    .map(|(&w, &x)| i32::from(w) * i32::from(x))
-                    .sum();
-                d[b] * x.scales[b] * dot as f32
-            })
-            .sum();
+fn panel_reference(quants: &[u8], scales: &[f32], xs: &[QuantizedRow], sums: &mut [[f32; PANEL]; TILE_ROWS]) {
+    for (x, sums) in xs.iter().zip(sums.iter_mut()) {
+        for (row, sum) in sums.iter_mut().enumerate() {
+            *sum = (0..x.scales.len())
+                .map(|block| {
+                    let weights = &quants[block * PANEL_BLOCK..(block + 1) * PANEL_BLOCK];
+                    let dot: i32 = (0..BLOCK)
+                        .map(|i| {
+                            let weight =
+                                (weights[i / GROUP * PANEL * GROUP + row * GROUP + i % GROUP] ^ WEIGHT_BIAS) as i8;
+                            i32::from(weight) * i32::from(x.quants[block * BLOCK + i])
+                        })
+                        .sum();
+                    scales[block * PANEL + row] * x.scales[block] * dot as f32
+                })
+                .sum();
+        }
     }
 }
 
@@ -296,33 +460,99 @@ fn dot_rows_reference(weights: &[i8], scales: &[f32], x: &QuantizedRow, out: &mu
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{QuantizedRow, BLOCK};
+    use super::{QuantizedRow, BLOCK, GROUP, PANEL, PANEL_BLOCK, TILE_ROWS};
 
-    /// llama.cpp's AVX2 `q8_0 x q8_0` block product: `maddubs` multiplies unsigned by signed
-    /// bytes, so it takes |w| and x with w's sign (this way round a weight of -128 is right: its
-    /// |w| is the byte 128, while x, within +-127, never overflows); pairs of products (at most
-    /// 2 x 128 x 127) fit its i16 sums, and `madd` with ones widens them to i32.
+    /// Values `4 group .. 4 group + 4` of `x`'s block `block`, in every 32-bit lane.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn broadcast_group(x: &QuantizedRow, block: usize, group: usize) -> __m256i {
+        // SAFETY: the group lies inside the row (`Kernel::panel` checked its width).
+        _mm256_set1_epi32(unsafe {
+            x.quants.as_ptr().add(block * BLOCK + group * GROUP).cast::<i32>().read_unaligned()
+        })
+    }
+
+    /// `sum + dots x weight scales x x's scale`, lane by lane.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_rows_avx2(weights: &[i8], scales: &[f32], x: &QuantizedRow, out: &mut [f32]) {
-        let columns = x.quants.len();
-        let blocks = columns / BLOCK;
-        let ones = _mm256_set1_epi16(1);
-        for (row, logit) in out.iter_mut().enumerate() {
-            let w = weights[row * columns..].as_ptr();
-            let d = &scales[row * blocks..(row + 1) * blocks];
-            let mut sum = _mm256_setzero_ps();
-            for (b, (&dw, &dx)) in d.iter().zip(&x.scales).enumerate() {
-                // SAFETY: block b of row `row` and of x lie inside their slices (sizes checked
-                // by the callers: `columns` values per row).
-                let wv = unsafe { _mm256_loadu_si256(w.add(b * BLOCK) as *const __m256i) };
-                let xv = unsafe { _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK) as *const __m256i) };
-                let products = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
-                sum = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), dot, sum);
+    unsafe fn scale_and_add(sum: __m256, dots: __m256i, weight_scales: __m256, x_scale: f32) -> __m256 {
+        _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(weight_scales, _mm256_set1_ps(x_scale)), sum)
+    }
+
+    /// VNNI's `vpdpbusd` multiplies the weights' bytes, unsigned (offset by 128), by the
+    /// activation's signed ones and adds each four into an i32 lane without saturating; each
+    /// block's sums start from the activation block's correction, which takes the offset out.
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    pub(super) unsafe fn panel_vnni<const M: usize>(
+        quants: &[u8],
+        scales: &[f32],
+        xs: &[QuantizedRow],
+        sums: &mut [[f32; PANEL]; TILE_ROWS],
+    ) {
+        let xs = &xs[..M];
+        let mut totals = [_mm256_setzero_ps(); M];
+        for block in 0..xs[0].scales.len() {
+            let mut dots = [_mm256_setzero_si256(); M];
+            for m in 0..M {
+                dots[m] = _mm256_set1_epi32(xs[m].offset_corrections[block]);
             }
-            let half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-            let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-            *logit = _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
+            for group in 0..BLOCK / GROUP {
+                // SAFETY: 32 bytes of this block's panel (`Kernel::panel` checked the sizes).
+                let weights =
+                    unsafe { quants.as_ptr().add(block * PANEL_BLOCK + group * PANEL * GROUP).cast::<__m256i>() };
+                let weights = unsafe { _mm256_loadu_si256(weights) };
+                for m in 0..M {
+                    dots[m] = _mm256_dpbusd_epi32(dots[m], weights, unsafe { broadcast_group(&xs[m], block, group) });
+                }
+            }
+            // SAFETY: this block's eight scales.
+            let weight_scales = unsafe { _mm256_loadu_ps(scales.as_ptr().add(block * PANEL)) };
+            for m in 0..M {
+                totals[m] = unsafe { scale_and_add(totals[m], dots[m], weight_scales, xs[m].scales[block]) };
+            }
+        }
+        for m in 0..M {
+            // SAFETY: eight f32 into an array of eight.
+            unsafe { _mm256_storeu_ps(sums[m].as_mut_ptr(), totals[m]) };
+        }
+    }
+
+    /// Without VNNI: `maddubs` multiplies unsigned by signed bytes into pairs of i16, so it takes
+    /// |w| and x with w's sign (a weight of -128 is right this way: its |w| is the byte 128, while
+    /// x, within +-127, never overflows), and `madd` with ones widens each four into an i32 lane.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn panel_avx2<const M: usize>(
+        quants: &[u8],
+        scales: &[f32],
+        xs: &[QuantizedRow],
+        sums: &mut [[f32; PANEL]; TILE_ROWS],
+    ) {
+        let xs = &xs[..M];
+        let bias = _mm256_set1_epi8(super::WEIGHT_BIAS as i8);
+        let ones = _mm256_set1_epi16(1);
+        let mut totals = [_mm256_setzero_ps(); M];
+        for block in 0..xs[0].scales.len() {
+            let mut dots = [_mm256_setzero_si256(); M];
+            for group in 0..BLOCK / GROUP {
+                // SAFETY: 32 bytes of this block's panel (`Kernel::panel` checked the sizes).
+                let weights =
+                    unsafe { quants.as_ptr().add(block * PANEL_BLOCK + group * PANEL * GROUP).cast::<__m256i>() };
+                let weights = _mm256_xor_si256(unsafe { _mm256_loadu_si256(weights) }, bias);
+                let magnitudes = _mm256_sign_epi8(weights, weights);
+                for m in 0..M {
+                    let x = _mm256_sign_epi8(unsafe { broadcast_group(&xs[m], block, group) }, weights);
+                    dots[m] = _mm256_add_epi32(dots[m], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes, x), ones));
+                }
+            }
+            // SAFETY: this block's eight scales.
+            let weight_scales = unsafe { _mm256_loadu_ps(scales.as_ptr().add(block * PANEL)) };
+            for m in 0..M {
+                totals[m] = unsafe { scale_and_add(totals[m], dots[m], weight_scales, xs[m].scales[block]) };
+            }
+        }
+        for m in 0..M {
+            // SAFETY: eight f32 into an array of eight.
+            unsafe { _mm256_storeu_ps(sums[m].as_mut_ptr(), totals[m]) };
         }
     }
 }
@@ -330,32 +560,137 @@ mod x86 {
 #[cfg(target_arch = "aarch64")]
 mod arm {
     use std::arch::aarch64::*;
+    use std::arch::asm;
 
-    use super::{QuantizedRow, BLOCK};
+    use super::{QuantizedRow, BLOCK, GROUP, PANEL, PANEL_BLOCK, TILE_ROWS};
+
+    /// `totals += dots x weight scales x x's scale`, for the panel's rows 0-3 and 4-7.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn scale_and_add(
+        totals: &mut [float32x4_t; 2],
+        dots: [int32x4_t; 2],
+        weight_scales: *const f32,
+        x_scale: f32,
+    ) {
+        for half in 0..2 {
+            // SAFETY: this block's eight scales (`Kernel::panel` checked the sizes).
+            let weight_scales = unsafe { vld1q_f32(weight_scales.add(4 * half)) };
+            totals[half] = vfmaq_f32(totals[half], vcvtq_f32_s32(dots[half]), vmulq_n_f32(weight_scales, x_scale));
+        }
+    }
 
     /// Widening multiplies (i8 x i8 into i16, at most 128 x 128) added pairwise into i32: the
-    /// base NEON of every aarch64 core, the Pi 4's Cortex-A72 included (no dot-product needed).
+    /// base NEON of every aarch64 core, the Pi 4's Cortex-A72 included.
     #[target_feature(enable = "neon")]
-    pub(super) unsafe fn dot_rows_neon(weights: &[i8], scales: &[f32], x: &QuantizedRow, out: &mut [f32]) {
-        let columns = x.quants.len();
-        let blocks = columns / BLOCK;
-        for (row, logit) in out.iter_mut().enumerate() {
-            let w = weights[row * columns..].as_ptr();
-            let d = &scales[row * blocks..(row + 1) * blocks];
-            let mut sum = vdupq_n_f32(0.0);
-            for (b, (&dw, &dx)) in d.iter().zip(&x.scales).enumerate() {
-                // SAFETY: block b of row `row` and of x lie inside their slices.
-                let (w0, w1, x0, x1) = unsafe {
-                    let xp = x.quants.as_ptr().add(b * BLOCK);
-                    (vld1q_s8(w.add(b * BLOCK)), vld1q_s8(w.add(b * BLOCK + 16)), vld1q_s8(xp), vld1q_s8(xp.add(16)))
-                };
-                let mut dot = vpaddlq_s16(vmull_s8(vget_low_s8(w0), vget_low_s8(x0)));
-                dot = vpadalq_s16(dot, vmull_high_s8(w0, x0));
-                dot = vpadalq_s16(dot, vmull_s8(vget_low_s8(w1), vget_low_s8(x1)));
-                dot = vpadalq_s16(dot, vmull_high_s8(w1, x1));
-                sum = vfmaq_n_f32(sum, vcvtq_f32_s32(dot), dw * dx);
+    pub(super) unsafe fn panel_neon<const M: usize>(
+        quants: &[u8],
+        scales: &[f32],
+        xs: &[QuantizedRow],
+        sums: &mut [[f32; PANEL]; TILE_ROWS],
+    ) {
+        let xs = &xs[..M];
+        let mut totals = [[vdupq_n_f32(0.0); 2]; M];
+        for block in 0..xs[0].scales.len() {
+            // Per activation row, sums of pairs of values for rows (0, 1), (2, 3), (4, 5), (6, 7).
+            let mut pairs = [[vdupq_n_s32(0); 4]; M];
+            for group in 0..BLOCK / GROUP {
+                // SAFETY: 32 bytes of this block's panel, and 4 of each row's block.
+                let at = unsafe { quants.as_ptr().add(block * PANEL_BLOCK + group * PANEL * GROUP).cast::<i8>() };
+                let weights = unsafe { [vld1_s8(at), vld1_s8(at.add(8)), vld1_s8(at.add(16)), vld1_s8(at.add(24))] };
+                for m in 0..M {
+                    let x = unsafe {
+                        xs[m].quants.as_ptr().add(block * BLOCK + group * GROUP).cast::<i32>().read_unaligned()
+                    };
+                    let x = vreinterpret_s8_s32(vdup_n_s32(x));
+                    for pair in 0..4 {
+                        pairs[m][pair] = vpadalq_s16(pairs[m][pair], vmull_s8(weights[pair], x));
+                    }
+                }
             }
-            *logit = vaddvq_f32(sum);
+            for m in 0..M {
+                let dots = [vpaddq_s32(pairs[m][0], pairs[m][1]), vpaddq_s32(pairs[m][2], pairs[m][3])];
+                unsafe { scale_and_add(&mut totals[m], dots, scales.as_ptr().add(block * PANEL), xs[m].scales[block]) };
+            }
+        }
+        store(&totals, sums);
+    }
+
+    /// `acc[i] += w[4i..4i + 4] . x[4 LANE..4 LANE + 4]`: ARMv8.2's `sdot` by element. Written
+    /// out because Rust's `vdotq_laneq_s32` is not stable yet.
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn sdot<const LANE: i32>(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+        let mut acc = acc;
+        // SAFETY: registers only; the caller's CPU has the dot-product extension.
+        unsafe {
+            asm!(
+                "sdot {acc:v}.4s, {w:v}.16b, {x:v}.4b[{lane}]",
+                acc = inout(vreg) acc,
+                w = in(vreg) w,
+                x = in(vreg) x,
+                lane = const LANE,
+                options(pure, nomem, nostack, preserves_flags)
+            )
+        };
+        acc
+    }
+
+    /// The dot-product extension (Cortex-A76, the Pi 5): `sdot` against one 32-bit lane of the
+    /// activation block gives four rows' sums of four products in one instruction.
+    #[target_feature(enable = "neon,dotprod")]
+    pub(super) unsafe fn panel_dot_product<const M: usize>(
+        quants: &[u8],
+        scales: &[f32],
+        xs: &[QuantizedRow],
+        sums: &mut [[f32; PANEL]; TILE_ROWS],
+    ) {
+        let xs = &xs[..M];
+        let mut totals = [[vdupq_n_f32(0.0); 2]; M];
+        for block in 0..xs[0].scales.len() {
+            let w = unsafe { quants.as_ptr().add(block * PANEL_BLOCK).cast::<i8>() };
+            let mut x = [[vdupq_n_s8(0); 2]; M];
+            for m in 0..M {
+                // SAFETY: the row's 32 values of this block.
+                let at = unsafe { xs[m].quants.as_ptr().add(block * BLOCK) };
+                x[m] = unsafe { [vld1q_s8(at), vld1q_s8(at.add(16))] };
+            }
+            let mut dots = [[vdupq_n_s32(0); 2]; M];
+            // Group g: 16 bytes for rows 0-3 and 16 for rows 4-7, against the x values 4g..4g + 4.
+            macro_rules! group {
+                ($group:literal, $half:literal, $lane:literal) => {
+                    // SAFETY: 32 bytes of this block's panel.
+                    let weights = unsafe { [vld1q_s8(w.add($group * 32)), vld1q_s8(w.add($group * 32 + 16))] };
+                    for m in 0..M {
+                        dots[m][0] = unsafe { sdot::<$lane>(dots[m][0], weights[0], x[m][$half]) };
+                        dots[m][1] = unsafe { sdot::<$lane>(dots[m][1], weights[1], x[m][$half]) };
+                    }
+                };
+            }
+            group!(0, 0, 0);
+            group!(1, 0, 1);
+            group!(2, 0, 2);
+            group!(3, 0, 3);
+            group!(4, 1, 0);
+            group!(5, 1, 1);
+            group!(6, 1, 2);
+            group!(7, 1, 3);
+            for m in 0..M {
+                unsafe {
+                    scale_and_add(&mut totals[m], dots[m], scales.as_ptr().add(block * PANEL), xs[m].scales[block])
+                };
+            }
+        }
+        store(&totals, sums);
+    }
+
+    fn store<const M: usize>(totals: &[[float32x4_t; 2]; M], sums: &mut [[f32; PANEL]; TILE_ROWS]) {
+        for (totals, sums) in totals.iter().zip(sums.iter_mut()) {
+            // SAFETY: four f32 into each half of an array of eight.
+            unsafe {
+                vst1q_f32(sums.as_mut_ptr(), totals[0]);
+                vst1q_f32(sums.as_mut_ptr().add(4), totals[1]);
+            }
         }
     }
 }
@@ -378,8 +713,36 @@ mod tests {
         blocks
     }
 
+    /// `W x` straight from GGML's blocks, row by row: no panels.
+    fn products_from_blocks(blocks: &[u8], rows: usize, x: &QuantizedRow) -> Vec<f32> {
+        let per_row = x.scales.len();
+        (0..rows)
+            .map(|row| {
+                let row_blocks = &blocks[row * per_row * BLOCK_BYTES..(row + 1) * per_row * BLOCK_BYTES];
+                row_blocks
+                    .chunks_exact(BLOCK_BYTES)
+                    .enumerate()
+                    .map(|(b, block)| {
+                        let scale = f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
+                        let dot: i32 = block[2..]
+                            .iter()
+                            .zip(&x.quants[b * BLOCK..])
+                            .map(|(&w, &x)| i32::from(w as i8) * i32::from(x))
+                            .sum();
+                        scale * x.scales[b] * dot as f32
+                    })
+                    .sum()
+            })
+            .collect()
+    }
+
     fn dequantized(matrix: &Q8_0Matrix) -> Vec<f32> {
-        matrix.quants.iter().enumerate().map(|(i, &q)| f32::from(q) * matrix.scales[i / BLOCK]).collect()
+        let (rows, columns) = (matrix.rows(), matrix.columns());
+        (0..rows * columns)
+            .map(|i| {
+                f32::from(matrix.weight(i / columns, i % columns)) * matrix.scale(i / columns, i % columns / BLOCK)
+            })
+            .collect()
     }
 
     #[test]
@@ -398,30 +761,39 @@ mod tests {
     }
 
     #[test]
-    fn the_vector_kernel_and_every_split_give_the_reference_products() {
+    fn every_kernel_and_every_split_give_the_products_of_the_blocks() {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
+        // Not a whole number of panels: the last one is padded.
         let (rows, columns) = (1031, 640);
-        let matrix = Q8_0Matrix::from_blocks(&random_blocks(&mut rng, rows, columns), rows, columns).unwrap();
-        let m = 5;
+        let blocks = random_blocks(&mut rng, rows, columns);
+        let matrix = Q8_0Matrix::from_blocks(&blocks, rows, columns).unwrap();
+        let m = 9;
         let activations: Vec<f32> = (0..m * columns).map(|_| rng.random_range(-3.0..3.0)).collect();
-        let mut reference = vec![0.0; m * rows];
-        for (x, out) in activations.chunks_exact(columns).zip(reference.chunks_exact_mut(rows)) {
-            dot_rows_reference(&matrix.quants, &matrix.scales, &QuantizedRow::of(x), out);
+        let expected: Vec<f32> = activations
+            .chunks_exact(columns)
+            .flat_map(|x| products_from_blocks(&blocks, rows, &QuantizedRow::of(x)))
+            .collect();
+        let kernels = Kernel::available();
+        #[cfg(target_arch = "x86_64")]
+        if std::env::var_os("CI").is_none() {
+            assert!(kernels.contains(&Kernel::Avx2), "{kernels:?}");
         }
-        // One row splits the matrix among threads; several rows split the rows. Run on a pool of
-        // three, as `use_threads` makes for the model.
-        let pool = tract_linalg::multithread::Executor::multithread(3);
-        for (rows_used, threads) in [(1, 1), (1, 2), (1, 3), (1, 8), (5, 1), (5, 2), (5, 3), (5, 8)] {
-            let mut out = vec![0.0; rows_used * rows];
-            tract_linalg::multithread::multithread_tract_scope(pool.clone(), || {
-                matrix.multiply(&activations[..rows_used * columns], &mut out, threads).unwrap()
-            });
-            for (index, (&got, &want)) in out.iter().zip(&reference).enumerate() {
-                // Exact integer blocks; only the order of the f32 sums of 20 blocks differs.
-                assert!(
-                    (got - want).abs() <= 1e-4 * want.abs().max(1.0),
-                    "{rows_used} rows, {threads} threads, output {index}: {got} vs {want}"
-                );
+        #[cfg(target_arch = "aarch64")]
+        assert!(kernels.contains(&Kernel::Neon), "{kernels:?}");
+        // Threads share out chunks of panels; activation rows go to the kernels in groups of up
+        // to four.
+        for kernel in kernels {
+            for (rows_used, threads) in [(1, 1), (1, 2), (1, 3), (1, 8), (2, 1), (3, 1), (5, 2), (9, 1), (9, 3), (9, 8)]
+            {
+                let mut out = vec![0.0; rows_used * rows];
+                matrix.multiply_with(kernel, &activations[..rows_used * columns], &mut out, threads).unwrap();
+                for (index, (&got, &want)) in out.iter().zip(&expected).enumerate() {
+                    // Exact integer blocks; only the order of the f32 sums of 20 blocks differs.
+                    assert!(
+                        (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                        "{kernel:?}, {rows_used} rows, {threads} threads, output {index}: {got} vs {want}"
+                    );
+                }
             }
         }
     }
@@ -460,7 +832,7 @@ mod tests {
     #[test]
     fn a_file_loads_to_the_same_matrix_as_its_blocks_and_parts() {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let (rows, columns) = (5000, 64);
+        let (rows, columns) = (5001, 64);
         let blocks = random_blocks(&mut rng, rows, columns);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("output_layer.q8_0");
@@ -468,10 +840,15 @@ mod tests {
         let loaded = Q8_0Matrix::load(&path, rows, columns).unwrap();
         let direct = Q8_0Matrix::from_blocks(&blocks, rows, columns).unwrap();
         assert_eq!((loaded.quants == direct.quants, loaded.scales == direct.scales), (true, true));
-        assert_eq!(direct.scales[1], f16::from_bits(u16::from_le_bytes([blocks[34], blocks[35]])).to_f32());
-        assert_eq!(direct.quants[BLOCK], blocks[36] as i8);
-        let scales: Vec<f16> = direct.scales.iter().map(|&s| f16::from_f32(s)).collect();
-        let parts = Q8_0Matrix::from_parts(direct.quants.clone(), &scales, rows, columns).unwrap();
+        // Row 1, block 1: the fourth block of the file.
+        let block = &blocks[3 * BLOCK_BYTES..];
+        assert_eq!(direct.scale(1, 1), f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32());
+        assert_eq!((direct.weight(1, 32), direct.weight(1, 63)), (block[2] as i8, block[33] as i8));
+        let quants: Vec<i8> = (0..rows * columns).map(|i| direct.weight(i / columns, i % columns)).collect();
+        let scales: Vec<f16> = (0..rows * columns / BLOCK)
+            .map(|b| f16::from_f32(direct.scale(b / (columns / BLOCK), b % (columns / BLOCK))))
+            .collect();
+        let parts = Q8_0Matrix::from_parts(&quants, &scales, rows, columns).unwrap();
         assert_eq!((parts.quants == direct.quants, parts.scales == direct.scales), (true, true));
     }
 }

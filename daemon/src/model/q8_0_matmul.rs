@@ -79,7 +79,7 @@ impl Expansion for MatMulQ8_0Node {
             scales.shape(),
             k / BLOCK
         );
-        let quants = weights.try_as_plain_ram()?.as_slice::<i8>()?.to_vec();
+        let quants = weights.try_as_plain_ram()?.as_slice::<i8>()?;
         let matrix = Q8_0Matrix::from_parts(quants, scales.try_as_plain_ram()?.as_slice::<f16>()?, n, k)?;
         model.wire_node(prefix, MatMulQ8_0 { weights: Arc::new(matrix) }, &[inputs[0]])
     }

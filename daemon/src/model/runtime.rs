@@ -5,8 +5,9 @@
 //! `embed` maps ids to `inputs_embeds` and, for Gemma 4, `per_layer_inputs`; `decoder` takes
 //! those plus `past_key_i`/`past_value_i` for each layer that owns a cache and returns logits
 //! (already soft-capped) and the `present_*` caches, or, where the bundle has an `output_layer`
-//! file, the final hidden states that our own kernels turn into logits (`output_layer.rs`); `vision` and `audio` return soft tokens with
-//! a validity mask. Gemma 3 bundles are the same without per-layer inputs and encoders.
+//! file, the final hidden states that our own kernels turn into logits (`output_layer.rs`);
+//! `vision` and `audio` return soft tokens with a validity mask. Gemma 3 bundles are the same
+//! without per-layer inputs and encoders.
 
 use std::path::Path;
 
