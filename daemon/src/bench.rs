@@ -141,6 +141,8 @@ pub struct PhysicalLimit {
 pub struct BenchReport {
     pub bundle: String,
     pub machine: String,
+    /// The kernel our Q8_0 products run on this CPU.
+    pub q8_0_kernel: String,
     pub threads: usize,
     pub runs: usize,
     pub load_secs: f64,
@@ -238,6 +240,7 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
     Ok(BenchReport {
         bundle: model.bundle.manifest.name.clone(),
         machine: machine(),
+        q8_0_kernel: crate::model::q8_0_kernel().into(),
         threads: options.threads,
         runs: options.runs,
         load_secs,
@@ -377,7 +380,11 @@ fn machine() -> String {
 
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{} on {}, {} threads, {} runs", self.bundle, self.machine, self.threads, self.runs)?;
+        writeln!(
+            f,
+            "{} on {}, {} threads, {} runs, Q8_0 kernel {}",
+            self.bundle, self.machine, self.threads, self.runs, self.q8_0_kernel
+        )?;
         writeln!(
             f,
             "load {:.2} s, peak RSS {}",

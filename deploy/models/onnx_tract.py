@@ -34,7 +34,9 @@ def _as_model(x):
 
 
 def tractify(path):
-    """Rewrites needed by tract 0.23: Equal on bool -> Not(Xor); constant Range -> Constant.
+    """Rewrites needed by tract 0.23: Equal on bool -> Not(Xor); constant Range -> Constant; and
+    one for speed: Pow by a constant 2 or 3 (the RMS norms' squares, GELU's cube) -> Mul, as
+    tract calls powf for each element, several percent of a prefill.
     `path` is a file (rewritten in place) or a ModelProto (modified in place, not saved)."""
     import onnx
     from onnx import helper, numpy_helper, shape_inference
@@ -58,7 +60,7 @@ def tractify(path):
                     types[n.output[0]] = a.t.data_type
     for i in m.graph.initializer:
         types[i.name] = i.data_type
-    stats = {"equal_bool": 0, "range_folded": 0}
+    stats = {"equal_bool": 0, "range_folded": 0, "pow_to_mul": 0}
     new_nodes = []
     for n in m.graph.node:
         if n.op_type == "Equal" and all(types.get(x) == onnx.TensorProto.BOOL for x in n.input):
@@ -73,6 +75,16 @@ def tractify(path):
             new_nodes.append(helper.make_node("Constant", [], list(n.output), name=n.name + "_folded",
                                               value=numpy_helper.from_array(arr)))
             stats["range_folded"] += 1
+            continue
+        exponent = consts.get(n.input[1]) if n.op_type == "Pow" else None
+        if exponent is not None and exponent.size == 1 and float(exponent.reshape(())) in (2.0, 3.0):
+            x, out = n.input[0], n.output[0]
+            if float(exponent.reshape(())) == 2.0:
+                new_nodes.append(helper.make_node("Mul", [x, x], [out], name=n.name + "_square"))
+            else:
+                new_nodes.append(helper.make_node("Mul", [x, x], [out + "__square"], name=n.name + "_square"))
+                new_nodes.append(helper.make_node("Mul", [out + "__square", x], [out], name=n.name + "_cube"))
+            stats["pow_to_mul"] += 1
             continue
         new_nodes.append(n)
     del m.graph.node[:]
@@ -142,7 +154,17 @@ def fold_shape_only_ranges(path: Path):
             new_nodes.append(helper.make_node("Constant", [], list(n.output), name=n.name + "_folded",
                                               value=numpy_helper.from_array(arr)))
         else:
-            new_nodes.append(n)
+            exponent = consts.get(n.input[1]) if n.op_type == "Pow" else None
+        if exponent is not None and exponent.size == 1 and float(exponent.reshape(())) in (2.0, 3.0):
+            x, out = n.input[0], n.output[0]
+            if float(exponent.reshape(())) == 2.0:
+                new_nodes.append(helper.make_node("Mul", [x, x], [out], name=n.name + "_square"))
+            else:
+                new_nodes.append(helper.make_node("Mul", [x, x], [out + "__square"], name=n.name + "_square"))
+                new_nodes.append(helper.make_node("Mul", [out + "__square", x], [out], name=n.name + "_cube"))
+            stats["pow_to_mul"] += 1
+            continue
+        new_nodes.append(n)
     del m.graph.node[:]
     m.graph.node.extend(new_nodes)
     if not needs_external_data(m):
@@ -693,7 +715,7 @@ def read_q8_0_blocks(path: Path, hidden: int):
 
 def output_layer_logits(hidden_states: np.ndarray, layer, softcap):
     """The logits the runtime's output layer computes, the same way: each hidden row quantized
-    per block of 32 (d = max|x| / 127 in f32, q = x * (1 / d) rounded half away from zero), exact
+    per block of 32 (d = max|x| / 127 in f32, q = x * (1 / d) rounded, halves to even), exact
     integer block products scaled by both blocks' scales, then the soft-cap."""
     q, d = layer
     v, h = q.shape
@@ -701,7 +723,7 @@ def output_layer_logits(hidden_states: np.ndarray, layer, softcap):
     dx = np.abs(x).max(-1) / np.float32(127.0)
     inverse = np.where(dx == 0, np.float32(0.0), np.float32(1.0) / np.where(dx == 0, np.float32(1.0), dx))
     scaled = x * inverse[..., None]
-    qx = np.clip(np.sign(scaled) * np.floor(np.abs(scaled) + np.float32(0.5)), -127, 127)
+    qx = np.clip(np.rint(scaled), -127, 127)
     # Block by block as float matmuls: the integer products and their sums of 32 (below 2^24) are
     # exact in f32.
     qw = q.reshape(v, h // Q8_BLOCK, Q8_BLOCK).astype(np.float32)

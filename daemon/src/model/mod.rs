@@ -25,7 +25,7 @@ pub use image_input::{
     prepare as prepare_image, target_size, ImageInputError, ImageParams, ImagePatches, SOFT_TOKEN_BUDGETS,
 };
 pub use output_layer::{OutputLayer, OutputLayerError};
-pub use q8_0::{Q8_0Error, Q8_0Matrix};
+pub use q8_0::{kernel_name as q8_0_kernel, Q8_0Error, Q8_0Matrix};
 pub use runtime::{last_row, use_threads, values, Embedded, KvCache, LogitRows, Runtime, RuntimeError, SoftTokens};
 pub use sampling::{argmax, Sampler, Sampling};
 pub use tokenizer::{TextStream, Tokenizer, TokenizerError};

@@ -315,7 +315,8 @@ impl SharedRows {
 }
 
 /// A hidden row quantized as llama.cpp's `quantize_row_q8_0` does (per block of 32,
-/// `d = max |x| / 127`, `q = round(x / d)`), but with `d` kept in f32: it never goes to disk.
+/// `d = max |x| / 127`, `q = round(x / d)`, halves to even as its vector code rounds them, which
+/// compiles to vector instructions here too), but with `d` kept in f32: it never goes to disk.
 struct QuantizedRow {
     quants: Vec<i8>,
     scales: Vec<f32>,
@@ -333,7 +334,7 @@ impl QuantizedRow {
             let scale = max / 127.0;
             let inverse = if scale == 0.0 { 0.0 } else { 1.0 / scale };
             for (q, &v) in out.iter_mut().zip(block) {
-                *q = (v * inverse).round().clamp(-127.0, 127.0) as i8;
+                *q = (v * inverse).round_ties_even().clamp(-127.0, 127.0) as i8;
             }
             scales.push(scale);
         }
@@ -347,6 +348,12 @@ impl QuantizedRow {
             scales,
         }
     }
+}
+
+/// The kernel the products run on, on this CPU: `avx512-vnni`, `avx2`, `neon-dotprod`, `neon`
+/// or `reference`.
+pub fn kernel_name() -> &'static str {
+    Kernel::best().name()
 }
 
 /// A way to compute a panel's products. Each checks nothing itself: `panel` checks the sizes once.
@@ -396,6 +403,20 @@ impl Kernel {
             }
         }
         kernels
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kernel::Reference => "reference",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => "avx512-vnni",
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Neon => "neon",
+            #[cfg(target_arch = "aarch64")]
+            Kernel::NeonDotProduct => "neon-dotprod",
+        }
     }
 
     fn best() -> Kernel {
@@ -756,6 +777,9 @@ mod tests {
         assert_eq!(row.scales, vec![scale]);
         assert_eq!(row.quants[0], 127);
         assert_eq!(&row.quants[..4], &[(1.27 / scale).round() as i8, (-0.5 / scale).round() as i8, 0, 0]);
+        // Halves round to even, as llama.cpp's vector code does (`_mm256_round_ps`, `vcvtnq`).
+        let halves = QuantizedRow::of(&[[127.0, 2.5, -2.5, 3.5].as_slice(), &[0.0; BLOCK - 4]].concat());
+        assert_eq!(&halves.quants[..4], &[127, 2, -2, 4]);
         let zeros = QuantizedRow::of(&[0.0; BLOCK]);
         assert_eq!((zeros.scales[0], zeros.quants.iter().all(|&q| q == 0)), (0.0, true));
     }
