@@ -154,17 +154,7 @@ def fold_shape_only_ranges(path: Path):
             new_nodes.append(helper.make_node("Constant", [], list(n.output), name=n.name + "_folded",
                                               value=numpy_helper.from_array(arr)))
         else:
-            exponent = consts.get(n.input[1]) if n.op_type == "Pow" else None
-        if exponent is not None and exponent.size == 1 and float(exponent.reshape(())) in (2.0, 3.0):
-            x, out = n.input[0], n.output[0]
-            if float(exponent.reshape(())) == 2.0:
-                new_nodes.append(helper.make_node("Mul", [x, x], [out], name=n.name + "_square"))
-            else:
-                new_nodes.append(helper.make_node("Mul", [x, x], [out + "__square"], name=n.name + "_square"))
-                new_nodes.append(helper.make_node("Mul", [out + "__square", x], [out], name=n.name + "_cube"))
-            stats["pow_to_mul"] += 1
-            continue
-        new_nodes.append(n)
+            new_nodes.append(n)
     del m.graph.node[:]
     m.graph.node.extend(new_nodes)
     if not needs_external_data(m):

@@ -115,8 +115,14 @@ struct WaitForHelpers<'a>(&'a Shared);
 
 impl Drop for WaitForHelpers<'_> {
     fn drop(&mut self) {
+        let mut spins = 0;
         while self.0.pending.load(Ordering::Acquire) > 0 {
-            std::hint::spin_loop();
+            // A helper the system has put off may be waiting for this very core.
+            match spins < SPINS_BEFORE_YIELDING {
+                true => std::hint::spin_loop(),
+                false => std::thread::yield_now(),
+            }
+            spins += 1;
         }
         let job = self.0.job.swap(std::ptr::null_mut(), Ordering::Relaxed);
         // SAFETY: made by `Box::into_raw` in `run`, and no helper holds it any more.
