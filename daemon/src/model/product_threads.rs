@@ -11,7 +11,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
 /// Checks of the job counter, a few microseconds' worth, before a helper starts yielding its
@@ -69,8 +69,11 @@ fn helpers() -> &'static Helpers {
 pub fn run(threads: usize, work: &(dyn Fn() + Sync)) {
     let helpers = helpers();
     let wanted = threads.saturating_sub(1).min((1 << HELPER_BITS) - 1);
-    let Ok(mut started) = helpers.started.try_lock() else {
-        return work();
+    let mut started = match helpers.started.try_lock() {
+        Ok(started) => started,
+        // A panic in an earlier product unwound through `run`; the count is still right.
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(TryLockError::WouldBlock) => return work(),
     };
     while *started < wanted {
         let shared = helpers.shared.clone();
@@ -94,6 +97,8 @@ pub fn run(threads: usize, work: &(dyn Fn() + Sync)) {
     // return (nor unwind) before that: `WaitForHelpers` waits on drop.
     let job: &'static Job = unsafe { std::mem::transmute::<&(dyn Fn() + Sync), &'static Job>(work) };
     let job = Box::new(job);
+    // Left set where the caller's own part panicked as well.
+    shared.panicked.store(false, Ordering::Relaxed);
     shared.job.store(Box::into_raw(job), Ordering::Relaxed);
     shared.pending.store(wanted, Ordering::Relaxed);
     let next = (shared.state.load(Ordering::Relaxed) >> HELPER_BITS).wrapping_add(1);
@@ -194,6 +199,25 @@ mod tests {
                 assert_eq!(lock(&distinct).len(), runs);
             }
         }
+    }
+
+    #[test]
+    fn a_product_that_panics_leaves_the_helpers_working() {
+        let caught = std::panic::catch_unwind(|| run(2, &|| panic!("a product's bug")));
+        assert!(caught.is_err());
+        // The helpers are still shared out afterwards (unless another test holds them now).
+        let mut ran_on_two = false;
+        for _ in 0..1000 {
+            let runs = AtomicUsize::new(0);
+            run(2, &|| {
+                runs.fetch_add(1, Ordering::Relaxed);
+            });
+            if runs.into_inner() == 2 {
+                ran_on_two = true;
+                break;
+            }
+        }
+        assert!(ran_on_two, "after a panic every product ran on one thread");
     }
 
     #[test]
