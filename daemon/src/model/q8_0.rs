@@ -45,8 +45,8 @@ const WEIGHT_BIAS: u8 = 0x80;
 #[cfg(not(target_arch = "x86_64"))]
 const WEIGHT_BIAS: u8 = 0;
 
-/// Weights in a product below which one activation row is not split among threads.
-const PARALLEL_MIN_WEIGHTS: usize = 1 << 19;
+/// Multiply-adds in a product below which it runs on one thread.
+const PARALLEL_MIN_PRODUCTS: usize = 1 << 19;
 
 /// Threads the products run on, set with tract's (`model::use_threads`).
 static THREADS: AtomicUsize = AtomicUsize::new(1);
@@ -238,9 +238,10 @@ impl Q8_0Matrix {
             return Ok(());
         }
         let xs: Vec<QuantizedRow> = activations.chunks_exact(self.columns).map(QuantizedRow::of).collect();
-        // Waking a pool thread costs about what a small product takes (Gemma 3 270M's k and v:
-        // 640 x 256): below this size one thread does it alone.
-        let threads = match m * self.rows * self.columns < PARALLEL_MIN_WEIGHTS {
+        // Handing out a small product (Gemma 3 270M's k and v at one row: 640 x 256) costs about
+        // what it takes: one thread does it alone. Set when the hand-off went through rayon; with
+        // the product threads, 2^17 decoded within the noise of this (72-79 tokens/s, 2 threads).
+        let threads = match m * self.rows * self.columns < PARALLEL_MIN_PRODUCTS {
             true => 1,
             false => threads.max(1),
         };
