@@ -57,6 +57,10 @@ pub struct Publication {
     pub priority: Priority,
     /// For the log: what this is and its id.
     pub label: String,
+    /// When the look that made it was asked for: the capture of the frame or chunk whose gate
+    /// fired, or the moment of a schedule's tick or a command. The publisher times deliveries
+    /// from here.
+    pub asked_at: SystemTime,
 }
 
 /// What the analyzer hands to the service.
@@ -501,6 +505,7 @@ impl Worker {
             payload: report.to_json(),
             priority: PRIORITY_REPORT + report.observation.severity.min(3),
             label: format!("report {}", report.id),
+            asked_at: look.captured_at,
         }));
         if let (Some(settings), Some(frame)) = (&self.thumbnails, &look.frame) {
             match thumbnail(&frame.image, settings) {
@@ -509,6 +514,7 @@ impl Worker {
                     payload: base64::engine::general_purpose::STANDARD.encode(jpeg),
                     priority: PRIORITY_EVENT,
                     label: format!("thumbnail of report {}", report.id),
+                    asked_at: look.captured_at,
                 })),
                 Err(e) => warn!("cannot make the thumbnail of report {}: {e}", report.id),
             }
@@ -521,6 +527,7 @@ impl Worker {
                 payload: serde_json::to_string(&alert).unwrap_or_default(),
                 priority: PRIORITY_ACTION,
                 label: format!("alert {}", alert.id),
+                asked_at: look.captured_at,
             }));
         }
         if report.observation.severity >= self.analysis.tool_min_severity && look.tool_result.is_none() {
@@ -576,6 +583,7 @@ impl Worker {
             payload: serde_json::to_string(&published).unwrap_or_default(),
             priority: PRIORITY_ACTION,
             label: format!("tool call {}", published.id),
+            asked_at: look.captured_at,
         }))
     }
 

@@ -2,7 +2,9 @@
 //! memory allows. Load time, peak resident memory, prefill and decode rates, a scene request's
 //! time to first token and the encoders' times, each over repeated runs (min, median, max), with
 //! the thread count. Beside them the physical limit: decoding reads every decoder weight once
-//! per token, so the machine's memory read bandwidth over the weights' bytes caps tokens/s.
+//! per token, so the machine's memory read bandwidth over the weights' bytes caps tokens/s. Last,
+//! the whole station: the sample clip through the motion gate and the model to a broker in this
+//! process, timed from the gate firing to the broker's acknowledgement of the report.
 
 use std::fmt;
 use std::path::Path;
@@ -24,6 +26,8 @@ pub enum BenchError {
     Media(String),
     #[error("{what} needs {needed} positions, but the model's context holds {max}")]
     Context { what: String, needed: usize, max: usize },
+    #[error("the station run for the gate-to-report figure failed: {0}")]
+    Station(String),
 }
 
 /// What to measure.
@@ -146,7 +150,10 @@ pub struct BenchReport {
     pub threads: usize,
     pub runs: usize,
     pub load_secs: f64,
+    /// Peak resident memory while the model alone was measured.
     pub peak_rss_mb: Option<f64>,
+    /// Peak resident memory once the whole station had run too (its model loaded anew).
+    pub station_peak_rss_mb: Option<f64>,
     pub prefill: Vec<PrefillFigures>,
     pub decode_tokens: usize,
     pub decode_tokens_per_sec: Spread,
@@ -154,6 +161,9 @@ pub struct BenchReport {
     pub scene_first_token_ms: Option<Spread>,
     pub image_encoder_ms: Option<Spread>,
     pub audio_encoder_ms: Option<Spread>,
+    /// From the motion gate firing on the sample clip to the broker acknowledging the report,
+    /// through the whole station (capture, gate, model, outbox, MQTT); one report per run.
+    pub gate_to_report_ms: Spread,
     pub limit: PhysicalLimit,
 }
 
@@ -237,20 +247,27 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let read_bandwidth_gb_per_sec = read_bandwidth(options.probe_bytes, cores);
     let ceiling_tokens_per_sec = read_bandwidth_gb_per_sec * 1e9 / weight_bytes_per_token.max(1) as f64;
+    let bundle_name = model.bundle.manifest.name.clone();
+    let model_peak_rss_mb = peak_rss_mb();
+    // The station loads the model itself: one copy in memory at a time.
+    drop(model);
+    let gate_to_report_ms = gate_to_report(bundle, options)?;
     Ok(BenchReport {
-        bundle: model.bundle.manifest.name.clone(),
+        bundle: bundle_name,
         machine: machine(),
         q8_0_kernel: crate::model::q8_0_kernel().into(),
         threads: options.threads,
         runs: options.runs,
         load_secs,
-        peak_rss_mb: peak_rss_mb(),
+        peak_rss_mb: model_peak_rss_mb,
+        station_peak_rss_mb: peak_rss_mb(),
         prefill,
         decode_tokens,
         decode_tokens_per_sec: decode_rates,
         scene_first_token_ms: scene,
         image_encoder_ms: image_encoder,
         audio_encoder_ms: audio_encoder,
+        gate_to_report_ms,
         limit: PhysicalLimit {
             weight_bytes_per_token,
             read_bandwidth_gb_per_sec,
@@ -258,6 +275,52 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
             fraction_reached: decode_rates.median / ceiling_tokens_per_sec,
         },
     })
+}
+
+/// The sample clip played once through a station that reports on motion, publishing to a broker
+/// in this process, `options.runs` times; each run's report timed from its gate firing to the
+/// broker's acknowledgement.
+fn gate_to_report(bundle: &Path, options: &BenchOptions) -> Result<Spread, BenchError> {
+    let station = |e: &dyn fmt::Display| BenchError::Station(e.to_string());
+    let broker = crate::broker::start_embedded().map_err(|e| station(&e))?;
+    let bundle = bundle.canonicalize().map_err(|e| station(&format!("{}: {e}", bundle.display())))?;
+    let outbox = std::env::temp_dir().join(format!("outpost-bench-{}", std::process::id()));
+    let text = station_toml(&bundle, broker, &outbox, options.threads);
+    let config =
+        crate::config::parse(&text, Path::new("(the bench's station)"), Path::new("/")).map_err(|e| station(&e))?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| station(&e))?;
+    let mut latencies = Vec::new();
+    for _ in 0..options.runs.max(1) {
+        let delivered =
+            runtime.block_on(crate::service::run(config.clone(), crate::service::ServiceOptions::default()));
+        let delivered = delivered.map_err(|e| station(&e))?;
+        if delivered.report_latencies.is_empty() {
+            return Err(station(&"the sample clip's motion led to no delivered report"));
+        }
+        latencies.extend(delivered.report_latencies.iter().map(|&latency| millis(latency)));
+    }
+    // Every report was acknowledged, so the outbox is empty.
+    let _ = std::fs::remove_dir_all(&outbox);
+    Ok(Spread::of(latencies))
+}
+
+/// A station with the camera only, playing the sample clip once, and one look per run: the first
+/// motion. A random-weight model wanders to the report schema's limits, hence the token room.
+fn station_toml(bundle: &Path, broker: std::net::SocketAddr, outbox: &Path, threads: usize) -> String {
+    let quoted = |path: &Path| toml::Value::String(path.display().to_string());
+    format!(
+        "[station]\nid = \"bench\"\n\
+         [mqtt]\nhost = \"{host}\"\nport = {port}\n\
+         [outbox]\ndir = {outbox}\n\
+         [camera]\nsource = \"mjpeg\"\npath = \"builtin:{PEOPLE_MJPEG}\"\nfps = 10\nloop = false\n\
+         [model]\nbundle = {bundle}\nthreads = {threads}\n\
+         [analysis]\ntriggers = [\"motion\"]\ncooldown_secs = 3600\nmax_tokens = 2048\n",
+        host = broker.ip(),
+        port = broker.port(),
+        outbox = quoted(outbox),
+        bundle = quoted(bundle),
+    )
 }
 
 fn check_context(model: &Model, what: &str, needed: usize) -> Result<(), BenchError> {
@@ -385,11 +448,13 @@ impl fmt::Display for BenchReport {
             "{} on {}, {} threads, {} runs, Q8_0 kernel {}",
             self.bundle, self.machine, self.threads, self.runs, self.q8_0_kernel
         )?;
+        let megabytes = |mb: Option<f64>| mb.map_or("?".into(), |mb| format!("{mb:.0} MB"));
         writeln!(
             f,
-            "load {:.2} s, peak RSS {}",
+            "load {:.2} s, peak RSS {} (the whole station: {})",
             self.load_secs,
-            self.peak_rss_mb.map_or("?".into(), |mb| format!("{mb:.0} MB"))
+            megabytes(self.peak_rss_mb),
+            megabytes(self.station_peak_rss_mb)
         )?;
         writeln!(f, "{:<34} {:>9} {:>9} {:>9}", "", "min", "median", "max")?;
         for prefill in &self.prefill {
@@ -412,6 +477,7 @@ impl fmt::Display for BenchReport {
                 None => writeln!(f, "{name:<34} (not in this bundle)")?,
             }
         }
+        writeln!(f, "{:<34} {}", "gate firing to report PUBACK (ms)", self.gate_to_report_ms)?;
         let limit = &self.limit;
         write!(
             f,

@@ -104,7 +104,13 @@ pub struct PublisherReport {
     pub events_undelivered: usize,
     /// Messages left in the outbox for the next start.
     pub outbox_held: usize,
+    /// For each report of this run the broker acknowledged (the latest `REPORT_LATENCIES_KEPT`):
+    /// the time from its look being asked for (a gate firing) to the broker's acknowledgement.
+    pub report_latencies: Vec<Duration>,
 }
+
+/// Report latencies a publisher keeps for its final report.
+pub const REPORT_LATENCIES_KEPT: usize = 1024;
 
 /// The publisher's figures, for `<root>/stats`, kept current by the publisher task.
 #[derive(Debug, Default)]
@@ -116,6 +122,9 @@ pub struct PublisherGauges {
     pub outbox_messages: AtomicU64,
     pub outbox_bytes: AtomicU64,
     pub outbox_dropped: AtomicU64,
+    /// Milliseconds from the latest acknowledged report's gate firing to its acknowledgement; 0
+    /// until one is.
+    pub last_report_latency_ms: AtomicU64,
 }
 
 /// A snapshot of [`PublisherGauges`].
@@ -126,6 +135,8 @@ pub struct PublisherFigures {
     pub outbox_messages: u64,
     pub outbox_bytes: u64,
     pub outbox_dropped: u64,
+    /// From a gate firing to the broker acknowledging the report it led to, for the latest one.
+    pub last_report_latency_ms: Option<u64>,
 }
 
 impl PublisherGauges {
@@ -136,6 +147,7 @@ impl PublisherGauges {
             outbox_messages: self.outbox_messages.load(Ordering::Relaxed),
             outbox_bytes: self.outbox_bytes.load(Ordering::Relaxed),
             outbox_dropped: self.outbox_dropped.load(Ordering::Relaxed),
+            last_report_latency_ms: Some(self.last_report_latency_ms.load(Ordering::Relaxed)).filter(|&ms| ms > 0),
         }
     }
 }
@@ -295,6 +307,8 @@ struct Message {
     kind: Kind,
     /// Its copy in the outbox, if it has one.
     stored: Option<Stored>,
+    /// For a report of this run: when its look was asked for, to time its delivery.
+    report_asked_at: Option<SystemTime>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -306,6 +320,11 @@ struct Stored {
 }
 
 impl Message {
+    /// A message with no copy in the outbox: a status, a latest figure or a reply.
+    fn unstored(topic: String, payload: String, retain: bool, kind: Kind) -> Self {
+        Self { topic, payload, retain, kind, stored: None, report_asked_at: None }
+    }
+
     /// The payload to send now: a message on its way late says so.
     fn payload_to_send(&self) -> std::borrow::Cow<'_, str> {
         let Some(stored) = self.stored else { return self.payload.as_str().into() };
@@ -610,10 +629,7 @@ impl Publisher {
                     }
                 }
                 Some(control) = control.recv() => match control {
-                    Control::Publish(publication) => {
-                        let topic = format!("{}/{}", self.topics.root, publication.subtopic);
-                        self.enqueue_stored(topic, publication.payload, publication.priority, &publication.label);
-                    }
+                    Control::Publish(publication) => self.enqueue_publication(publication),
                     Control::Reply(reply) => self.enqueue_reply(reply),
                     Control::ForgetHomeAssistant => {
                         if let Some(discovery) = self.home_assistant.as_mut() {
@@ -682,11 +698,25 @@ impl Publisher {
 
     fn enqueue_event(&mut self, event: &Event) {
         let label = format!("{} event {}", event.kind(), event.id);
-        self.enqueue_stored(self.topics.events.clone(), event.to_json(), PRIORITY_EVENT, &label);
+        self.enqueue_stored(self.topics.events.clone(), event.to_json(), PRIORITY_EVENT, &label, None);
+    }
+
+    fn enqueue_publication(&mut self, publication: Publication) {
+        let Publication { subtopic, payload, priority, label, asked_at } = publication;
+        let report_asked_at = (subtopic == "report").then_some(asked_at);
+        let topic = format!("{}/{}", self.topics.root, subtopic);
+        self.enqueue_stored(topic, payload, priority, &label, report_asked_at);
     }
 
     /// Writes a message to the outbox, then queues it.
-    fn enqueue_stored(&mut self, topic: String, payload: String, priority: Priority, label: &str) {
+    fn enqueue_stored(
+        &mut self,
+        topic: String,
+        payload: String,
+        priority: Priority,
+        label: &str,
+        report_asked_at: Option<SystemTime>,
+    ) {
         let stored = match self.outbox.append(&topic, &payload, priority, SystemTime::now()) {
             Ok((message, dropped)) => {
                 debug!("{label} stored in the outbox as message {}", message.seq);
@@ -703,7 +733,20 @@ impl Publisher {
                 None
             }
         };
-        self.enqueue(Message { topic, payload, retain: false, kind: Kind::Stored, stored });
+        self.enqueue(Message { topic, payload, retain: false, kind: Kind::Stored, stored, report_asked_at });
+    }
+
+    /// Times a report's delivery from its gate firing: in the stats, and in the final report.
+    fn report_delivered(&mut self, asked_at: SystemTime) {
+        // A clock set back meanwhile gives no figure rather than a false one.
+        let Ok(latency) = SystemTime::now().duration_since(asked_at) else { return };
+        let millis = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.gauges.last_report_latency_ms.store(millis, Ordering::Relaxed);
+        let kept = &mut self.report.report_latencies;
+        if kept.len() == REPORT_LATENCIES_KEPT {
+            kept.remove(0);
+        }
+        kept.push(latency);
     }
 
     /// A message an earlier run left in the outbox.
@@ -715,6 +758,7 @@ impl Publisher {
             retain: false,
             kind: Kind::Stored,
             stored,
+            report_asked_at: None,
         });
     }
 
@@ -725,13 +769,7 @@ impl Publisher {
     }
 
     fn enqueue_status(&mut self, status: &str) {
-        self.enqueue(Message {
-            topic: self.topics.status.clone(),
-            payload: status.into(),
-            retain: true,
-            kind: Kind::Status,
-            stored: None,
-        });
+        self.enqueue(Message::unstored(self.topics.status.clone(), status.into(), true, Kind::Status));
     }
 
     /// Queues a device's state in place of an older one for the same topic that has not gone
@@ -755,7 +793,7 @@ impl Publisher {
         self.unacked.retain(|p| {
             !(p.message.kind == Kind::Latest && p.message.topic == topic && p.delivery == Delivery::Queued)
         });
-        self.enqueue(Message { topic, payload, retain, kind: Kind::Latest, stored: None });
+        self.enqueue(Message::unstored(topic, payload, retain, Kind::Latest));
     }
 
     fn enqueue_reply(&mut self, reply: CommandReply) {
@@ -764,7 +802,7 @@ impl Publisher {
         } else {
             format!("{}{}/reply", self.topics.commands, reply.command)
         };
-        self.enqueue(Message { topic, payload: reply.to_json(), retain: false, kind: Kind::Reply, stored: None });
+        self.enqueue(Message::unstored(topic, reply.to_json(), false, Kind::Reply));
     }
 
     /// A tool's answer to a call: checked here, passed on to the model stage if well-formed.
@@ -906,24 +944,18 @@ impl Publisher {
                 self.backoff = self.reconnect_min;
                 // A fresh `online` goes first; one left over from a dropped connection is stale.
                 self.unacked.retain(|p| !(p.message.kind == Kind::Status && p.message.payload == STATUS_ONLINE));
-                let message = Message {
-                    topic: self.topics.status.clone(),
-                    payload: STATUS_ONLINE.into(),
-                    retain: true,
-                    kind: Kind::Status,
-                    stored: None,
-                };
+                let message = Message::unstored(self.topics.status.clone(), STATUS_ONLINE.into(), true, Kind::Status);
                 self.enqueue_at(0, message);
                 // The device is announced again: a broker without persistence has forgotten it.
                 if let Some(discovery) = self.home_assistant.as_ref().filter(|d| !d.forgotten) {
                     let (topic, payload) = (discovery.config_topic.clone(), discovery.payload.clone());
                     self.unacked.retain(|p| p.message.topic != topic || p.delivery != Delivery::Queued);
-                    self.enqueue_at(1, Message { topic, payload, retain: true, kind: Kind::Latest, stored: None });
+                    self.enqueue_at(1, Message::unstored(topic, payload, true, Kind::Latest));
                 }
                 for (topic, status) in self.devices_last.clone() {
                     if !self.unacked.iter().any(|p| p.message.kind == Kind::Latest && p.message.topic == topic) {
                         let payload = status.to_json();
-                        self.enqueue_at(1, Message { topic, payload, retain: true, kind: Kind::Latest, stored: None });
+                        self.enqueue_at(1, Message::unstored(topic, payload, true, Kind::Latest));
                     }
                 }
             }
@@ -951,6 +983,9 @@ impl Publisher {
                                 "cannot record a delivery in the outbox (it may be sent again after a restart): {e}"
                             );
                         }
+                    }
+                    if let Some(asked_at) = done.message.report_asked_at {
+                        self.report_delivered(asked_at);
                     }
                     if self.echo {
                         println!("{} {}", done.message.topic, done.message.payload);

@@ -90,9 +90,17 @@ fn motion_makes_reports_an_alert_and_tool_calls_that_validate() {
     }
     let log = daemon.stderr();
     assert!(log.contains("tokens of station documents from"), "{log}");
-    let stats = subscriber.wait_for("figures", WAIT, |m| m.topic == "outpost/looker/stats").json();
+    let stats = subscriber
+        .wait_for("figures after a report", WAIT, |m| {
+            m.topic == "outpost/looker/stats" && !m.json()["publisher"]["last_report_latency_ms"].is_null()
+        })
+        .json();
     assert!(stats["model"]["looks"].as_u64().unwrap() >= 1, "{stats}");
     assert!(stats["model"]["mean_look_ms"].as_u64().unwrap() > 0, "{stats}");
+    // From the gate firing to the broker's acknowledgement: the look's own time and more.
+    let every_report = subscriber.received().iter().filter(|m| m.topic == "outpost/looker/report").map(|m| m.json());
+    let quickest_look = every_report.map(|r| r["timing"]["total_ms"].as_u64().unwrap()).min().unwrap();
+    assert!(stats["publisher"]["last_report_latency_ms"].as_u64().unwrap() >= quickest_look, "{stats}");
 
     let received = subscriber.received().to_vec();
     let alerts: Vec<Value> = received.iter().filter(|m| m.topic == "outpost/looker/alert").map(|m| m.json()).collect();

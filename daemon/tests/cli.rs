@@ -94,7 +94,7 @@ fn bench_measures_the_model_and_the_limit_its_weights_set() {
         .iter()
         .map(|p| &p["tokens_per_sec"])
         .chain([&report["decode_tokens_per_sec"], &report["scene_first_token_ms"]])
-        .chain([&report["image_encoder_ms"], &report["audio_encoder_ms"]]);
+        .chain([&report["image_encoder_ms"], &report["audio_encoder_ms"], &report["gate_to_report_ms"]]);
     for spread in spreads {
         let (min, median, max) =
             (spread["min"].as_f64().unwrap(), spread["median"].as_f64().unwrap(), spread["max"].as_f64().unwrap());
@@ -111,10 +111,19 @@ fn bench_measures_the_model_and_the_limit_its_weights_set() {
     let fraction = report["decode_tokens_per_sec"]["median"].as_f64().unwrap() / ceiling;
     assert!((limit["fraction_reached"].as_f64().unwrap() - fraction).abs() < 1e-9, "{limit}");
     assert!(report["peak_rss_mb"].as_f64().unwrap() > 0.0);
+    // A report is the model's whole answer after the gate fired: never quicker than a first token.
+    let first_token = report["scene_first_token_ms"]["min"].as_f64().unwrap();
+    assert!(report["gate_to_report_ms"]["min"].as_f64().unwrap() > first_token, "{report}");
 
     let table = outpostd(&["bench", &tiny_model(), "--runs", "1", "--prefill", "16", "--decode", "4"]);
     let table = String::from_utf8(table.stdout).unwrap();
-    for row in ["prefill 16 tokens (tokens/s)", "decode 4 tokens (tokens/s)", "image encoder (ms)", "limit: "] {
+    for row in [
+        "prefill 16 tokens (tokens/s)",
+        "decode 4 tokens (tokens/s)",
+        "image encoder (ms)",
+        "gate firing to report PUBACK (ms)",
+        "limit: ",
+    ] {
         assert!(table.contains(row), "{row} missing:\n{table}");
     }
 }
