@@ -42,6 +42,8 @@ pub struct BenchOptions {
     pub decode_tokens: usize,
     /// Bytes the memory-bandwidth probe reads, more than the caches hold.
     pub probe_bytes: usize,
+    /// Also run the whole station for the gate-to-report latency.
+    pub station: bool,
 }
 
 impl Default for BenchOptions {
@@ -52,6 +54,7 @@ impl Default for BenchOptions {
             prefill_tokens: vec![128, 512],
             decode_tokens: 128,
             probe_bytes: 256 << 20,
+            station: true,
         }
     }
 }
@@ -71,6 +74,10 @@ pub struct BenchSettings {
     /// Print the figures as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Measure the model alone: skip the whole-station run (the gate-to-report latency), for
+    /// quicker runs and for profiling.
+    #[arg(long)]
+    pub model_only: bool,
 }
 
 impl BenchSettings {
@@ -80,6 +87,7 @@ impl BenchSettings {
             threads,
             prefill_tokens: self.prefill.clone(),
             decode_tokens: self.decode,
+            station: !self.model_only,
             ..BenchOptions::default()
         }
     }
@@ -152,7 +160,7 @@ pub struct BenchReport {
     pub load_secs: f64,
     /// Peak resident memory while the model alone was measured.
     pub peak_rss_mb: Option<f64>,
-    /// Peak resident memory once the whole station had run too (its model loaded anew).
+    /// Peak resident memory once the whole station had run too (its model loaded anew), if it ran.
     pub station_peak_rss_mb: Option<f64>,
     pub prefill: Vec<PrefillFigures>,
     pub decode_tokens: usize,
@@ -163,7 +171,8 @@ pub struct BenchReport {
     pub audio_encoder_ms: Option<Spread>,
     /// From the motion gate firing on the sample clip to the broker acknowledging the report,
     /// through the whole station (capture, gate, model, outbox, MQTT); one report per run.
-    pub gate_to_report_ms: Spread,
+    /// `None` with `--model-only`.
+    pub gate_to_report_ms: Option<Spread>,
     pub limit: PhysicalLimit,
 }
 
@@ -251,7 +260,7 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
     let model_peak_rss_mb = peak_rss_mb();
     // The station loads the model itself: one copy in memory at a time.
     drop(model);
-    let gate_to_report_ms = gate_to_report(bundle, options)?;
+    let gate_to_report_ms = options.station.then(|| gate_to_report(bundle, options)).transpose()?;
     Ok(BenchReport {
         bundle: bundle_name,
         machine: machine(),
@@ -260,7 +269,7 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
         runs: options.runs,
         load_secs,
         peak_rss_mb: model_peak_rss_mb,
-        station_peak_rss_mb: peak_rss_mb(),
+        station_peak_rss_mb: gate_to_report_ms.and(peak_rss_mb()),
         prefill,
         decode_tokens,
         decode_tokens_per_sec: decode_rates,
@@ -449,13 +458,11 @@ impl fmt::Display for BenchReport {
             self.bundle, self.machine, self.threads, self.runs, self.q8_0_kernel
         )?;
         let megabytes = |mb: Option<f64>| mb.map_or("?".into(), |mb| format!("{mb:.0} MB"));
-        writeln!(
-            f,
-            "load {:.2} s, peak RSS {} (the whole station: {})",
-            self.load_secs,
-            megabytes(self.peak_rss_mb),
-            megabytes(self.station_peak_rss_mb)
-        )?;
+        write!(f, "load {:.2} s, peak RSS {}", self.load_secs, megabytes(self.peak_rss_mb))?;
+        match self.gate_to_report_ms {
+            Some(_) => writeln!(f, " (the whole station: {})", megabytes(self.station_peak_rss_mb))?,
+            None => writeln!(f)?,
+        }
         writeln!(f, "{:<34} {:>9} {:>9} {:>9}", "", "min", "median", "max")?;
         for prefill in &self.prefill {
             writeln!(f, "{:<34} {}", format!("prefill {} tokens (tokens/s)", prefill.tokens), prefill.tokens_per_sec)?;
@@ -477,7 +484,9 @@ impl fmt::Display for BenchReport {
                 None => writeln!(f, "{name:<34} (not in this bundle)")?,
             }
         }
-        writeln!(f, "{:<34} {}", "gate firing to report PUBACK (ms)", self.gate_to_report_ms)?;
+        if let Some(latency) = self.gate_to_report_ms {
+            writeln!(f, "{:<34} {latency}", "gate firing to report PUBACK (ms)")?;
+        }
         let limit = &self.limit;
         write!(
             f,

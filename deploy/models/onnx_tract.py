@@ -557,6 +557,52 @@ def quantize_q8_0(m, select=None, log=print):
     return done
 
 
+def fuse_q8_0_siblings(m, log=print):
+    """Merges, in the ModelProto `m` (in place), the MatMulQ8_0 nodes that read the same input
+    (a layer's q/k/v projections; its gate/up) into one MatMulQ8_0 over their rows stacked,
+    followed by a Split along the last axis into the original outputs. Each output row is the
+    same dot product as before, so the values do not change; the runtime then quantizes the
+    input once and shares one product out among its threads instead of several small ones.
+    Returns a list of {nodes, N} per merged group."""
+    from onnx import helper, numpy_helper
+
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    groups = {}
+    for node in g.node:
+        if node.op_type == "MatMulQ8_0" and node.domain == Q8_0_DOMAIN:
+            groups.setdefault(node.input[0], []).append(node)
+    groups = {a: nodes for a, nodes in groups.items() if len(nodes) > 1}
+    merged, replacement = [], {}
+    for a, nodes in groups.items():
+        k = {attr.i for n in nodes for attr in n.attribute if attr.name == "K"}
+        assert len(k) == 1, f"MatMulQ8_0 nodes reading {a} disagree on K: {sorted(k)}"
+        widths = [next(attr.i for attr in n.attribute if attr.name == "N") for n in nodes]
+        base = nodes[0].name + "_fused"
+        for part, suffix in ((1, "_B"), (2, "_scales")):
+            stacked = np.concatenate([numpy_helper.to_array(inits[n.input[part]]) for n in nodes], axis=0)
+            g.initializer.append(numpy_helper.from_array(stacked, base + suffix))
+        g.initializer.append(numpy_helper.from_array(np.asarray(widths, np.int64), base + "_widths"))
+        fused = helper.make_node("MatMulQ8_0", [a, base + "_B", base + "_scales"], [base + "_out"], name=base,
+                                 domain=Q8_0_DOMAIN, K=k.pop(), N=sum(widths))
+        split = helper.make_node("Split", [base + "_out", base + "_widths"], [o for n in nodes for o in n.output],
+                                 name=base + "_parts", axis=-1)
+        # The merged pair goes where the first of the group was: every member reads only `a`,
+        # which is produced before it, and their consumers all come after the first.
+        replacement[nodes[0].output[0]] = [fused, split]
+        for n in nodes[1:]:
+            replacement[n.output[0]] = []
+        merged.append({"nodes": [n.name for n in nodes], "N": int(sum(widths))})
+    if merged:
+        new_nodes = [r for n in g.node for r in replacement.get(n.output[0], [n])]
+        del g.node[:]
+        g.node.extend(new_nodes)
+        _drop_unused(g)
+    if log:
+        log(f"fuse_q8_0_siblings: {sum(len(x['nodes']) for x in merged)} MatMulQ8_0 -> {len(merged)}")
+    return merged
+
+
 def dequantize_q8_0(m):
     """A copy of `m` with every MatMulQ8_0 node back as a MatMul with its weight dequantized to
     f32 (the same values): what onnxruntime runs for the parity checks."""

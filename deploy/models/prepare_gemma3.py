@@ -34,8 +34,9 @@ onnxruntime against the f32 ones. --from-f32 DIR reuses an f32 bundle built by t
 GGUF loading, no torch export): the fast way to build both bundles.
 --quantize q8_0 rewrites every layer's projections into ai.outpost MatMulQ8_0 nodes (int8 weights,
 an f16 scale per 32 along K, llama.cpp's Q8_0 rounding) that the runtime registers with tract
-(daemon/src/model/q8_0_matmul.rs); onnxruntime checks the same graph with the weights
-dequantized. The output layer and embedding table are as for q4_0.
+(daemon/src/model/q8_0_matmul.rs), each layer's q/k/v and its gate/up merged into one node and
+a Split (one input quantization, one product shared out among threads); onnxruntime checks the
+same graph with the weights dequantized. The output layer and embedding table are as for q4_0.
 Default output: ~/.cache/outpost/bundles/gemma-3-270m-f32, .../gemma-3-270m-q4_0 and
 .../gemma-3-270m-q8_0.
 Prints how long each stage took; exits 1 if the f32 greedy run differs from HF generate.
@@ -54,7 +55,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from onnx_tract import (OUTPUT_LAYER_FILE, activation_importance, cache_presents,  # noqa: E402
-                        decoder_cache_and_masks, dequantize_q8_0, export_model, fix_string_hashing, graph_io,
+                        decoder_cache_and_masks, dequantize_q8_0, export_model, fix_string_hashing,
+                        fuse_q8_0_siblings, graph_io, Q8_BLOCK,
                         kv_names, maxdiff, output_layer_logits, q8_0_gather_nodes, q8_0_recover, quantize_q4_0,
                         quantize_q8_0, read_q8_0_blocks, rename_dims, sha256, split_output_layer,
                         write_q8_0_blocks)
@@ -165,6 +167,24 @@ def check_special_tokens(tok):
 # ----------------------------------------------------------------------------------------------
 # graphs
 # ----------------------------------------------------------------------------------------------
+
+def tied_embeddings(layer, ids, scale):
+    """Rows `ids` of the Q8_0 output layer `layer` (q, d) times `scale`, in the runtime's f32
+    arithmetic (daemon/src/model/output_layer.rs): (f32(q) * f32(d)) * f32(scale)."""
+    q, d = layer
+    rows = q[ids].astype(np.float32) * np.repeat(d[ids], Q8_BLOCK, axis=-1)
+    return rows * np.float32(scale)
+
+
+def tied_to_output_layer(table: np.ndarray, layer_path: Path):
+    """Whether the f32 embedding table is exactly the Q8_0 output layer written at `layer_path`."""
+    rec = q8_0_recover(table)
+    if rec is None:
+        return False
+    q, d = rec
+    lq, ld = read_q8_0_blocks(layer_path, table.shape[1])
+    return np.array_equal(q, lq) and np.array_equal(d.astype(np.float32), ld)
+
 
 def write_embed(path: Path, table: np.ndarray, scale: float, dtype: str):
     """embed.onnx built directly (a Gather is all there is to it; tracing the 671 MB table through
@@ -333,17 +353,25 @@ def ort_session(path: Path):
 class OrtLM:
     """embed + decoder sessions with the bundle's calling convention."""
 
-    def __init__(self, bundle: Path, n_layers: int, nkv: int, hd: int, decoder: Path | None = None):
-        """`decoder`: the graph onnxruntime runs instead of the bundle's (its Q8_0 twin)."""
-        self.embed = ort_session(bundle / "embed.onnx")
+    def __init__(self, bundle: Path, n_layers: int, nkv: int, hd: int, decoder: Path | None = None,
+                 embed_scale: float | None = None):
+        """`decoder`: the graph onnxruntime runs instead of the bundle's (its Q8_0 twin).
+        `embed_scale`: for a bundle without embed.onnx, whose output layer is its embedding
+        table (default: the manifest's `text.output_layer.embed_scale`)."""
         self.decoder = ort_session(decoder or bundle / "decoder.onnx")
         self.n_layers, self.nkv, self.hd = n_layers, nkv, hd
         # A bundle whose decoder gives hidden states: its output layer in f32, as written.
         layer = bundle / OUTPUT_LAYER_FILE
         hidden = self.decoder.get_outputs()[0].shape[-1]
         self.output_layer = read_q8_0_blocks(layer, hidden) if layer.exists() else None
+        self.embed = ort_session(bundle / "embed.onnx") if (bundle / "embed.onnx").exists() else None
+        if self.embed is None and embed_scale is None:
+            embed_scale = json.loads((bundle / "manifest.json").read_text())["text"]["output_layer"]["embed_scale"]
+        self.embed_scale = embed_scale
 
     def embeds(self, ids):
+        if self.embed is None:
+            return tied_embeddings(self.output_layer, ids, self.embed_scale)[None]
         return self.embed.run(None, {"input_ids": np.asarray([ids], np.int64)})[0]
 
     def empty_past(self):
@@ -475,7 +503,7 @@ def write_manifest(out: Path, args, name, quantization, description, info, parit
     for k, fn in (("embed", "embed.onnx"), ("decoder", "decoder.onnx"), ("output_layer", OUTPUT_LAYER_FILE),
                   ("tokenizer", "tokenizer.json")):
         p = out / fn
-        if p.exists() or k != "output_layer":
+        if p.exists() or k in ("decoder", "tokenizer"):
             files[k] = {"path": fn, "sha256": sha256(p), "bytes": p.stat().st_size}
     gguf = Path(info["gguf"])
     manifest = {
@@ -492,7 +520,8 @@ def write_manifest(out: Path, args, name, quantization, description, info, parit
         "special_tokens": info["special_tokens"],
         "prompt_format": {"template": "<bos>{text}", "note": "base model (not instruction-tuned): raw text "
                           "after <bos>; <start_of_turn>/<end_of_turn> exist in the vocabulary"},
-        "graphs": {"embed": graph_io(out / "embed.onnx"), "decoder": info["decoder_io"]},
+        "graphs": {**({"embed": graph_io(out / "embed.onnx")} if (out / "embed.onnx").exists() else {}),
+                   "decoder": info["decoder_io"]},
         "source": {"gguf": gguf.name, "sha256": info["gguf_sha256"],
                    "model": "google/gemma-3-270m (base) GGUF Q4_K_M, dequantized to f32 by transformers",
                    "license": "Gemma Terms of Use"},
@@ -618,17 +647,6 @@ def build_quantized(args, f32_dir: Path, out: Path, name, embed_dtype, q4_layers
     shutil.copy(f32_dir / "tokenizer.json", out / "tokenizer.json")
     fast = Tokenizer.from_file(str(out / "tokenizer.json"))
 
-    # ------------------------------------------------------------ embed
-    em = onnx.load(str(f32_dir / "embed.onnx"))
-    inits = {i.name: i for i in em.graph.initializer}
-    assert "embed_tokens.weight" in inits, f"{f32_dir} is not an f32 bundle of this script"
-    table = numpy_helper.to_array(inits["embed_tokens.weight"])
-    scale = float(numpy_helper.to_array(inits["embed_scale"]))
-    del em, inits
-    write_embed(out / "embed.onnx", table, scale, embed_dtype)
-    del table
-    stage(f"embed.onnx ({embed_dtype})")
-
     # ------------------------------------------------------------ decoder
     dm = onnx.load(str(f32_dir / "decoder.onnx"))
     stage("load f32 decoder")
@@ -636,9 +654,27 @@ def build_quantized(args, f32_dir: Path, out: Path, name, embed_dtype, q4_layers
     if args.output_layer == "q8_0":
         head = split_output_layer(dm, lambda name, _: name == "lm_head.weight_t", text["hidden_size"])
         exact = write_q8_0_blocks(out / OUTPUT_LAYER_FILE, head)
+        del head
         output_layer = {"format": "q8_0", "rows": vocab, "columns": text["hidden_size"],
                         "softcap": text["final_logit_softcap"], "exact": exact}
         stage(f"{OUTPUT_LAYER_FILE} ({'exact' if exact else 'requantized'})")
+
+    # ------------------------------------------------------------ embed
+    em = onnx.load(str(f32_dir / "embed.onnx"))
+    inits = {i.name: i for i in em.graph.initializer}
+    assert "embed_tokens.weight" in inits, f"{f32_dir} is not an f32 bundle of this script"
+    table = numpy_helper.to_array(inits["embed_tokens.weight"])
+    scale = float(numpy_helper.to_array(inits["embed_scale"]))
+    del em, inits
+    if embed_dtype == "q8_0" and output_layer is not None and tied_to_output_layer(table, out / OUTPUT_LAYER_FILE):
+        # Gemma ties the two: the runtime reads embeddings from the output layer's rows, and
+        # the table is held once (178 MB less here, 400 MB less for E2B).
+        output_layer["embed_scale"] = scale
+        stage("embeddings from the output layer (the same Q8_0 table)")
+    else:
+        write_embed(out / "embed.onnx", table, scale, embed_dtype)
+        stage(f"embed.onnx ({embed_dtype})")
+    del table
 
     def select(node, weight, k, n):
         layer, proj = weight_role(weight)
@@ -666,6 +702,8 @@ def build_quantized(args, f32_dir: Path, out: Path, name, embed_dtype, q4_layers
     twin = None
     if args.quantize == "q8_0":
         done = quantize_q8_0(dm, select=lambda node, weight, k, n: weight_role(weight)[0] is not None)
+        fused = fuse_q8_0_siblings(dm)
+        assert len(fused) == 2 * n_layers, f"merged {len(fused)} groups, expected q/k/v and gate/up per layer"
         expected = n_layers * len(PROJECTIONS)
         twin = Path(tempfile.mkdtemp(prefix="gemma3-q8_0-twin-")) / "decoder.onnx"
         onnx.save(dequantize_q8_0(dm), str(twin))
@@ -682,7 +720,7 @@ def build_quantized(args, f32_dir: Path, out: Path, name, embed_dtype, q4_layers
 
     # ------------------------------------------------------------ parity vs the f32 bundle
     f32 = OrtLM(f32_dir, n_layers, nkv, hd)
-    qlm = OrtLM(out, n_layers, nkv, hd, decoder=twin)
+    qlm = OrtLM(out, n_layers, nkv, hd, decoder=twin, embed_scale=(output_layer or {}).get("embed_scale"))
     stage("onnxruntime sessions")
     ids = [2] + fast.encode(PARITY_PROMPT, add_special_tokens=False).ids
     parity = {"reference": "the f32 bundle (onnxruntime)", "prompt": PARITY_PROMPT, "prompt_tokens": len(ids)}
@@ -711,7 +749,8 @@ def build_quantized(args, f32_dir: Path, out: Path, name, embed_dtype, q4_layers
     projs_desc = "q/k/v/o and gate/up/down projections" if q4_projs == PROJECTIONS else f"{q4_projs}"
     if args.quantize == "q8_0":
         q4_layers, layers_desc = list(range(n_layers)), "q8_0 (ai.outpost MatMulQ8_0, llama.cpp's Q8_0 rounding)"
-        quant_desc = f"{layers_desc} for the q/k/v/o and gate/up/down projections of all layers"
+        quant_desc = (f"{layers_desc} for the q/k/v/o and gate/up/down projections of all layers "
+                      "(q/k/v and gate/up each merged into one product)")
     else:
         quant_desc = (f"q4_0 (MatMulNBits block 32, no zero points = tract Q4_0; {rounding}) for the {projs_desc} "
                       f"of {layers_desc}" + ("" if q4_layers == list(range(n_layers)) else ", other layers f32"))

@@ -16,6 +16,8 @@ pub enum OutputLayerError {
     Matrix(#[from] Q8_0Error),
     #[error("the output layer's soft-cap must be a positive number, not {0}")]
     Softcap(f32),
+    #[error("token id {id} is outside the vocabulary of {rows} rows")]
+    TokenId { id: u32, rows: usize },
 }
 
 /// A `[vocab, hidden]` Q8_0 matrix: `logits = softcap(W x)`.
@@ -47,6 +49,22 @@ impl OutputLayer {
     /// The hidden width.
     pub fn columns(&self) -> usize {
         self.matrix.columns()
+    }
+
+    /// The rows of `ids` times `scale`, one after another: the input embeddings of a model whose
+    /// embedding table is this matrix (tied, as Gemma's), so that one copy of it is held, not two.
+    pub fn embeddings(&self, ids: &[u32], scale: f32) -> Result<Vec<f32>, OutputLayerError> {
+        let columns = self.columns();
+        let mut embeddings = vec![0.0; ids.len() * columns];
+        for (&id, row) in ids.iter().zip(embeddings.chunks_exact_mut(columns)) {
+            if id as usize >= self.rows() {
+                return Err(OutputLayerError::TokenId { id, rows: self.rows() });
+            }
+            self.matrix.dequantize_row(id as usize, row);
+            // After the dequantization, as the embed graph multiplies: the same values to the bit.
+            row.iter_mut().for_each(|value| *value *= scale);
+        }
+        Ok(embeddings)
     }
 
     /// The logits of whole hidden rows into `logits` (`rows` per hidden row), on `threads` threads.
@@ -84,6 +102,36 @@ mod tests {
             assert!((capped - (plain / 0.5).tanh() * 0.5).abs() <= 1e-5);
             assert!(capped.abs() <= 0.5);
         }
+    }
+
+    #[test]
+    fn embeddings_are_the_rows_in_the_file_times_the_scale() {
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        // Rows across panels (9 and 17 are in the second and third), two blocks each.
+        let (rows, columns, scale) = (20, 64, 25.3f32);
+        let blocks: Vec<u8> = (0..rows * 2 * BLOCK_BYTES).map(|_| rng.random()).collect();
+        let blocks: Vec<u8> = blocks
+            .chunks_exact(BLOCK_BYTES)
+            .flat_map(|b| {
+                // A finite scale: f16 bits of a value in [0.001, 0.1).
+                let d = tract_onnx::prelude::f16::from_f32(rng.random_range(0.001..0.1)).to_le_bytes();
+                [d[0], d[1]].into_iter().chain(b[2..].iter().copied())
+            })
+            .collect();
+        let layer = OutputLayer::new(Q8_0Matrix::from_blocks(&blocks, rows, columns).unwrap(), None).unwrap();
+        let ids = [9, 0, 17, 9];
+        let embeddings = layer.embeddings(&ids, scale).unwrap();
+        assert_eq!(embeddings.len(), ids.len() * columns);
+        for (&id, row) in ids.iter().zip(embeddings.chunks_exact(columns)) {
+            for (column, &value) in row.iter().enumerate() {
+                let block = &blocks[(id as usize * 2 + column / 32) * BLOCK_BYTES..][..BLOCK_BYTES];
+                let d = tract_onnx::prelude::f16::from_le_bytes([block[0], block[1]]).to_f32();
+                let q = block[2 + column % 32] as i8;
+                assert_eq!(value.to_bits(), (f32::from(q) * d * scale).to_bits(), "row {id} column {column}");
+            }
+        }
+        let outside = layer.embeddings(&[20], scale).unwrap_err().to_string();
+        assert!(outside.contains("token id 20 is outside the vocabulary of 20 rows"), "{outside}");
     }
 
     #[test]

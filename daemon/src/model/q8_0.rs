@@ -196,8 +196,15 @@ impl Q8_0Matrix {
         self.columns
     }
 
+    /// Row `row` as f32 into `out` (`columns` values): each value times its block's scale, as
+    /// llama.cpp dequantizes Q8_0 (`f32(q) * f32(d)`).
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        for (column, value) in out.iter_mut().enumerate().take(self.columns) {
+            *value = f32::from(self.weight(row, column)) * self.scale(row, column / BLOCK);
+        }
+    }
+
     /// The weight at `row`, `column`, as stored in the file.
-    #[cfg(test)]
     fn weight(&self, row: usize, column: usize) -> i8 {
         let panel_block = row / PANEL * (self.columns / BLOCK) + column / BLOCK;
         let index = column % BLOCK;
@@ -207,7 +214,6 @@ impl Q8_0Matrix {
     }
 
     /// The scale of `row`'s block `block`.
-    #[cfg(test)]
     fn scale(&self, row: usize, block: usize) -> f32 {
         self.scales[(row / PANEL * (self.columns / BLOCK) + block) * PANEL + row % PANEL]
     }

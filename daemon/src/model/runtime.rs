@@ -2,7 +2,9 @@
 //! the decoder with its key/value cache, then greedy or sampled generation.
 //!
 //! The graph layout is the one `deploy/models/` exports (see the bundle's manifest, `graphs`):
-//! `embed` maps ids to `inputs_embeds` and, for Gemma 4, `per_layer_inputs`; `decoder` takes
+//! `embed` maps ids to `inputs_embeds` and, for Gemma 4, `per_layer_inputs` (a bundle whose
+//! output layer is also its embedding table has no `embed` graph: the rows are read from the
+//! output layer, `text.output_layer.embed_scale`); `decoder` takes
 //! those plus `past_key_i`/`past_value_i` for each layer that owns a cache and returns logits
 //! (already soft-capped) and the `present_*` caches, or, where the bundle has an `output_layer`
 //! file, the final hidden states that our own kernels turn into logits (`output_layer.rs`);
@@ -97,10 +99,17 @@ pub struct Embedded {
     pub per_layer: Option<TValue>,
 }
 
+/// Where token embeddings come from.
+enum Embedder {
+    /// The bundle's embed graph; `per_layer_inputs`: it also gives Gemma 4's per-layer inputs,
+    /// which the decoder takes second.
+    Graph { plan: Plan, per_layer_inputs: bool },
+    /// Rows of the output layer (the tied table) times `scale`: the table is held once, not twice.
+    OutputLayerRows { scale: f32 },
+}
+
 pub struct Runtime {
-    embed: Plan,
-    /// Whether the embed graph gives per-layer inputs that the decoder takes second.
-    per_layer_inputs: bool,
+    embedder: Embedder,
     decoder: Plan,
     /// Hidden states to logits outside the graph, where the bundle has one.
     output_layer: Option<OutputLayer>,
@@ -118,12 +127,23 @@ pub struct Runtime {
 impl Runtime {
     pub fn load(bundle: &Bundle) -> Result<Self, RuntimeError> {
         let graph = |role: &'static str| bundle.file(role).ok_or(RuntimeError::MissingGraph(role));
-        let embed_model = load_typed(&graph("embed")?)?;
-        let per_layer_inputs = match embed_model.outputs.len() {
-            1 => false,
-            2 => true,
-            other => return Err(RuntimeError::EmbedLayout(other)),
+        let (output_layer, embed_scale) = load_output_layer(bundle)?.unzip();
+        let embedder = match embed_scale.flatten() {
+            Some(scale) if !scale.is_finite() => {
+                return Err(RuntimeError::OutputLayerManifest(format!("embed_scale {scale} is not a finite number")))
+            }
+            Some(scale) => Embedder::OutputLayerRows { scale },
+            None => {
+                let embed_model = load_typed(&graph("embed")?)?;
+                let per_layer_inputs = match embed_model.outputs.len() {
+                    1 => false,
+                    2 => true,
+                    other => return Err(RuntimeError::EmbedLayout(other)),
+                };
+                Embedder::Graph { plan: optimise(embed_model, "embed")?, per_layer_inputs }
+            }
         };
+        let per_layer_inputs = matches!(embedder, Embedder::Graph { per_layer_inputs: true, .. });
         let decoder_model = load_typed(&graph("decoder")?)?;
         let audio = match bundle.file("audio") {
             Some(path) => {
@@ -145,10 +165,9 @@ impl Runtime {
             .and_then(|v| v.as_u64())
             .unwrap_or(8192) as usize;
         Ok(Self {
-            embed: optimise(embed_model, "embed")?,
-            per_layer_inputs,
+            embedder,
             decoder: optimise(decoder_model, "decoder")?,
-            output_layer: load_output_layer(bundle)?,
+            output_layer,
             // tract 0.23.9's optimiser mis-types the vision attention mask (a `Where` over a
             // symbolic patch count): the decluttered graph runs, and matches PyTorch.
             vision: bundle
@@ -189,12 +208,22 @@ impl Runtime {
 
     /// The embeddings of `ids`.
     pub fn embed(&self, ids: &[u32]) -> Result<Embedded, RuntimeError> {
-        let ids: Vec<i64> = ids.iter().map(|&id| i64::from(id)).collect();
-        let input =
-            tensor1(&ids).into_shape(&[1, ids.len()]).map_err(|source| RuntimeError::Run { graph: "embed", source })?;
-        let mut outputs = run(&self.embed, "embed", tvec!(input.into_tvalue()))?;
-        let per_layer = self.per_layer_inputs.then(|| outputs.remove(1));
-        Ok(Embedded { embeds: outputs.remove(0).into_tensor(), per_layer })
+        let shape_error = |source| RuntimeError::Run { graph: "embed", source };
+        match (&self.embedder, &self.output_layer) {
+            (Embedder::OutputLayerRows { scale }, Some(layer)) => {
+                let rows = layer.embeddings(ids, *scale)?;
+                let embeds = tensor1(&rows).into_shape(&[1, ids.len(), layer.columns()]).map_err(shape_error)?;
+                Ok(Embedded { embeds, per_layer: None })
+            }
+            (Embedder::OutputLayerRows { .. }, None) => Err(RuntimeError::MissingGraph("embed")),
+            (Embedder::Graph { plan, per_layer_inputs }, _) => {
+                let ids: Vec<i64> = ids.iter().map(|&id| i64::from(id)).collect();
+                let input = tensor1(&ids).into_shape(&[1, ids.len()]).map_err(shape_error)?;
+                let mut outputs = run(plan, "embed", tvec!(input.into_tvalue()))?;
+                let per_layer = per_layer_inputs.then(|| outputs.remove(1));
+                Ok(Embedded { embeds: outputs.remove(0).into_tensor(), per_layer })
+            }
+        }
     }
 
     /// Runs the decoder over `input` after what `cache` holds; returns the logits `[1, m, vocab]`
@@ -398,8 +427,10 @@ pub fn use_threads(threads: usize) {
 }
 
 /// The bundle's `output_layer` file, as its manifest describes it in `text.output_layer`:
-/// `{"format": "q8_0", "rows": vocab, "columns": hidden, "softcap": null or a number}`.
-fn load_output_layer(bundle: &Bundle) -> Result<Option<OutputLayer>, RuntimeError> {
+/// `{"format": "q8_0", "rows": vocab, "columns": hidden, "softcap": null or a number}`, and
+/// `"embed_scale"` where the layer is also the embedding table (the bundle then has no embed
+/// graph): the scale embeddings are multiplied by.
+fn load_output_layer(bundle: &Bundle) -> Result<Option<(OutputLayer, Option<f32>)>, RuntimeError> {
     let Some(path) = bundle.file("output_layer") else { return Ok(None) };
     let missing = || RuntimeError::OutputLayerManifest("is missing, but the bundle has an output_layer file".into());
     let spec = bundle.manifest.sections.get("text").and_then(|t| t.get("output_layer")).ok_or_else(missing)?;
@@ -413,14 +444,15 @@ fn load_output_layer(bundle: &Bundle) -> Result<Option<OutputLayer>, RuntimeErro
         Some("q8_0") => {}
         other => return Err(RuntimeError::OutputLayerManifest(format!("format {other:?} is not \"q8_0\""))),
     }
-    let softcap = match spec.get("softcap") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(cap) => Some(
-            cap.as_f64().ok_or_else(|| RuntimeError::OutputLayerManifest(format!("softcap {cap} is not a number")))?
-                as f32,
-        ),
+    let number = |key: &str| match spec.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(value) => value
+            .as_f64()
+            .map(|v| Some(v as f32))
+            .ok_or_else(|| RuntimeError::OutputLayerManifest(format!("{key} {value} is not a number"))),
     };
-    Ok(Some(OutputLayer::load(&path, size("rows")?, size("columns")?, softcap)?))
+    let layer = OutputLayer::load(&path, size("rows")?, size("columns")?, number("softcap")?)?;
+    Ok(Some((layer, number("embed_scale")?)))
 }
 
 fn load_typed(path: &Path) -> Result<TypedModel, RuntimeError> {
