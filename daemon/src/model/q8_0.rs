@@ -18,6 +18,7 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use tract_onnx::prelude::f16;
 
@@ -47,6 +48,9 @@ const WEIGHT_BIAS: u8 = 0;
 
 /// Multiply-adds in a product below which it runs on one thread.
 const PARALLEL_MIN_PRODUCTS: usize = 1 << 19;
+
+/// Activation rows a thread quantizes at a time, in a product of many rows.
+const ROWS_PER_CLAIM: usize = 16;
 
 /// Threads the products run on, set with tract's (`model::use_threads`).
 static THREADS: AtomicUsize = AtomicUsize::new(1);
@@ -243,7 +247,6 @@ impl Q8_0Matrix {
         if m == 0 || self.rows == 0 {
             return Ok(());
         }
-        let xs: Vec<QuantizedRow> = activations.chunks_exact(self.columns).map(QuantizedRow::of).collect();
         // Handing out a small product (Gemma 3 270M's k and v at one row: 640 x 256) costs about
         // what it takes: one thread does it alone. Set when the hand-off went through rayon; with
         // the product threads, 2^17 decoded within the noise of this (72-79 tokens/s, 2 threads).
@@ -251,6 +254,7 @@ impl Q8_0Matrix {
             true => 1,
             false => threads.max(1),
         };
+        let xs = QuantizedRow::all(activations, self.columns, threads);
         let panels = self.rows.div_ceil(PANEL);
         let chunk = panels.div_ceil(threads * CHUNKS_PER_THREAD);
         let chunks = panels.div_ceil(chunk);
@@ -324,6 +328,7 @@ impl SharedRows {
 /// A hidden row quantized as llama.cpp's `quantize_row_q8_0` does (per block of 32,
 /// `d = max |x| / 127`, `q = round(x / d)`, halves to even as its vector code rounds them, which
 /// compiles to vector instructions here too), but with `d` kept in f32: it never goes to disk.
+#[derive(Default)]
 struct QuantizedRow {
     quants: Vec<i8>,
     scales: Vec<f32>,
@@ -333,6 +338,27 @@ struct QuantizedRow {
 }
 
 impl QuantizedRow {
+    /// Every row of `activations` (rows of `columns`), on `threads` threads when there are
+    /// enough rows: a long prompt's rows would otherwise be quantized on one thread while the
+    /// others wait for the product.
+    fn all(activations: &[f32], columns: usize, threads: usize) -> Vec<Self> {
+        let rows = activations.chunks_exact(columns);
+        if threads <= 1 || rows.len() < 2 * ROWS_PER_CLAIM {
+            return rows.map(Self::of).collect();
+        }
+        let mut xs: Vec<Self> = std::iter::repeat_with(Self::default).take(rows.len()).collect();
+        let claims = Mutex::new(xs.chunks_mut(ROWS_PER_CLAIM).zip(activations.chunks(ROWS_PER_CLAIM * columns)));
+        product_threads::run(threads, &|| loop {
+            // A panic elsewhere poisons the lock; the claims themselves are still whole.
+            let claimed = claims.lock().unwrap_or_else(PoisonError::into_inner).next();
+            let Some((xs, values)) = claimed else { break };
+            for (x, row) in xs.iter_mut().zip(values.chunks_exact(columns)) {
+                *x = Self::of(row);
+            }
+        });
+        xs
+    }
+
     fn of(values: &[f32]) -> Self {
         let mut quants = vec![0i8; values.len()];
         let mut scales = Vec::with_capacity(values.len() / BLOCK);
@@ -789,6 +815,25 @@ mod tests {
         assert_eq!(&halves.quants[..4], &[127, 2, -2, 4]);
         let zeros = QuantizedRow::of(&[0.0; BLOCK]);
         assert_eq!((zeros.scales[0], zeros.quants.iter().all(|&q| q == 0)), (0.0, true));
+    }
+
+    #[test]
+    fn rows_quantized_on_threads_are_the_rows_quantized_one_by_one() {
+        let mut rng = ChaCha8Rng::seed_from_u64(13);
+        let columns = 96;
+        // Enough rows to share out, and a last claim that is not whole.
+        let m = 3 * ROWS_PER_CLAIM + 5;
+        let activations: Vec<f32> = (0..m * columns).map(|_| rng.random_range(-3.0..3.0)).collect();
+        for threads in [1, 2, 3, 8] {
+            let xs = QuantizedRow::all(&activations, columns, threads);
+            assert_eq!(xs.len(), m);
+            for (x, row) in xs.iter().zip(activations.chunks_exact(columns)) {
+                let alone = QuantizedRow::of(row);
+                assert_eq!((&x.quants, &x.scales), (&alone.quants, &alone.scales), "{threads} threads");
+                #[cfg(target_arch = "x86_64")]
+                assert_eq!(x.offset_corrections, alone.offset_corrections);
+            }
+        }
     }
 
     #[test]
