@@ -244,11 +244,13 @@ fn max_difference(ours: &[Vec<f32>], expected: &[Vec<f32>]) -> (f32, usize) {
     for (position, (a, b)) in ours.iter().zip(expected).enumerate() {
         assert_eq!(a.len(), b.len());
         // A NaN logit is the worst difference of all (f32::max would drop it).
-        let difference = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, |worst: f32, d| if d.is_nan() || worst.is_nan() { f32::NAN } else { worst.max(d) });
+        let difference = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, |worst: f32, d| {
+            if d.is_nan() || worst.is_nan() {
+                f32::NAN
+            } else {
+                worst.max(d)
+            }
+        });
         if difference.is_nan() || difference > worst.0 {
             worst = (difference, position);
         }
