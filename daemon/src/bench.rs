@@ -171,8 +171,11 @@ pub struct BenchReport {
     pub audio_encoder_ms: Option<Spread>,
     /// From the motion gate firing on the sample clip to the broker acknowledging the report,
     /// through the whole station (capture, gate, model, outbox, MQTT); one report per run.
-    /// `None` with `--model-only`.
+    /// `None` with `--model-only`, or when the station run failed.
     pub gate_to_report_ms: Option<Spread>,
+    /// Why the station run gave no figure (a random-weight model may never finish a report,
+    /// for one): the model's figures above stand all the same.
+    pub station_failure: Option<String>,
     pub limit: PhysicalLimit,
 }
 
@@ -260,7 +263,11 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
     let model_peak_rss_mb = peak_rss_mb();
     // The station loads the model itself: one copy in memory at a time.
     drop(model);
-    let gate_to_report_ms = options.station.then(|| gate_to_report(bundle, options)).transpose()?;
+    let (gate_to_report_ms, station_failure) = match options.station.then(|| gate_to_report(bundle, options)) {
+        None => (None, None),
+        Some(Ok(latency)) => (Some(latency), None),
+        Some(Err(e)) => (None, Some(e.to_string())),
+    };
     Ok(BenchReport {
         bundle: bundle_name,
         machine: machine(),
@@ -269,7 +276,7 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
         runs: options.runs,
         load_secs,
         peak_rss_mb: model_peak_rss_mb,
-        station_peak_rss_mb: gate_to_report_ms.and(peak_rss_mb()),
+        station_peak_rss_mb: options.station.then(peak_rss_mb).flatten(),
         prefill,
         decode_tokens,
         decode_tokens_per_sec: decode_rates,
@@ -277,6 +284,7 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
         image_encoder_ms: image_encoder,
         audio_encoder_ms: audio_encoder,
         gate_to_report_ms,
+        station_failure,
         limit: PhysicalLimit {
             weight_bytes_per_token,
             read_bandwidth_gb_per_sec,
@@ -459,8 +467,8 @@ impl fmt::Display for BenchReport {
         )?;
         let megabytes = |mb: Option<f64>| mb.map_or("?".into(), |mb| format!("{mb:.0} MB"));
         write!(f, "load {:.2} s, peak RSS {}", self.load_secs, megabytes(self.peak_rss_mb))?;
-        match self.gate_to_report_ms {
-            Some(_) => writeln!(f, " (the whole station: {})", megabytes(self.station_peak_rss_mb))?,
+        match self.station_peak_rss_mb {
+            Some(mb) => writeln!(f, " (the whole station: {})", megabytes(Some(mb)))?,
             None => writeln!(f)?,
         }
         writeln!(f, "{:<34} {:>9} {:>9} {:>9}", "", "min", "median", "max")?;
@@ -484,8 +492,11 @@ impl fmt::Display for BenchReport {
                 None => writeln!(f, "{name:<34} (not in this bundle)")?,
             }
         }
-        if let Some(latency) = self.gate_to_report_ms {
-            writeln!(f, "{:<34} {latency}", "gate firing to report PUBACK (ms)")?;
+        let station = "gate firing to report PUBACK (ms)";
+        match (self.gate_to_report_ms, &self.station_failure) {
+            (Some(latency), _) => writeln!(f, "{station:<34} {latency}")?,
+            (None, Some(why)) => writeln!(f, "{station:<34} (no figure: {why})")?,
+            (None, None) => {}
         }
         let limit = &self.limit;
         write!(

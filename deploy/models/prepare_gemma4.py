@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -79,6 +80,31 @@ class CheckpointError(SystemExit):
     pass
 
 
+def freeze_clip_bounds(model):
+    """E2B's vision and audio linears clamp their inputs and outputs by bounds kept as buffers
+    (`use_clipped_linears`). Traced as tensors, the exporter's optimizer folds the clamps into
+    Clip nodes whose bound inputs it never defines (the graph fails onnx.checker), and without
+    the optimizer the vision graph keeps SplitToSequence, which tract cannot load. The bounds are
+    constants of the checkpoint: clamp by their values instead (the same outputs), and not at all
+    by an infinite one."""
+    import types
+
+    import torch
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear
+
+    def bounded(low, high):
+        low, high = float(low), float(high)
+        if math.isinf(low) and math.isinf(high):
+            return lambda x: x
+        return lambda x: torch.clamp(x, None if math.isinf(low) else low, None if math.isinf(high) else high)
+
+    for module in model.modules():
+        if isinstance(module, Gemma4ClippableLinear) and module.use_clipped_linears:
+            clip_in = bounded(module.input_min, module.input_max)
+            clip_out = bounded(module.output_min, module.output_max)
+            module.forward = types.MethodType(lambda self, x, i=clip_in, o=clip_out: o(self.linear(i(x))), module)
+
+
 def load_checkpoint(ckpt: Path):
     """(model in f32 with eager attention, tokenizers.Tokenizer, instruction_tuned, image
     processor, audio feature extractor) from a checkpoint directory, with a clear error for each
@@ -101,6 +127,7 @@ def load_checkpoint(ckpt: Path):
         raise CheckpointError(f"{ckpt}: no tokenizer.json (it comes with the checkpoint)")
     model = Gemma4ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager")
     model.eval()
+    freeze_clip_bounds(model)
     cfg = model.config
     for sub in (cfg, cfg.text_config, cfg.vision_config, cfg.audio_config):
         sub._attn_implementation = "eager"
