@@ -749,6 +749,14 @@ def read_q8_0_blocks(path: Path, hidden: int):
     return blocks["q"].reshape(-1, hidden), blocks["d"].astype(np.float32)
 
 
+def q8_0_rows(layer, ids, scale):
+    """Rows `ids` of a Q8_0 table `layer` (q, d) times `scale`, in the runtime's f32 arithmetic
+    (daemon/src/model/output_layer.rs, per_layer_embeddings.rs): (f32(q) * f32(d)) * f32(scale)."""
+    q, d = layer
+    rows = q[ids].astype(np.float32) * np.repeat(d[ids], Q8_BLOCK, axis=-1)
+    return rows * np.float32(scale)
+
+
 def output_layer_logits(hidden_states: np.ndarray, layer, softcap):
     """The logits the runtime's output layer computes, the same way: each hidden row quantized
     per block of 32 (d = max|x| / 127 in f32, q = x * (1 / d) rounded, halves to even), exact

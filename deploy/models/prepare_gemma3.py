@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from onnx_tract import (OUTPUT_LAYER_FILE, activation_importance, cache_presents,  # noqa: E402
                         decoder_cache_and_masks, dequantize_q8_0, export_model, fix_string_hashing,
                         fuse_q8_0_siblings, graph_io, Q8_BLOCK,
-                        kv_names, maxdiff, output_layer_logits, q8_0_gather_nodes, q8_0_recover, quantize_q4_0,
+                        kv_names, maxdiff, output_layer_logits, q8_0_gather_nodes, q8_0_recover, q8_0_rows, quantize_q4_0,
                         quantize_q8_0, read_q8_0_blocks, rename_dims, sha256, split_output_layer,
                         write_q8_0_blocks)
 
@@ -167,14 +167,6 @@ def check_special_tokens(tok):
 # ----------------------------------------------------------------------------------------------
 # graphs
 # ----------------------------------------------------------------------------------------------
-
-def tied_embeddings(layer, ids, scale):
-    """Rows `ids` of the Q8_0 output layer `layer` (q, d) times `scale`, in the runtime's f32
-    arithmetic (daemon/src/model/output_layer.rs): (f32(q) * f32(d)) * f32(scale)."""
-    q, d = layer
-    rows = q[ids].astype(np.float32) * np.repeat(d[ids], Q8_BLOCK, axis=-1)
-    return rows * np.float32(scale)
-
 
 def tied_to_output_layer(table: np.ndarray, layer_path: Path):
     """Whether the f32 embedding table is exactly the Q8_0 output layer written at `layer_path`."""
@@ -371,7 +363,7 @@ class OrtLM:
 
     def embeds(self, ids):
         if self.embed is None:
-            return tied_embeddings(self.output_layer, ids, self.embed_scale)[None]
+            return q8_0_rows(self.output_layer, ids, self.embed_scale)[None]
         return self.embed.run(None, {"input_ids": np.asarray([ids], np.int64)})[0]
 
     def empty_past(self):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Prepare an outpostd model bundle from a Hugging Face Gemma 4 checkpoint directory.
 
-    python deploy/models/prepare_gemma4.py --checkpoint DIR --out BUNDLE [--quantize q4_0]
+    python deploy/models/prepare_gemma4.py --checkpoint DIR --out BUNDLE [--quantize q4_0|q8_0]
 
 DIR is a Gemma 4 checkpoint as `save_pretrained` writes it and as it is downloaded elsewhere:
 config.json and *.safetensors, with tokenizer.json beside them. The model is instruction-tuned
@@ -16,14 +16,20 @@ PyTorch model: embeddings, encoders, prefill and decode logits, and 32 greedy to
 an image and an audio prompt. The figures go into the manifest's `parity`; the script exits with
 1 when a greedy run differs from PyTorch's.
 
---quantize q4_0 rewrites the decoder's projection weights (q/k/v/o, gate/up/down of the layers
-given by --q4-layers, default all) into Q4_0 (com.microsoft MatMulNBits, block 32, which tract
-keeps in its Q4_0 block format) and the embedding tables into Q8_0 (int8 rows and f16 scales,
-dequantized after the Gather), and takes the output matmul and its soft-cap out of the decoder
-graph, which then gives hidden_states: output_layer.q8_0 holds the matrix as GGML Q8_0 blocks for
-the runtime's own kernels (daemon/src/model/output_layer.rs). The f32 graphs are checked against PyTorch first; the quantized
-ones are then compared with the f32 ones (greedy tokens and teacher-forced next-token agreement),
-and those figures go into `parity.quantized`.
+--quantize q4_0 or q8_0 rewrites the decoder's projection weights (q/k/v/o, gate/up/down of the
+layers given by --layers, default all): q4_0 into com.microsoft MatMulNBits (block 32, which tract
+keeps in its Q4_0 block format); q8_0 into ai.outpost MatMulQ8_0 nodes (int8 weights, llama.cpp's
+Q8_0 rounding) that the runtime multiplies with its own kernels (daemon/src/model/q8_0_matmul.rs),
+each layer's q/k/v and its gate/up merged into one node. Either way the output matmul and its
+soft-cap leave the decoder graph, which then gives hidden_states: output_layer.q8_0 holds the
+matrix as GGML Q8_0 blocks for the runtime's own kernels (daemon/src/model/output_layer.rs), and
+the embed graph is dropped: Gemma 4 ties its token table to the output layer, so token rows are
+read from output_layer.q8_0, and the per-layer embedding table goes to per_layer_embeddings.q8_0
+(Q8_0 rows, read from disk a row per token: E2B's is 262144 x 8960, 2.5 GB in Q8_0, more than the
+whole model may hold in memory). The f32 graphs are checked against PyTorch first; the quantized
+ones are then compared with the f32 ones (greedy tokens and teacher-forced next-token agreement,
+onnxruntime running the MatMulQ8_0 weights dequantized), and those figures go into
+`parity.quantized`.
 
 --reference DIR also writes the PyTorch/onnxruntime outputs of the checks as .npy files and a
 reference.json (the tiny test model's fixtures are made this way by make_tiny_gemma4.py).
@@ -44,10 +50,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnx_tract  # noqa: E402
-from onnx_tract import (OUTPUT_LAYER_FILE, cache_presents, decoder_cache_and_masks, export,  # noqa: E402
-                        fix_string_hashing, fold_shape_only_ranges, graph_io, kv_names, maxdiff,
-                        output_layer_logits, quantize_gather_q8_0, quantize_q4_0, read_q8_0_blocks, rename_dims,
-                        save_graph, sha256, split_output_layer, write_q8_0_blocks)
+from onnx_tract import (OUTPUT_LAYER_FILE, Q8_BLOCK, cache_presents, decoder_cache_and_masks,  # noqa: E402
+                        dequantize_q8_0, export, fix_string_hashing, fold_shape_only_ranges,
+                        fuse_q8_0_siblings, graph_io, kv_names, maxdiff, output_layer_logits, quantize_q4_0,
+                        quantize_q8_0, read_q8_0_blocks, rename_dims, save_graph, sha256, split_output_layer,
+                        q8_0_rows, write_q8_0_blocks)
 
 REPO = Path(__file__).resolve().parents[2]
 SPEECH_WAV = REPO / "daemon" / "media" / "speech.wav"
@@ -55,6 +62,7 @@ SEED = 20260402
 AUDIO_MAX_FRAMES = 3000  # 30 s of 10 ms frames -> 750 audio soft tokens (the Gemma 4 cap)
 PATCH_PIXELS = 3 * 16 * 16
 GRAPHS = ("embed", "decoder", "vision", "audio")
+PER_LAYER_FILE = "per_layer_embeddings.q8_0"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The Gemma 4 special tokens the runtime needs, by their text in tokenizer.json.
 SPECIAL_TOKEN_TEXT = {
@@ -366,8 +374,9 @@ def export_graphs(model, out: Path, n_cache, wrappers, image_example, audio_exam
 class OnnxModel:
     """onnxruntime sessions of a bundle's graphs with the runtime's calling convention."""
 
-    def __init__(self, paths, kv_shapes, output_layer=None):
-        """`output_layer`: (q, d, softcap) when the decoder gives hidden states."""
+    def __init__(self, paths, kv_shapes, output_layer=None, tables=None):
+        """`output_layer`: (q, d, softcap) when the decoder gives hidden states; `tables`: a
+        RowTables where the bundle has no embed graph."""
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -377,6 +386,7 @@ class OnnxModel:
                      for k, p in paths.items()}
         self.kv_shapes = kv_shapes
         self.output_layer = output_layer
+        self.tables = tables
 
     def run(self, graph, feed):
         res = self.sess[graph].run(None, feed)
@@ -386,7 +396,10 @@ class OnnxModel:
         return res
 
     def embed(self, ids, soft=None, soft_id=None):
-        e, p = self.run("embed", {"input_ids": np.asarray([ids], np.int64)})
+        if self.tables is not None:
+            e, p = self.tables(ids)
+        else:
+            e, p = self.run("embed", {"input_ids": np.asarray([ids], np.int64)})
         if soft is not None:
             rows = np.where(np.asarray(ids) == soft_id)[0]
             assert len(rows) == soft.shape[0]
@@ -556,13 +569,22 @@ def projection_weights(model):
     return found
 
 
-def quantize_graphs(model, paths, q4_layers, log=print):
-    """Q4_0 decoder projections of `q4_layers`, Q8_0 embedding tables, and the output layer out of
-    the decoder into output_layer.q8_0 beside it, in place. Returns what was rewritten, for the
-    manifest."""
+def quantize_graphs(model, paths, quantize, layers, log=print):
+    """The decoder's projections of `layers` in `quantize` (q4_0 or q8_0), its output layer out
+    of the graph into output_layer.q8_0, and the embed graph replaced by row tables: token rows
+    from the output layer (tied), per-layer rows in per_layer_embeddings.q8_0. In place: the
+    embed graph's files are deleted and `paths` loses it. Returns (what was rewritten, for the
+    manifest; the decoder onnxruntime can run: the same graph with MatMulQ8_0 weights dequantized,
+    or None when the graph itself runs there)."""
     import onnx
     from onnx import numpy_helper
 
+    tc = model.config.text_config
+    lm = model.model.language_model
+    head = model.lm_head.weight.detach().numpy()
+    if not np.array_equal(head, lm.embed_tokens.weight.detach().numpy()):
+        raise SystemExit("the checkpoint's output layer is not its token embedding table (Gemma 4 ties them): "
+                         "a quantized bundle reads token rows from the output layer, so it cannot be made")
     dm = onnx.load(str(paths["decoder"]))
     inits = {i.name: i for i in dm.graph.initializer}
     candidates = projection_weights(model)
@@ -573,29 +595,71 @@ def quantize_graphs(model, paths, q4_layers, log=print):
         arr = numpy_helper.to_array(inits[weight]) if weight in inits else None
         for layer, _proj, w in candidates.get((k, n), []):
             if arr is not None and np.array_equal(arr, w):
-                return layer in q4_layers
+                return layer in layers
         return False
 
-    matmuls = quantize_q4_0(dm, select=chosen, log=log)
-    tc = model.config.text_config
-    head = model.lm_head.weight.detach().numpy().T
+    if quantize == "q4_0":
+        matmuls, fused = quantize_q4_0(dm, select=chosen, log=log), []
+    else:
+        matmuls = quantize_q8_0(dm, select=chosen, log=log)
+        fused = fuse_q8_0_siblings(dm, log=log)
 
     def is_head(_name, init):
-        return tuple(init.dims) == head.shape and np.array_equal(numpy_helper.to_array(init), head)
+        return tuple(init.dims) == head.shape[::-1] and np.array_equal(numpy_helper.to_array(init), head.T)
 
     table = split_output_layer(dm, is_head, tc.hidden_size)
     exact = write_q8_0_blocks(paths["decoder"].with_name(OUTPUT_LAYER_FILE), table)
     del table, head
     save_graph(dm, paths["decoder"])
+    twin = None
+    if quantize == "q8_0":
+        twin = Path(tempfile.mkdtemp(prefix="gemma4-q8_0-twin-")) / "decoder.onnx"
+        save_graph(dequantize_q8_0(dm), twin)
     del dm
-    em = onnx.load(str(paths["embed"]))
-    tables = quantize_gather_q8_0(em, log=log)
-    save_graph(em, paths["embed"])
-    return {"q4_0_matmuls": len(matmuls), "q4_0_layers": sorted(q4_layers),
-            "q4_0_weight_rmse_max": max((d["rmse"] for d in matmuls), default=0.0),
-            "q8_0_tables": tables,
+
+    # The per-layer table's rows are padded with zeros to whole Q8_0 blocks (the tiny model's
+    # 6 x 8 values); the runtime reads the first layers x width of each.
+    ple = lm.embed_tokens_per_layer.weight.detach().numpy()
+    rows, values = ple.shape
+    padded = -(-values // Q8_BLOCK) * Q8_BLOCK
+    if padded != values:
+        ple = np.pad(ple, ((0, 0), (0, padded - values)))
+    ple_exact = write_q8_0_blocks(paths["decoder"].with_name(PER_LAYER_FILE), ple)
+    del ple
+    for p in (paths["embed"], paths["embed"].with_name(paths["embed"].name + ".data")):
+        p.unlink(missing_ok=True)
+    del paths["embed"]
+    tied_scale = float(lm.embed_tokens.embed_scale)
+    done = {f"{quantize}_matmuls": len(matmuls), "layers": sorted(layers),
+            "weight_rmse_max": max((d["rmse"] for d in matmuls), default=0.0),
+            "fused_groups": len(fused),
             "output_layer": {"format": "q8_0", "rows": tc.vocab_size, "columns": tc.hidden_size,
-                             "softcap": tc.final_logit_softcapping, "exact": exact}}
+                             "softcap": tc.final_logit_softcapping, "exact": exact, "embed_scale": tied_scale},
+            "per_layer_embeddings": {"format": "q8_0", "rows": int(rows), "columns": int(padded),
+                                     "layers": tc.num_hidden_layers, "width": tc.hidden_size_per_layer_input,
+                                     "scale": float(lm.embed_tokens_per_layer.embed_scale), "exact": ple_exact}}
+    return done, twin
+
+
+class RowTables:
+    """A quantized bundle's embeddings, looked up as the runtime does: token rows of the output
+    layer and per-layer rows of per_layer_embeddings.q8_0, each times its scale, with the
+    multimodal placeholders looked up as id 0 (<pad>), as the embed graph does."""
+
+    def __init__(self, out: Path, done, placeholders):
+        layer, ple = done["output_layer"], done["per_layer_embeddings"]
+        self.tokens = read_q8_0_blocks(out / OUTPUT_LAYER_FILE, layer["columns"])
+        self.token_scale = layer["embed_scale"]
+        self.ple = read_q8_0_blocks(out / PER_LAYER_FILE, ple["columns"])
+        self.ple_scale, self.ple_shape = ple["scale"], (ple["layers"], ple["width"])
+        self.placeholders = list(placeholders)
+
+    def __call__(self, ids):
+        ids = np.where(np.isin(ids, self.placeholders), 0, np.asarray(ids))
+        layers, width = self.ple_shape
+        emb = q8_0_rows(self.tokens, ids, self.token_scale)
+        ple = q8_0_rows(self.ple, ids, self.ple_scale)[:, :layers * width]
+        return emb[None], ple.reshape(1, len(ids), layers, width)
 
 
 def compare_quantized(f32: OnnxModel, quantized: OnnxModel, greedy, tok):
@@ -619,11 +683,14 @@ def bundle_files(out: Path):
     files = {}
     for role in GRAPHS:
         p = out / f"{role}.onnx"
+        if not p.exists():
+            continue
         files[role] = {"path": p.name, "sha256": sha256(p), "bytes": p.stat().st_size}
         data = out / f"{role}.onnx.data"
         if data.exists():
             files[f"{role}_data"] = {"path": data.name, "sha256": sha256(data), "bytes": data.stat().st_size}
-    for role, name in (("output_layer", OUTPUT_LAYER_FILE), ("tokenizer", "tokenizer.json")):
+    for role, name in (("output_layer", OUTPUT_LAYER_FILE), ("per_layer_embeddings", PER_LAYER_FILE),
+                       ("tokenizer", "tokenizer.json")):
         p = out / name
         if p.exists():
             files[role] = {"path": p.name, "sha256": sha256(p), "bytes": p.stat().st_size}
@@ -660,18 +727,22 @@ def manifest_for(model, out, name, description, generator, instruction_tuned, qu
             "rope": tc.rope_parameters,
             "embed_scale": tc.hidden_size ** 0.5,
             "kv_cache": {f"layer_{i}": {"heads": s[0], "head_dim": s[1]} for i, s in enumerate(kv_shapes)},
-            **({"output_layer": parity["quantized"]["output_layer"]} if "quantized" in parity else {}),
+            **({key: parity["quantized"][key] for key in ("output_layer", "per_layer_embeddings")}
+               if "quantized" in parity else {}),
+            "multimodal_placeholder_ids": [model.config.image_token_id, model.config.audio_token_id,
+                                           model.config.video_token_id],
         },
         "special_tokens": tokens,
         "prompt_format": {
             "template": "<bos><|turn>user\n{user}<turn|>\n<|turn>model\n",
             "image": "<|image>" + "<|image|>x{soft_tokens}" + "<image|>",
             "audio": "<|audio>" + "<|audio|>x{soft_tokens}" + "<audio|>",
-            "multimodal_placeholders": "embed graph looks placeholder ids up as <pad>; the host overwrites "
+            "multimodal_placeholders": "text.multimodal_placeholder_ids are looked up as id 0 (<pad>), in the embed "
+                                       "graph or its row tables; the host overwrites "
                                        "those rows of inputs_embeds with image_embeds/audio_embeds (valid rows "
                                        "in order); per_layer_inputs keep the <pad> rows",
         },
-        "graphs": {k: graph_io(out / f"{k}.onnx") for k in GRAPHS},
+        "graphs": {k: graph_io(out / f"{k}.onnx") for k in GRAPHS if (out / f"{k}.onnx").exists()},
         "vision": {
             "patch_size": vc.patch_size, "pooling_kernel_size": vc.pooling_kernel_size,
             "patches_per_soft_token": vc.pooling_kernel_size ** 2,
@@ -702,7 +773,7 @@ def manifest_for(model, out, name, description, generator, instruction_tuned, qu
 # prepare
 # ----------------------------------------------------------------------------------------------
 
-def prepare(ckpt: Path, out: Path, *, name=None, description=None, quantize="none", q4_layers=None,
+def prepare(ckpt: Path, out: Path, *, name=None, description=None, quantize="none", layers=None,
             reference_dir: Path | None = None, generator_extra=None):
     """Checkpoint directory -> bundle in `out` (replaced). Returns (manifest, greedy, inputs, ok)."""
     import torch
@@ -737,26 +808,34 @@ def prepare(ckpt: Path, out: Path, *, name=None, description=None, quantize="non
         parity, greedy, inputs = check_against_pytorch(model, tok, tokens, wrappers, f32, image, audio, reference_dir)
         ok = all(g["equal"] for g in greedy.values())
         quantization = "none"
-        if quantize == "q4_0":
+        if quantize != "none":
             if not ok:
                 raise SystemExit("the f32 graphs do not match PyTorch's greedy tokens: not quantizing them")
-            layers = list(range(tc.num_hidden_layers)) if q4_layers is None else q4_layers
+            layers = list(range(tc.num_hidden_layers)) if layers is None else layers
             for role, p in paths.items():
                 shutil.copyfile(p, out / p.name)
                 if p.with_name(p.name + ".data").exists():
                     shutil.copyfile(p.with_name(p.name + ".data"), out / (p.name + ".data"))
             q_paths = {k: out / p.name for k, p in paths.items()}
-            done = quantize_graphs(model, q_paths, set(layers))
-            layer = done["output_layer"]
-            q, d = read_q8_0_blocks(out / OUTPUT_LAYER_FILE, layer["columns"])
-            quantized = OnnxModel(q_paths, kv_shapes, output_layer=(q, d, layer["softcap"]))
-            parity["quantized"] = compare_quantized(f32, quantized, greedy, tok)
+            done, twin = quantize_graphs(model, q_paths, quantize, set(layers))
+            try:
+                layer = done["output_layer"]
+                q, d = read_q8_0_blocks(out / OUTPUT_LAYER_FILE, layer["columns"])
+                placeholders = [model.config.image_token_id, model.config.audio_token_id, model.config.video_token_id]
+                quantized = OnnxModel({**q_paths, **({"decoder": twin} if twin else {})}, kv_shapes,
+                                      output_layer=(q, d, layer["softcap"]),
+                                      tables=RowTables(out, done, placeholders))
+                parity["quantized"] = compare_quantized(f32, quantized, greedy, tok)
+            finally:
+                if twin is not None:
+                    shutil.rmtree(twin.parent, ignore_errors=True)
             parity["quantized"].update(done)
-            q8 = ", ".join(f"{t['table']} [{t['rows']}, {t['width']}]" for t in done["q8_0_tables"]) or "none"
-            quantization = (f"q4_0 (MatMulNBits block 32, no zero points = tract Q4_0) for the "
-                            f"{', '.join(PROJECTIONS)} weights of layers {done['q4_0_layers']} "
-                            f"({done['q4_0_matmuls']} matmuls); embedding tables as q8_0: {q8}; the output "
-                            f"layer outside the graph in q8_0 (output_layer.q8_0); the rest f32")
+            weights = {"q4_0": "q4_0 (MatMulNBits block 32, no zero points = tract Q4_0)",
+                       "q8_0": "q8_0 (ai.outpost MatMulQ8_0, llama.cpp's Q8_0 rounding; q/k/v and gate/up merged)"}
+            quantization = (f"{weights[quantize]} for the {', '.join(PROJECTIONS)} weights of layers "
+                            f"{done['layers']} ({done[quantize + '_matmuls']} matmuls); the output layer outside "
+                            f"the graph in q8_0 (output_layer.q8_0), also the token embedding table (tied); the "
+                            f"per-layer embeddings in q8_0 rows read from disk ({PER_LAYER_FILE}); the rest f32")
             print("quantized:", json.dumps(parity["quantized"]))
     finally:
         if f32_dir != out:
@@ -781,7 +860,7 @@ def parse_layers(spec):
     try:
         return [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"--q4-layers: {spec!r} is not 'all' or a comma-separated list of layer numbers")
+        raise SystemExit(f"--layers: {spec!r} is not 'all' or a comma-separated list of layer numbers")
 
 
 def main():
@@ -789,8 +868,9 @@ def main():
     ap.add_argument("--checkpoint", required=True, help="Hugging Face Gemma 4 checkpoint directory")
     ap.add_argument("--out", required=True, help="bundle directory to write (replaced if it exists)")
     ap.add_argument("--name", default=None, help="bundle name (default: the checkpoint directory's name)")
-    ap.add_argument("--quantize", choices=["none", "q4_0"], default="none")
-    ap.add_argument("--q4-layers", default="all", help="decoder layers made Q4_0: all, or a list such as 0,1,2")
+    ap.add_argument("--quantize", choices=["none", "q4_0", "q8_0"], default="none")
+    ap.add_argument("--layers", "--q4-layers", dest="layers", default="all",
+                    help="decoder layers whose projections are quantized: all, or a list such as 0,1,2")
     ap.add_argument("--external-data-over", type=int, default=onnx_tract.EXTERNAL_DATA_BYTES, metavar="BYTES",
                     help="graphs with more weight bytes than this keep them in NAME.onnx.data (default 1 GiB)")
     ap.add_argument("--reference", default=None, help="also write the check outputs here (.npy, reference.json)")
@@ -801,7 +881,7 @@ def main():
         raise SystemExit(f"--checkpoint {ckpt}: not a directory")
     ref = Path(args.reference) if args.reference else None
     manifest, greedy, inputs, ok = prepare(ckpt, Path(args.out), name=args.name, quantize=args.quantize,
-                                           q4_layers=parse_layers(args.q4_layers), reference_dir=ref)
+                                           layers=parse_layers(args.layers), reference_dir=ref)
     if ref:
         (ref / "reference.json").write_text(json.dumps({"greedy": greedy, "inputs": inputs,
                                                         "parity": manifest["parity"]}, indent=1, default=float) + "\n")

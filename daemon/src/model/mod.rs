@@ -8,6 +8,7 @@ mod chat;
 mod constrained;
 mod image_input;
 mod output_layer;
+mod per_layer_embeddings;
 mod product_threads;
 mod q8_0;
 mod q8_0_matmul;
@@ -25,6 +26,7 @@ pub use image_input::{
     prepare as prepare_image, target_size, ImageInputError, ImageParams, ImagePatches, SOFT_TOKEN_BUDGETS,
 };
 pub use output_layer::{OutputLayer, OutputLayerError};
+pub use per_layer_embeddings::{PerLayerEmbeddings, PerLayerEmbeddingsError, PerLayerLayout};
 pub use q8_0::{kernel_name as q8_0_kernel, Q8_0Error, Q8_0Matrix};
 pub use runtime::{last_row, use_threads, values, Embedded, KvCache, LogitRows, Runtime, RuntimeError, SoftTokens};
 pub use sampling::{argmax, Sampler, Sampling};

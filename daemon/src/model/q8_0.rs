@@ -63,6 +63,17 @@ pub fn threads() -> usize {
     THREADS.load(Ordering::Relaxed)
 }
 
+/// GGML Q8_0 `blocks` as f32 into `out`, 32 values a block, as llama.cpp dequantizes them
+/// (`f32(q) * f32(d)`); stops at the end of the shorter of the two.
+pub fn dequantize_blocks(blocks: &[u8], out: &mut [f32]) {
+    for (block, values) in blocks.chunks_exact(BLOCK_BYTES).zip(out.chunks_mut(BLOCK)) {
+        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+        for (value, &q) in values.iter_mut().zip(&block[2..]) {
+            *value = f32::from(q as i8) * d;
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Q8_0Error {
     #[error("a Q8_0 matrix {columns} wide: the width must be a multiple of {BLOCK}")]

@@ -4,18 +4,22 @@
 //! The graph layout is the one `deploy/models/` exports (see the bundle's manifest, `graphs`):
 //! `embed` maps ids to `inputs_embeds` and, for Gemma 4, `per_layer_inputs` (a bundle whose
 //! output layer is also its embedding table has no `embed` graph: the rows are read from the
-//! output layer, `text.output_layer.embed_scale`); `decoder` takes
+//! output layer, `text.output_layer.embed_scale`, and Gemma 4's per-layer rows from their own
+//! table on disk, `per_layer_embeddings.rs`); `decoder` takes
 //! those plus `past_key_i`/`past_value_i` for each layer that owns a cache and returns logits
 //! (already soft-capped) and the `present_*` caches, or, where the bundle has an `output_layer`
 //! file, the final hidden states that our own kernels turn into logits (`output_layer.rs`);
 //! `vision` and `audio` return soft tokens with a validity mask. Gemma 3 bundles are the same
 //! without per-layer inputs and encoders.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use tract_onnx::prelude::*;
 
 use super::output_layer::OutputLayer;
+use super::per_layer_embeddings::{PerLayerEmbeddings, PerLayerEmbeddingsError, PerLayerLayout};
 use super::{q8_0, q8_0_matmul};
 use super::{AudioFeatures, Bundle, Constraint, ConstraintError, ImagePatches, Sampler};
 
@@ -50,6 +54,12 @@ pub enum RuntimeError {
     OutputLayer(#[from] super::OutputLayerError),
     #[error("the manifest's text.output_layer {0}")]
     OutputLayerManifest(String),
+    #[error("per-layer embeddings: {0}")]
+    PerLayerEmbeddings(#[from] PerLayerEmbeddingsError),
+    #[error("the manifest's text.per_layer_embeddings {0}")]
+    PerLayerManifest(String),
+    #[error("the manifest's text.multimodal_placeholder_ids {0} is not a list of token ids")]
+    PlaceholderIds(String),
 }
 
 /// Which positions a decoder run gives logits for.
@@ -105,7 +115,9 @@ enum Embedder {
     /// which the decoder takes second.
     Graph { plan: Plan, per_layer_inputs: bool },
     /// Rows of the output layer (the tied table) times `scale`: the table is held once, not twice.
-    OutputLayerRows { scale: f32 },
+    /// Gemma 4's per-layer rows come from `per_layer`, and the multimodal `placeholders` are
+    /// looked up as id 0 (`<pad>`), as its embed graph does.
+    OutputLayerRows { scale: f32, per_layer: Option<PerLayerEmbeddings>, placeholders: Vec<u32> },
 }
 
 pub struct Runtime {
@@ -113,7 +125,7 @@ pub struct Runtime {
     decoder: Plan,
     /// Hidden states to logits outside the graph, where the bundle has one.
     output_layer: Option<OutputLayer>,
-    vision: Option<Plan>,
+    vision: Option<VisionEncoder>,
     audio: Option<Plan>,
     /// `(kv_heads, head_dim)` of each cache-owning layer, in input order.
     cache_shapes: Vec<(usize, usize)>,
@@ -132,7 +144,11 @@ impl Runtime {
             Some(scale) if !scale.is_finite() => {
                 return Err(RuntimeError::OutputLayerManifest(format!("embed_scale {scale} is not a finite number")))
             }
-            Some(scale) => Embedder::OutputLayerRows { scale },
+            Some(scale) => Embedder::OutputLayerRows {
+                scale,
+                per_layer: load_per_layer_embeddings(bundle)?,
+                placeholders: placeholder_ids(bundle)?,
+            },
             None => {
                 let embed_model = load_typed(&graph("embed")?)?;
                 let per_layer_inputs = match embed_model.outputs.len() {
@@ -143,7 +159,10 @@ impl Runtime {
                 Embedder::Graph { plan: optimise(embed_model, "embed")?, per_layer_inputs }
             }
         };
-        let per_layer_inputs = matches!(embedder, Embedder::Graph { per_layer_inputs: true, .. });
+        let per_layer_inputs = matches!(
+            embedder,
+            Embedder::Graph { per_layer_inputs: true, .. } | Embedder::OutputLayerRows { per_layer: Some(_), .. }
+        );
         let decoder_model = load_typed(&graph("decoder")?)?;
         let audio = match bundle.file("audio") {
             Some(path) => {
@@ -168,15 +187,7 @@ impl Runtime {
             embedder,
             decoder: optimise(decoder_model, "decoder")?,
             output_layer,
-            // tract 0.23.9's optimiser mis-types the vision attention mask (a `Where` over a
-            // symbolic patch count): the decluttered graph runs, and matches PyTorch.
-            vision: bundle
-                .file("vision")
-                .map(|p| {
-                    load_typed(&p)
-                        .and_then(|m| m.into_runnable().map_err(|source| RuntimeError::Run { graph: "vision", source }))
-                })
-                .transpose()?,
+            vision: bundle.file("vision").map(|path| VisionEncoder::load(path, default_patches(bundle))).transpose()?,
             audio: audio.map(|(plan, _)| plan),
             audio_frames: audio_frames.unwrap_or(0),
             cache_shapes,
@@ -210,10 +221,20 @@ impl Runtime {
     pub fn embed(&self, ids: &[u32]) -> Result<Embedded, RuntimeError> {
         let shape_error = |source| RuntimeError::Run { graph: "embed", source };
         match (&self.embedder, &self.output_layer) {
-            (Embedder::OutputLayerRows { scale }, Some(layer)) => {
-                let rows = layer.embeddings(ids, *scale)?;
+            (Embedder::OutputLayerRows { scale, per_layer, placeholders }, Some(layer)) => {
+                let ids: Vec<u32> = ids.iter().map(|id| if placeholders.contains(id) { 0 } else { *id }).collect();
+                let rows = layer.embeddings(&ids, *scale)?;
                 let embeds = tensor1(&rows).into_shape(&[1, ids.len(), layer.columns()]).map_err(shape_error)?;
-                Ok(Embedded { embeds, per_layer: None })
+                let per_layer = match per_layer {
+                    Some(table) => Some(
+                        tensor1(&table.lookup(&ids)?)
+                            .into_shape(&[1, ids.len(), table.layers(), table.width()])
+                            .map_err(shape_error)?
+                            .into_tvalue(),
+                    ),
+                    None => None,
+                };
+                Ok(Embedded { embeds, per_layer })
             }
             (Embedder::OutputLayerRows { .. }, None) => Err(RuntimeError::MissingGraph("embed")),
             (Embedder::Graph { plan, per_layer_inputs }, _) => {
@@ -272,12 +293,13 @@ impl Runtime {
 
     /// Soft tokens of one prepared picture.
     pub fn encode_image(&self, patches: &ImagePatches) -> Result<SoftTokens, RuntimeError> {
-        let plan = self.vision.as_ref().ok_or(RuntimeError::MissingGraph("vision"))?;
+        let vision = self.vision.as_ref().ok_or(RuntimeError::MissingGraph("vision"))?;
+        let plan = vision.plan(patches.max_patches)?;
         let err = |source| RuntimeError::Run { graph: "vision", source };
         let pixels =
             tensor1(&patches.pixel_values).into_shape(&[1, patches.max_patches, patches.patch_values]).map_err(err)?;
         let positions = tensor1(&patches.positions).into_shape(&[1, patches.max_patches, 2]).map_err(err)?;
-        let outputs = run(plan, "vision", tvec!(pixels.into_tvalue(), positions.into_tvalue()))?;
+        let outputs = run(&plan, "vision", tvec!(pixels.into_tvalue(), positions.into_tvalue()))?;
         soft_tokens(&outputs, "vision")
     }
 
@@ -418,6 +440,59 @@ impl Runtime {
     }
 }
 
+/// The vision encoder, optimised for one patch count. tract's optimiser mis-types the graph's
+/// attention mask while the count is a symbol (a `Where`), and without optimisation its
+/// products run on reference kernels; pictures are padded to their budget's count, so a
+/// station (one budget) keeps one plan. Another budget rebuilds it from the file, after the old
+/// one is dropped, so the weights are held once.
+struct VisionEncoder {
+    path: PathBuf,
+    plan: Mutex<Option<(usize, Plan)>>,
+}
+
+impl VisionEncoder {
+    /// Loads the graph at `path`, optimised for `patches` when given (the bundle's default budget).
+    fn load(path: PathBuf, patches: Option<usize>) -> Result<Self, RuntimeError> {
+        let plan = match patches {
+            Some(patches) => Some((patches, vision_plan(&path, patches)?)),
+            None => None,
+        };
+        Ok(Self { path, plan: Mutex::new(plan) })
+    }
+
+    fn plan(&self, patches: usize) -> Result<Plan, RuntimeError> {
+        // A plan is swapped in whole, so one left by a panic elsewhere is still a good one.
+        let mut held = self.plan.lock().unwrap_or_else(PoisonError::into_inner);
+        match held.as_ref() {
+            Some((count, plan)) if *count == patches => Ok(plan.clone()),
+            _ => {
+                *held = None;
+                let plan = vision_plan(&self.path, patches)?;
+                *held = Some((patches, plan.clone()));
+                Ok(plan)
+            }
+        }
+    }
+}
+
+/// The vision graph at `path` with its `num_patches` input dimension fixed, optimised.
+fn vision_plan(path: &Path, patches: usize) -> Result<Plan, RuntimeError> {
+    let model = load_typed(path)?;
+    let count = model.symbols.sym("num_patches");
+    let fixed = model
+        .set_symbols(&HashMap::from([(count, TDim::Val(patches as i64))]))
+        .map_err(|source| RuntimeError::Run { graph: "vision", source })?;
+    optimise(fixed, "vision")
+}
+
+/// Patches of the manifest's default image budget (`vision.default_soft_tokens` soft tokens of
+/// `vision.patches_per_soft_token` patches), if it says.
+fn default_patches(bundle: &Bundle) -> Option<usize> {
+    let vision = bundle.manifest.sections.get("vision")?;
+    let count = |key: &str| vision.get(key).and_then(|v| v.as_u64()).map(|v| v as usize);
+    Some(count("default_soft_tokens")? * count("patches_per_soft_token")?)
+}
+
 /// Runs the model's matrix products on `threads` threads (tract's default executor and our Q8_0
 /// kernels', for the whole process).
 pub fn use_threads(threads: usize) {
@@ -453,6 +528,45 @@ fn load_output_layer(bundle: &Bundle) -> Result<Option<(OutputLayer, Option<f32>
     };
     let layer = OutputLayer::load(&path, size("rows")?, size("columns")?, number("softcap")?)?;
     Ok(Some((layer, number("embed_scale")?)))
+}
+
+/// Gemma 4's per-layer embedding table, where the bundle has one (`per_layer_embeddings` file,
+/// laid out as the manifest's `text.per_layer_embeddings` says: `{"format": "q8_0", "rows",
+/// "columns", "layers", "width", "scale"}`).
+fn load_per_layer_embeddings(bundle: &Bundle) -> Result<Option<PerLayerEmbeddings>, RuntimeError> {
+    let Some(path) = bundle.file("per_layer_embeddings") else { return Ok(None) };
+    let bad = |what: String| RuntimeError::PerLayerManifest(what);
+    let spec = bundle
+        .manifest
+        .sections
+        .get("text")
+        .and_then(|t| t.get("per_layer_embeddings"))
+        .ok_or_else(|| bad("is missing, but the bundle has a per_layer_embeddings file".into()))?;
+    match spec.get("format").and_then(|f| f.as_str()) {
+        Some("q8_0") => {}
+        other => return Err(bad(format!("format {other:?} is not \"q8_0\""))),
+    }
+    let size = |key: &str| {
+        spec.get(key).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| bad(format!("has no `{key}` count")))
+    };
+    let scale = spec.get("scale").and_then(|v| v.as_f64()).ok_or_else(|| bad("has no `scale` number".into()))?;
+    let layout = PerLayerLayout {
+        rows: size("rows")?,
+        columns: size("columns")?,
+        layers: size("layers")?,
+        width: size("width")?,
+        scale: scale as f32,
+    };
+    Ok(Some(PerLayerEmbeddings::open(&path, layout)?))
+}
+
+/// The ids the manifest's `text.multimodal_placeholder_ids` lists (none when it has none).
+fn placeholder_ids(bundle: &Bundle) -> Result<Vec<u32>, RuntimeError> {
+    let Some(list) = bundle.manifest.sections.get("text").and_then(|t| t.get("multimodal_placeholder_ids")) else {
+        return Ok(Vec::new());
+    };
+    let ids = list.as_array().map(|ids| ids.iter().map(|id| id.as_u64().and_then(|id| u32::try_from(id).ok())));
+    ids.and_then(|ids| ids.collect::<Option<Vec<u32>>>()).ok_or_else(|| RuntimeError::PlaceholderIds(list.to_string()))
 }
 
 fn load_typed(path: &Path) -> Result<TypedModel, RuntimeError> {
