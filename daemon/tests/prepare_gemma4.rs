@@ -5,6 +5,8 @@
 //! Needs the model tools' Python (`OUTPOST_PYTHON`, set by `test.sh` from
 //! `deploy/models/prepare_test_models.sh`); skipped with a reason when it is not set.
 
+#[path = "common/npy.rs"]
+mod npy;
 #[path = "common/prepared.rs"]
 mod prepared;
 
@@ -13,7 +15,7 @@ use std::process::Command;
 
 use prepared::prepared_path;
 
-use outpost::model::{Bundle, Runtime, Sampler, Sampling};
+use outpost::model::{AudioFeatures, Bundle, ImagePatches, Runtime, Sampler, Sampling, SoftTokens};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -131,13 +133,62 @@ fn q4_0_bundle_with_external_weights_answers_as_onnxruntime_does() {
 #[test]
 fn q8_0_bundle_runs_its_projections_on_our_kernels_and_answers_as_onnxruntime_does() {
     let Some(python) = prepared_path("OUTPOST_PYTHON") else { return };
-    let (_work, bundle) = prepare(&python, &["--quantize", "q8_0"]);
+    let (_work, bundle) = prepare(&python, &["--quantize", "q8_0", "--encoders", "q8_0"]);
     let quantized = &bundle.manifest.sections["parity"]["quantized"];
     assert!(bundle.manifest.quantization.starts_with("q8_0"), "{}", bundle.manifest.quantization);
     assert_eq!(quantized["q8_0_matmuls"], 36, "7 projections in 6 layers, less the K/V of the 3 KV-shared layers");
     // q/k/v of the 3 layers that own a cache, q alone in the shared ones; gate/up everywhere.
     assert_eq!(quantized["fused_groups"], 9);
     check_quantized(&bundle, 0.9);
+
+    // The encoders' linears are Q8_0 too: tract's soft tokens stay near those of the f32 bundle
+    // (which match PyTorch's, gemma4_tiny.rs), within 8% of the largest value. The tiny random
+    // model's move by 3-4% in onnxruntime (8-bit weights) and by 5% in tract (8-bit activations
+    // too): why the encoders stay f32 unless asked.
+    let runtime = Runtime::load(&bundle).unwrap();
+    let f32_runtime = Runtime::load(&Bundle::open(&fixtures().join("gemma4-tiny")).unwrap()).unwrap();
+    let (image, audio) = (reference_image(), reference_audio_features());
+    for (what, role, soft, expected) in [
+        ("image", "vision", runtime.encode_image(&image).unwrap(), f32_runtime.encode_image(&image).unwrap()),
+        ("audio", "audio", runtime.encode_audio(&audio).unwrap(), f32_runtime.encode_audio(&audio).unwrap()),
+    ] {
+        let relative = relative_difference(&soft, &expected);
+        println!("{what} soft tokens, Q8_0 against f32: largest difference {relative:.4} of the largest value");
+        assert!(relative < 0.08, "{what}: {relative}");
+        let reported = quantized["encoders_vs_f32"][role]["relative_to_max"].as_f64().unwrap();
+        assert!(reported < 0.05, "{what}: onnxruntime's figure {reported}");
+    }
+}
+
+/// The largest difference between two encoders' soft tokens, over the largest value of `expected`.
+fn relative_difference(soft: &SoftTokens, expected: &SoftTokens) -> f64 {
+    assert_eq!((soft.count(), soft.hidden), (expected.count(), expected.hidden));
+    let diff = soft.rows.iter().zip(&expected.rows).map(|(a, b)| f64::from((a - b).abs())).fold(0.0, f64::max);
+    diff / expected.rows.iter().map(|v| f64::from(v.abs())).fold(0.0, f64::max)
+}
+
+fn reference_array(name: &str) -> npy::Npy {
+    npy::read(&fixtures().join("gemma4-tiny/reference").join(name))
+}
+
+/// The patches PyTorch's vision encoder was given (see gemma4_tiny.rs).
+fn reference_image() -> ImagePatches {
+    let pixels = reference_array("image_pixel_values_u8.npy");
+    ImagePatches {
+        pixel_values: pixels.values.iter().map(|&v| v as f32 * (1.0f32 / 255.0)).collect(),
+        positions: reference_array("image_pixel_position_ids.npy").i64(),
+        max_patches: pixels.shape[1],
+        patch_values: pixels.shape[2],
+        soft_tokens: reference()["inputs"]["image"]["soft_tokens"].as_u64().unwrap() as usize,
+        resized: (0, 0),
+    }
+}
+
+/// The features PyTorch's audio encoder was given.
+fn reference_audio_features() -> AudioFeatures {
+    let features = reference_array("audio_input_features.npy");
+    let mask = reference_array("audio_input_features_mask.npy").bools();
+    AudioFeatures { frames: features.shape[1], mel_bins: features.shape[2], values: features.f32(), mask }
 }
 
 #[test]
