@@ -5,24 +5,19 @@
 mod binary;
 #[path = "common/npy.rs"]
 mod npy;
+#[path = "common/tiny_reference.rs"]
+mod tiny_reference;
 
 use std::path::{Path, PathBuf};
 
-use outpost::model::{values, AudioFeatures, Bundle, ImagePatches, LogitRows, Runtime, Sampler, Sampling};
+use outpost::model::{values, Bundle, LogitRows, Runtime, Sampler, Sampling};
 use serde_json::Value;
+use tiny_reference::{reference, reference_audio_features, reference_image, reference_json};
 
 const TOLERANCE: f64 = 1e-4;
 
 fn bundle_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4-tiny")
-}
-
-fn reference(name: &str) -> npy::Npy {
-    npy::read(&bundle_dir().join("reference").join(name))
-}
-
-fn reference_json() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(bundle_dir().join("reference/reference.json")).unwrap()).unwrap()
 }
 
 fn runtime() -> Runtime {
@@ -36,28 +31,6 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
 
 fn ids(value: &Value) -> Vec<u32> {
     value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
-}
-
-/// The patches PyTorch's vision encoder was given, and their positions.
-fn reference_image() -> ImagePatches {
-    let pixels = reference("image_pixel_values_u8.npy");
-    let positions = reference("image_pixel_position_ids.npy");
-    ImagePatches {
-        // Stored as bytes: f32(u8) * f32(1/255) gives exactly the values PyTorch saw.
-        pixel_values: pixels.values.iter().map(|&v| v as f32 * (1.0f32 / 255.0)).collect(),
-        positions: positions.i64(),
-        max_patches: pixels.shape[1],
-        patch_values: pixels.shape[2],
-        soft_tokens: reference_json()["inputs"]["image"]["soft_tokens"].as_u64().unwrap() as usize,
-        resized: (0, 0),
-    }
-}
-
-/// The features PyTorch's audio encoder was given: the first second of `media/speech.wav`.
-fn reference_audio_features() -> AudioFeatures {
-    let features = reference("audio_input_features.npy");
-    let mask = reference("audio_input_features_mask.npy").bools();
-    AudioFeatures { frames: features.shape[1], mel_bins: features.shape[2], values: features.f32(), mask }
 }
 
 #[test]

@@ -9,13 +9,16 @@
 mod npy;
 #[path = "common/prepared.rs"]
 mod prepared;
+#[path = "common/tiny_reference.rs"]
+mod tiny_reference;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use prepared::prepared_path;
+use tiny_reference::{reference_audio_features, reference_image, reference_json};
 
-use outpost::model::{AudioFeatures, Bundle, ImagePatches, Runtime, Sampler, Sampling, SoftTokens};
+use outpost::model::{Bundle, Runtime, Sampler, Sampling, SoftTokens};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -73,18 +76,9 @@ fn f32_bundle_from_the_checkpoint_is_the_committed_one() {
     assert!(bundle.manifest.instruction_tuned, "the checkpoint has a chat template");
     assert_eq!(bundle.manifest.sections["special_tokens"], committed.manifest.sections["special_tokens"]);
 
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("gemma4-tiny/reference/reference.json")).unwrap(),
-    )
-    .unwrap();
-    let case = &reference["greedy"]["text"];
+    let case = &reference_json()["greedy"]["text"];
     let runtime = Runtime::load(&bundle).unwrap();
     assert_eq!(greedy(&runtime, &ids(&case["prompt_ids"]), 32), ids(&case["hf_ids"]));
-}
-
-fn reference() -> Value {
-    let text = std::fs::read_to_string(fixtures().join("gemma4-tiny/reference/reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
 }
 
 /// What every quantized bundle holds: no embed graph (token rows come from the output layer,
@@ -104,7 +98,7 @@ fn check_quantized(bundle: &Bundle, agreement: f64) {
     assert_eq!(files["per_layer_embeddings"].bytes, 512 * 2 * 34);
 
     let quantized = &bundle.manifest.sections["parity"]["quantized"];
-    let prompt = ids(&reference()["greedy"]["text"]["prompt_ids"]);
+    let prompt = ids(&reference_json()["greedy"]["text"]["prompt_ids"]);
     let runtime = Runtime::load(bundle).unwrap();
     let expected = ids(&quantized["greedy_text"]["ids"]);
     assert_eq!(greedy(&runtime, &prompt, expected.len()), expected, "tract vs onnxruntime on the quantized graphs");
@@ -165,30 +159,6 @@ fn relative_difference(soft: &SoftTokens, expected: &SoftTokens) -> f64 {
     assert_eq!((soft.count(), soft.hidden), (expected.count(), expected.hidden));
     let diff = soft.rows.iter().zip(&expected.rows).map(|(a, b)| f64::from((a - b).abs())).fold(0.0, f64::max);
     diff / expected.rows.iter().map(|v| f64::from(v.abs())).fold(0.0, f64::max)
-}
-
-fn reference_array(name: &str) -> npy::Npy {
-    npy::read(&fixtures().join("gemma4-tiny/reference").join(name))
-}
-
-/// The patches PyTorch's vision encoder was given (see gemma4_tiny.rs).
-fn reference_image() -> ImagePatches {
-    let pixels = reference_array("image_pixel_values_u8.npy");
-    ImagePatches {
-        pixel_values: pixels.values.iter().map(|&v| v as f32 * (1.0f32 / 255.0)).collect(),
-        positions: reference_array("image_pixel_position_ids.npy").i64(),
-        max_patches: pixels.shape[1],
-        patch_values: pixels.shape[2],
-        soft_tokens: reference()["inputs"]["image"]["soft_tokens"].as_u64().unwrap() as usize,
-        resized: (0, 0),
-    }
-}
-
-/// The features PyTorch's audio encoder was given.
-fn reference_audio_features() -> AudioFeatures {
-    let features = reference_array("audio_input_features.npy");
-    let mask = reference_array("audio_input_features_mask.npy").bools();
-    AudioFeatures { frames: features.shape[1], mel_bins: features.shape[2], values: features.f32(), mask }
 }
 
 #[test]
