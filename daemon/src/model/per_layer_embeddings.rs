@@ -104,22 +104,12 @@ impl PerLayerEmbeddings {
 
 #[cfg(test)]
 mod tests {
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
     use tract_onnx::prelude::f16;
 
     use super::*;
-
-    /// `rows` random rows of `columns` Q8_0 values with finite scales.
-    fn random_blocks(rng: &mut ChaCha8Rng, rows: usize, columns: usize) -> Vec<u8> {
-        (0..rows * columns / BLOCK)
-            .flat_map(|_| {
-                let d = f16::from_f32(rng.random_range(0.001..0.1)).to_le_bytes();
-                let quants: Vec<u8> = (0..BLOCK).map(|_| rng.random()).collect();
-                d.into_iter().chain(quants)
-            })
-            .collect()
-    }
+    use crate::model::q8_0::tests::random_blocks;
 
     fn layout(rows: usize, columns: usize, layers: usize, width: usize) -> PerLayerLayout {
         PerLayerLayout { rows, columns, layers, width, scale: 2.828_427 }

@@ -225,15 +225,17 @@ impl Runtime {
                 let ids: Vec<u32> = ids.iter().map(|id| if placeholders.contains(id) { 0 } else { *id }).collect();
                 let rows = layer.embeddings(&ids, *scale)?;
                 let embeds = tensor1(&rows).into_shape(&[1, ids.len(), layer.columns()]).map_err(shape_error)?;
-                let per_layer = match per_layer {
-                    Some(table) => Some(
-                        tensor1(&table.lookup(&ids)?)
-                            .into_shape(&[1, ids.len(), table.layers(), table.width()])
-                            .map_err(shape_error)?
-                            .into_tvalue(),
-                    ),
-                    None => None,
-                };
+                let per_layer = per_layer
+                    .as_ref()
+                    .map(|table| {
+                        Ok::<_, RuntimeError>(
+                            tensor1(&table.lookup(&ids)?)
+                                .into_shape(&[1, ids.len(), table.layers(), table.width()])
+                                .map_err(shape_error)?
+                                .into_tvalue(),
+                        )
+                    })
+                    .transpose()?;
                 Ok(Embedded { embeds, per_layer })
             }
             (Embedder::OutputLayerRows { .. }, None) => Err(RuntimeError::MissingGraph("embed")),
