@@ -11,7 +11,7 @@
 //! vector register holds four values of each of eight rows: a dot-product instruction (x86's
 //! VNNI `vpdpbusd`, ARM's `sdot`) against four values of an activation row broadcast to every
 //! lane then gives eight rows' sums at once, with no horizontal additions, and each weight
-//! load serves up to four activation rows. Kernels: AVX-512 VNNI, AVX2, NEON with and without
+//! load serves up to four activation rows (on AVX-512, each activation load two panels). Kernels: AVX-512 VNNI, AVX2, NEON with and without
 //! the dot-product extension, and a scalar reference every one of them is tested against.
 
 use std::fs::File;
@@ -37,6 +37,11 @@ const GROUP: usize = 4;
 const PANEL_BLOCK: usize = PANEL * BLOCK;
 /// Activation rows one kernel call takes at most.
 const TILE_ROWS: usize = 4;
+/// Panels one kernel call takes at most: the AVX-512 kernel takes two, so that each activation
+/// value it broadcasts serves sixteen weight rows (it has the registers for twice the sums).
+const TILE_PANELS: usize = 2;
+/// The sums one kernel call gives: per activation row, the rows of its panels.
+type TileSums = [[f32; PANEL * TILE_PANELS]; TILE_ROWS];
 
 /// How weights are stored: XORed with this. x86 keeps them offset by 128, unsigned, because
 /// VNNI multiplies unsigned bytes by signed ones (the activations are the signed side; the
@@ -267,7 +272,7 @@ impl Q8_0Matrix {
         };
         let xs = QuantizedRow::all(activations, self.columns, threads);
         let panels = self.rows.div_ceil(PANEL);
-        let chunk = panels.div_ceil(threads * CHUNKS_PER_THREAD);
+        let chunk = panels.div_ceil(threads * CHUNKS_PER_THREAD).next_multiple_of(kernel.panels_at_once());
         let chunks = panels.div_ceil(chunk);
         let next = AtomicUsize::new(0);
         let out = SharedRows { start: out.as_mut_ptr(), len: out.len() };
@@ -290,18 +295,20 @@ impl Q8_0Matrix {
     unsafe fn products(&self, kernel: Kernel, panels: std::ops::Range<usize>, xs: &[QuantizedRow], out: &SharedRows) {
         let blocks = self.columns / BLOCK;
         let panel_bytes = self.columns * PANEL;
-        // About 16 KiB of weights at a time (Gemma 3 270M: 3 panels).
-        let tile = (16384 / panel_bytes).max(1);
+        let step = kernel.panels_at_once();
+        // Whole kernel calls' worth of panels, about `TILE_BYTES` of weights.
+        let tile = (TILE_BYTES / panel_bytes).max(step).next_multiple_of(step);
         for tile_start in panels.clone().step_by(tile) {
             let tile_panels = tile_start..(tile_start + tile).min(panels.end);
             for (group, xs) in xs.chunks(TILE_ROWS).enumerate() {
-                for panel in tile_panels.clone() {
-                    let quants = &self.quants[panel * panel_bytes..(panel + 1) * panel_bytes];
-                    let scales = &self.scales[panel * blocks * PANEL..(panel + 1) * blocks * PANEL];
-                    let mut sums = [[0.0f32; PANEL]; TILE_ROWS];
-                    kernel.panel(quants, scales, xs, &mut sums);
-                    let row = panel * PANEL;
-                    let live = PANEL.min(self.rows - row);
+                for first in tile_panels.clone().step_by(step) {
+                    let last = (first + step).min(tile_panels.end);
+                    let quants = &self.quants[first * panel_bytes..last * panel_bytes];
+                    let scales = &self.scales[first * blocks * PANEL..last * blocks * PANEL];
+                    let mut sums = [[0.0f32; PANEL * TILE_PANELS]; TILE_ROWS];
+                    kernel.panels(quants, scales, xs, &mut sums);
+                    let row = first * PANEL;
+                    let live = ((last - first) * PANEL).min(self.rows - row);
                     for (m, sums) in sums[..xs.len()].iter().enumerate() {
                         // SAFETY: this panel's outputs, inside `out` (`multiply_with` checked its
                         // size), written by this thread alone (the caller's promise).
@@ -312,6 +319,12 @@ impl Q8_0Matrix {
         }
     }
 }
+
+/// Weights a thread's panels pass every activation row in: they stay in its L2 cache (the Pi 5's
+/// Cortex-A76 has 512 KiB), so that a product of many rows (a long prompt, an image's patches)
+/// reads its activations from further out once per this much of the weights. Measured here on
+/// 2520 x 3072 x 768 (an image's MLP, one thread): 55 G multiply-adds/s at 16 KiB, 71 at 256 KiB.
+const TILE_BYTES: usize = 256 * 1024;
 
 /// Chunks of panels per thread: enough that a late thread's share is small, few enough that
 /// claiming them costs nothing.
@@ -427,6 +440,23 @@ macro_rules! for_rows {
     };
 }
 
+/// `for_rows` for a kernel that also takes one or two panels: `kernel::<M, P>(args)`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! for_rows_and_panels {
+    ($rows:expr, $panels:expr, $kernel:ident($($arg:expr),*)) => {
+        match ($rows, $panels) {
+            (1, 1) => $kernel::<1, 1>($($arg),*),
+            (2, 1) => $kernel::<2, 1>($($arg),*),
+            (3, 1) => $kernel::<3, 1>($($arg),*),
+            (_, 1) => $kernel::<4, 1>($($arg),*),
+            (1, _) => $kernel::<1, 2>($($arg),*),
+            (2, _) => $kernel::<2, 2>($($arg),*),
+            (3, _) => $kernel::<3, 2>($($arg),*),
+            (_, _) => $kernel::<4, 2>($($arg),*),
+        }
+    };
+}
+
 impl Kernel {
     /// Every kernel this CPU runs, slowest first.
     fn available() -> Vec<Kernel> {
@@ -468,16 +498,28 @@ impl Kernel {
         *BEST.get_or_init(|| Self::available().last().copied().unwrap_or(Kernel::Reference))
     }
 
-    /// `sums[m][i]` = row `i` of the panel (`quants`, `scales`) . `xs[m]`, for up to four rows
-    /// of `xs`.
-    fn panel(self, quants: &[u8], scales: &[f32], xs: &[QuantizedRow], sums: &mut [[f32; PANEL]; TILE_ROWS]) {
+    /// Panels one call of `panels` takes at most.
+    fn panels_at_once(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => TILE_PANELS,
+            _ => 1,
+        }
+    }
+
+    /// `sums[m][i]` = row `i` of the panels (`quants`, `scales`: up to `panels_at_once`, one
+    /// after the other) . `xs[m]`, for up to four rows of `xs`.
+    fn panels(self, quants: &[u8], scales: &[f32], xs: &[QuantizedRow], sums: &mut TileSums) {
         // What the vector kernels read without bounds checks.
-        let blocks = scales.len() / PANEL;
+        let blocks = xs.first().map_or(0, |x| x.scales.len());
+        let panels = scales.len() / (blocks * PANEL).max(1);
         assert!(
             (1..=TILE_ROWS).contains(&xs.len())
-                && quants.len() == blocks * PANEL_BLOCK
+                && (1..=self.panels_at_once()).contains(&panels)
+                && scales.len() == panels * blocks * PANEL
+                && quants.len() == panels * blocks * PANEL_BLOCK
                 && xs.iter().all(|x| x.scales.len() == blocks && x.quants.len() == blocks * BLOCK),
-            "a Q8_0 panel and its activation rows differ in width"
+            "Q8_0 panels and their activation rows differ in width"
         );
         #[cfg(target_arch = "aarch64")]
         use arm::{panel_dot_product, panel_neon};
@@ -490,7 +532,9 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { for_rows!(xs.len(), panel_avx2(quants, scales, xs, sums)) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => unsafe { for_rows!(xs.len(), panel_vnni(quants, scales, xs, sums)) },
+            Kernel::Avx512Vnni => unsafe {
+                for_rows_and_panels!(xs.len(), panels, panel_vnni(quants, scales, xs, sums))
+            },
             #[cfg(target_arch = "aarch64")]
             Kernel::Neon => unsafe { for_rows!(xs.len(), panel_neon(quants, scales, xs, sums)) },
             #[cfg(target_arch = "aarch64")]
@@ -501,9 +545,9 @@ impl Kernel {
 
 /// The reference the vector kernels are held to: each block's integer dot product, scaled by
 /// both blocks' scales, summed in block order.
-fn panel_reference(quants: &[u8], scales: &[f32], xs: &[QuantizedRow], sums: &mut [[f32; PANEL]; TILE_ROWS]) {
+fn panel_reference(quants: &[u8], scales: &[f32], xs: &[QuantizedRow], sums: &mut TileSums) {
     for (x, sums) in xs.iter().zip(sums.iter_mut()) {
-        for (row, sum) in sums.iter_mut().enumerate() {
+        for (row, sum) in sums[..PANEL].iter_mut().enumerate() {
             *sum = (0..x.scales.len())
                 .map(|block| {
                     let weights = &quants[block * PANEL_BLOCK..(block + 1) * PANEL_BLOCK];
@@ -525,7 +569,7 @@ fn panel_reference(quants: &[u8], scales: &[f32], xs: &[QuantizedRow], sums: &mu
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{QuantizedRow, BLOCK, GROUP, PANEL, PANEL_BLOCK, TILE_ROWS};
+    use super::{QuantizedRow, TileSums, BLOCK, GROUP, PANEL, PANEL_BLOCK};
 
     /// Values `4 group .. 4 group + 4` of `x`'s block `block`, in every 32-bit lane.
     #[inline]
@@ -547,38 +591,61 @@ mod x86 {
     /// VNNI's `vpdpbusd` multiplies the weights' bytes, unsigned (offset by 128), by the
     /// activation's signed ones and adds each four into an i32 lane without saturating; each
     /// block's sums start from the activation block's correction, which takes the offset out.
+    /// `P` panels at once: AVX-512 has 32 vector registers, room for the sums of two panels
+    /// against four rows, and each broadcast activation value then serves both.
     #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    pub(super) unsafe fn panel_vnni<const M: usize>(
+    pub(super) unsafe fn panel_vnni<const M: usize, const P: usize>(
         quants: &[u8],
         scales: &[f32],
         xs: &[QuantizedRow],
-        sums: &mut [[f32; PANEL]; TILE_ROWS],
+        sums: &mut TileSums,
     ) {
         let xs = &xs[..M];
-        let mut totals = [_mm256_setzero_ps(); M];
-        for block in 0..xs[0].scales.len() {
-            let mut dots = [_mm256_setzero_si256(); M];
+        let blocks = xs[0].scales.len();
+        let mut totals = [[_mm256_setzero_ps(); M]; P];
+        for block in 0..blocks {
+            let mut dots = [[_mm256_setzero_si256(); M]; P];
             for m in 0..M {
-                dots[m] = _mm256_set1_epi32(xs[m].offset_corrections[block]);
-            }
-            for group in 0..BLOCK / GROUP {
-                // SAFETY: 32 bytes of this block's panel (`Kernel::panel` checked the sizes).
-                let weights =
-                    unsafe { quants.as_ptr().add(block * PANEL_BLOCK + group * PANEL * GROUP).cast::<__m256i>() };
-                let weights = unsafe { _mm256_loadu_si256(weights) };
-                for m in 0..M {
-                    dots[m] = _mm256_dpbusd_epi32(dots[m], weights, unsafe { broadcast_group(&xs[m], block, group) });
+                let correction = _mm256_set1_epi32(xs[m].offset_corrections[block]);
+                for dots in &mut dots {
+                    dots[m] = correction;
                 }
             }
-            // SAFETY: this block's eight scales.
-            let weight_scales = unsafe { _mm256_loadu_ps(scales.as_ptr().add(block * PANEL)) };
-            for m in 0..M {
-                totals[m] = unsafe { scale_and_add(totals[m], dots[m], weight_scales, xs[m].scales[block]) };
+            for group in 0..BLOCK / GROUP {
+                let mut weights = [_mm256_setzero_si256(); P];
+                for (p, weights) in weights.iter_mut().enumerate() {
+                    // SAFETY: 32 bytes of this block of panel `p` (`Kernel::panels` checked the
+                    // sizes).
+                    *weights = unsafe {
+                        _mm256_loadu_si256(
+                            quants
+                                .as_ptr()
+                                .add((p * blocks + block) * PANEL_BLOCK + group * PANEL * GROUP)
+                                .cast::<__m256i>(),
+                        )
+                    };
+                }
+                for m in 0..M {
+                    let x = unsafe { broadcast_group(&xs[m], block, group) };
+                    for p in 0..P {
+                        dots[p][m] = _mm256_dpbusd_epi32(dots[p][m], weights[p], x);
+                    }
+                }
+            }
+            for p in 0..P {
+                // SAFETY: this block's eight scales of panel `p`.
+                let weight_scales = unsafe { _mm256_loadu_ps(scales.as_ptr().add((p * blocks + block) * PANEL)) };
+                for m in 0..M {
+                    totals[p][m] =
+                        unsafe { scale_and_add(totals[p][m], dots[p][m], weight_scales, xs[m].scales[block]) };
+                }
             }
         }
-        for m in 0..M {
-            // SAFETY: eight f32 into an array of eight.
-            unsafe { _mm256_storeu_ps(sums[m].as_mut_ptr(), totals[m]) };
+        for (p, totals) in totals.iter().enumerate() {
+            for m in 0..M {
+                // SAFETY: eight f32 into an array of `PANEL * TILE_PANELS`, at panel `p`'s place.
+                unsafe { _mm256_storeu_ps(sums[m].as_mut_ptr().add(p * PANEL), totals[m]) };
+            }
         }
     }
 
@@ -590,7 +657,7 @@ mod x86 {
         quants: &[u8],
         scales: &[f32],
         xs: &[QuantizedRow],
-        sums: &mut [[f32; PANEL]; TILE_ROWS],
+        sums: &mut TileSums,
     ) {
         let xs = &xs[..M];
         let bias = _mm256_set1_epi8(super::WEIGHT_BIAS as i8);
@@ -627,7 +694,7 @@ mod arm {
     use std::arch::aarch64::*;
     use std::arch::asm;
 
-    use super::{QuantizedRow, BLOCK, GROUP, PANEL, PANEL_BLOCK, TILE_ROWS};
+    use super::{QuantizedRow, TileSums, BLOCK, GROUP, PANEL, PANEL_BLOCK};
 
     /// `totals += dots x weight scales x x's scale`, for the panel's rows 0-3 and 4-7.
     #[inline]
@@ -652,7 +719,7 @@ mod arm {
         quants: &[u8],
         scales: &[f32],
         xs: &[QuantizedRow],
-        sums: &mut [[f32; PANEL]; TILE_ROWS],
+        sums: &mut TileSums,
     ) {
         let xs = &xs[..M];
         let mut totals = [[vdupq_n_f32(0.0); 2]; M];
@@ -708,7 +775,7 @@ mod arm {
         quants: &[u8],
         scales: &[f32],
         xs: &[QuantizedRow],
-        sums: &mut [[f32; PANEL]; TILE_ROWS],
+        sums: &mut TileSums,
     ) {
         let xs = &xs[..M];
         let mut totals = [[vdupq_n_f32(0.0); 2]; M];
@@ -749,7 +816,7 @@ mod arm {
         store(&totals, sums);
     }
 
-    fn store<const M: usize>(totals: &[[float32x4_t; 2]; M], sums: &mut [[f32; PANEL]; TILE_ROWS]) {
+    fn store<const M: usize>(totals: &[[float32x4_t; 2]; M], sums: &mut TileSums) {
         for (totals, sums) in totals.iter().zip(sums.iter_mut()) {
             // SAFETY: four f32 into each half of an array of eight.
             unsafe {

@@ -1,0 +1,42 @@
+//! Throughput of the Q8_0 products at the shapes the E2B model runs: one row (decode), 512 rows
+//! (a long prompt) and 2520 rows (an image's patches), in multiply-adds per second.
+//!
+//! `cargo run --release --example q8_0_products -- [THREADS]`
+
+use std::time::Instant;
+
+use outpost::model::{q8_0_kernel, Q8_0Matrix};
+use tract_onnx::prelude::f16;
+
+fn main() -> anyhow::Result<()> {
+    let threads: usize = std::env::args().nth(1).map(|t| t.parse()).transpose()?.unwrap_or(2);
+    println!("kernel {}, {threads} threads", q8_0_kernel());
+    // (rows of the activations, weight rows, columns): the E2B decoder's gate/up and down, the
+    // vision encoder's MLP.
+    for (m, n, k) in [(1, 12288, 1536), (512, 12288, 1536), (512, 1536, 6144), (2520, 3072, 768), (2520, 768, 3072)] {
+        let quants: Vec<i8> = (0..n * k).map(|i| ((i * 7919) % 255) as i8).collect();
+        let scales: Vec<f16> = (0..n * k / 32).map(|i| f16::from_f32(0.001 + (i % 13) as f32 * 1e-4)).collect();
+        let matrix = Q8_0Matrix::from_parts(&quants, &scales, n, k)?;
+        let activations: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect();
+        let mut out = vec![0f32; m * n];
+        matrix.multiply(&activations, &mut out, threads)?;
+        // The machine this is written on is shared: the fastest of several runs is the kernel's own
+        // figure, the median what a run meets.
+        let runs = (4e10 / (m * n * k) as f64).clamp(5.0, 400.0) as usize;
+        let mut seconds: Vec<f64> = (0..runs)
+            .map(|_| {
+                let start = Instant::now();
+                matrix.multiply(&activations, &mut out, threads).map(|()| start.elapsed().as_secs_f64())
+            })
+            .collect::<Result<_, _>>()?;
+        seconds.sort_by(f64::total_cmp);
+        let rate = |seconds: f64| (m * n * k) as f64 / seconds / 1e9;
+        println!(
+            "{m:>5} x {n:>5} x {k:>5}: {:>8.2} ms, best {:>6.1}, median {:>6.1} G multiply-adds/s",
+            seconds[0] * 1e3,
+            rate(seconds[0]),
+            rate(seconds[runs / 2])
+        );
+    }
+    Ok(())
+}
