@@ -1,0 +1,70 @@
+//! Where the vision encoder's time goes, operator by operator: the bundle's vision graph planned
+//! as the runtime plans it (optimised for a fixed patch count), one run timed node by node, the
+//! times summed per operator (per output shape for matrix products, which are most of it).
+//!
+//! `cargo run --release --example vision_profile -- BUNDLE/vision.onnx [THREADS] [PATCHES]`
+//!
+//! The graph must hold standard ONNX operators only: an `--encoders f32` bundle's.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use anyhow::Context;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::plan::{eval, SimpleState};
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let path = args.next().context("usage: vision_profile VISION_ONNX [THREADS] [PATCHES]")?;
+    let threads: usize = args.next().map(|t| t.parse()).transpose()?.unwrap_or(2);
+    // The default budget: 280 soft tokens of 9 patches.
+    let patches: usize = args.next().map(|p| p.parse()).transpose()?.unwrap_or(2520);
+    outpost::model::use_threads(threads);
+    let model = tract_onnx::onnx()
+        .with_ignore_output_shapes(true)
+        .with_ignore_value_info(true)
+        .model_for_path(&path)?
+        .into_typed()?;
+    let count = model.symbols.sym("num_patches");
+    let plan =
+        model.set_symbols(&HashMap::from([(count, TDim::Val(patches as i64))]))?.into_optimized()?.into_runnable()?;
+    let pixels =
+        tract_ndarray::Array3::from_shape_fn((1, patches, 768), |(_, p, i)| ((p * 31 + i * 7) % 255) as f32 / 255.0);
+    // A grid as wide as a square picture's.
+    let side = (patches as f64).sqrt().ceil() as usize;
+    let positions = tract_ndarray::Array3::from_shape_fn((1, patches, 2), |(_, p, axis)| match axis {
+        0 => (p % side) as i64,
+        _ => (p / side) as i64,
+    });
+    let inputs: TVec<TValue> = tvec!(pixels.into_tensor().into(), positions.into_tensor().into());
+    println!("{path}: {patches} patches, {threads} threads");
+    // The first run pays for first-touch allocations; the second is the one reported.
+    for run in ["first", "second"] {
+        let mut times: HashMap<String, (f64, usize)> = HashMap::new();
+        let mut state = SimpleState::new(&plan)?;
+        let start = Instant::now();
+        state.run_plan_with_eval(inputs.clone(), |context, op_state, node, node_inputs| {
+            let node_start = Instant::now();
+            let outputs = eval(context, op_state, node, node_inputs);
+            let name = node.op.name();
+            let key = match name.starts_with("OptMatMul") {
+                true => format!("{name} {:?}", node.outputs[0].fact.shape),
+                false => name.to_string(),
+            };
+            let entry = times.entry(key).or_default();
+            entry.0 += node_start.elapsed().as_secs_f64();
+            entry.1 += 1;
+            outputs
+        })?;
+        let total = start.elapsed().as_secs_f64();
+        println!("{run} run: {total:.2} s");
+        if run == "second" {
+            let mut times: Vec<_> = times.into_iter().collect();
+            times.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+            for (op, (seconds, nodes)) in times.iter().take(20) {
+                println!("  {op:<44} {nodes:>4} nodes {seconds:>7.3} s {:>5.1}%", seconds / total * 100.0);
+            }
+        }
+    }
+    Ok(())
+}
