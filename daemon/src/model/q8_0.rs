@@ -11,8 +11,9 @@
 //! vector register holds four values of each of eight rows: a dot-product instruction (x86's
 //! VNNI `vpdpbusd`, ARM's `sdot`) against four values of an activation row broadcast to every
 //! lane then gives eight rows' sums at once, with no horizontal additions, and each weight
-//! load serves up to four activation rows (on AVX-512, each activation load two panels). Kernels: AVX-512 VNNI, AVX2, NEON with and without
-//! the dot-product extension, and a scalar reference every one of them is tested against.
+//! load serves up to four activation rows (on AVX-512, each activation load two panels).
+//! Kernels: AVX-512 VNNI, AVX2, NEON with and without the dot-product extension, and a scalar
+//! reference every one of them is tested against.
 
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -306,7 +307,7 @@ impl Q8_0Matrix {
                     let quants = &self.quants[first * panel_bytes..last * panel_bytes];
                     let scales = &self.scales[first * blocks * PANEL..last * blocks * PANEL];
                     let mut sums = [[0.0f32; PANEL * TILE_PANELS]; TILE_ROWS];
-                    kernel.panels(quants, scales, xs, &mut sums);
+                    kernel.panels(last - first, quants, scales, xs, &mut sums);
                     let row = first * PANEL;
                     let live = ((last - first) * PANEL).min(self.rows - row);
                     for (m, sums) in sums[..xs.len()].iter().enumerate() {
@@ -507,12 +508,11 @@ impl Kernel {
         }
     }
 
-    /// `sums[m][i]` = row `i` of the panels (`quants`, `scales`: up to `panels_at_once`, one
-    /// after the other) . `xs[m]`, for up to four rows of `xs`.
-    fn panels(self, quants: &[u8], scales: &[f32], xs: &[QuantizedRow], sums: &mut TileSums) {
+    /// `sums[m][i]` = row `i` of the `panels` panels (`quants`, `scales`: up to
+    /// `panels_at_once`, one after the other) . `xs[m]`, for up to four rows of `xs`.
+    fn panels(self, panels: usize, quants: &[u8], scales: &[f32], xs: &[QuantizedRow], sums: &mut TileSums) {
         // What the vector kernels read without bounds checks.
         let blocks = xs.first().map_or(0, |x| x.scales.len());
-        let panels = scales.len() / (blocks * PANEL).max(1);
         assert!(
             (1..=TILE_ROWS).contains(&xs.len())
                 && (1..=self.panels_at_once()).contains(&panels)
