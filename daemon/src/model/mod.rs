@@ -2,6 +2,7 @@
 //! that answers questions with it. See ARCHITECTURE.md, "Model bundle".
 
 mod answer;
+mod attention;
 mod audio_features;
 mod bundle;
 mod chat;

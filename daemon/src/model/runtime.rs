@@ -20,7 +20,7 @@ use tract_onnx::prelude::*;
 
 use super::output_layer::OutputLayer;
 use super::per_layer_embeddings::{PerLayerEmbeddings, PerLayerEmbeddingsError, PerLayerLayout};
-use super::{q8_0, q8_0_matmul};
+use super::{attention, q8_0, q8_0_matmul};
 use super::{AudioFeatures, Bundle, Constraint, ConstraintError, ImagePatches, Sampler};
 
 /// A loaded, optimised graph ready to run.
@@ -481,9 +481,10 @@ impl VisionEncoder {
 fn vision_plan(path: &Path, patches: usize) -> Result<Plan, RuntimeError> {
     let model = load_typed(path)?;
     let count = model.symbols.sym("num_patches");
-    let fixed = model
+    let mut fixed = model
         .set_symbols(&HashMap::from([(count, TDim::Val(patches as i64))]))
         .map_err(|source| RuntimeError::Run { graph: "vision", source })?;
+    attention::fuse(&mut fixed).map_err(|source| RuntimeError::Run { graph: "vision", source })?;
     optimise(fixed, "vision")
 }
 
