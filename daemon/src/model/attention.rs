@@ -48,6 +48,7 @@ impl EvalOp for EncoderAttention {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (q, kt, mask, v) = args_4!(inputs);
         let &[1, heads, n, d] = q.shape() else { bail!("attention queries of shape {:?}", q.shape()) };
+        ensure!(n > 0 && d > 0, "attention queries of shape {:?}", q.shape());
         ensure!(kt.shape() == [1, heads, d, n], "attention keys of shape {:?} for queries {:?}", kt.shape(), q.shape());
         ensure!(v.shape() == [1, heads, n, d], "attention values of shape {:?} for queries {:?}", v.shape(), q.shape());
         ensure!(mask.shape() == [1, 1, n, n], "attention mask of shape {:?} for {n} positions", mask.shape());
