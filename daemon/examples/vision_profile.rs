@@ -1,8 +1,9 @@
 //! Where the vision encoder's time goes, operator by operator: the bundle's vision graph planned
-//! as the runtime plans it (optimised for a fixed patch count), one run timed node by node, the
-//! times summed per operator (per output shape for matrix products, which are most of it).
+//! as the runtime plans it (optimised for a fixed patch count, its attention fused), one run
+//! timed node by node, the times summed per operator (per output shape for matrix products).
+//! `unfused` as a fourth argument keeps the exported attention, to compare.
 //!
-//! `cargo run --release --example vision_profile -- BUNDLE/vision.onnx [THREADS] [PATCHES]`
+//! `cargo run --release --example vision_profile -- BUNDLE/vision.onnx [THREADS] [PATCHES] [unfused]`
 //!
 //! The graph must hold standard ONNX operators only: an `--encoders f32` bundle's.
 
@@ -26,8 +27,12 @@ fn main() -> anyhow::Result<()> {
         .model_for_path(&path)?
         .into_typed()?;
     let count = model.symbols.sym("num_patches");
-    let plan =
-        model.set_symbols(&HashMap::from([(count, TDim::Val(patches as i64))]))?.into_optimized()?.into_runnable()?;
+    let mut model = model.set_symbols(&HashMap::from([(count, TDim::Val(patches as i64))]))?;
+    let fused = match args.next().as_deref() {
+        Some("unfused") => 0,
+        _ => outpost::model::fuse_attention(&mut model)?,
+    };
+    let plan = model.into_optimized()?.into_runnable()?;
     let pixels =
         tract_ndarray::Array3::from_shape_fn((1, patches, 768), |(_, p, i)| ((p * 31 + i * 7) % 255) as f32 / 255.0);
     // A grid as wide as a square picture's.
@@ -37,7 +42,7 @@ fn main() -> anyhow::Result<()> {
         _ => (p / side) as i64,
     });
     let inputs: TVec<TValue> = tvec!(pixels.into_tensor().into(), positions.into_tensor().into());
-    println!("{path}: {patches} patches, {threads} threads");
+    println!("{path}: {patches} patches, {threads} threads, {fused} attentions fused");
     // The first run pays for first-touch allocations; the second is the one reported.
     for run in ["first", "second"] {
         let mut times: HashMap<String, (f64, usize)> = HashMap::new();

@@ -19,6 +19,7 @@ mod tokenizer;
 mod tools;
 
 pub use answer::{Answer, Model, ModelError, Question};
+pub use attention::fuse as fuse_attention;
 pub use audio_features::{AudioFeatureParams, AudioFeatures, LogMelExtractor};
 pub use bundle::{sha256_file, Architecture, Bundle, BundleError, BundleFile, Manifest, FORMAT, FORMAT_VERSION};
 pub use chat::{render as render_chat, Part, Role, Turn};
