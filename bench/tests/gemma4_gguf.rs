@@ -47,7 +47,8 @@ import gguf, numpy as np, torch
 from transformers import AutoModelForImageTextToText
 
 checkpoint, gguf_path, ids, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
-Q8_0, F16 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.F16
+Q8_0, Q4_0, F16 = (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0,
+                   gguf.GGMLQuantizationType.F16)
 stored = {t.name: t for t in gguf.GGUFReader(gguf_path).tensors}
 
 def weight(name):
@@ -59,7 +60,9 @@ def round_input(qtype):
     def q8_0(x):
         rows = x.detach().numpy().reshape(-1, x.shape[-1])
         return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(rows, Q8_0), Q8_0).reshape(x.shape))
-    return {Q8_0: lambda m, a: (q8_0(a[0]),), F16: lambda m, a: (a[0].half().float(),)}.get(qtype)
+    # Q4_0 weights multiply Q8_0 activations too (ggml's vec_dot_type for Q4_0).
+    return {Q8_0: lambda m, a: (q8_0(a[0]),), Q4_0: lambda m, a: (q8_0(a[0]),),
+            F16: lambda m, a: (a[0].half().float(),)}.get(qtype)
 
 class GeluF16(torch.nn.Module):
     # ggml_vec_gelu_f32 with GGML_GELU_FP16: x to f16, table of f16 results, exact beyond +-10.
@@ -294,6 +297,23 @@ fn the_f32_gguf_gives_pytorchs_logits() {
     check(&gguf, &reference, &reference.logits, F32_TOLERANCE, "f32");
 }
 
+/// PyTorch's logits for the tiny checkpoint with the weights `gguf` holds (`SAME_WEIGHTS_PYTORCH`).
+fn same_weights_logits(python: &Path, gguf: &Path, reference: &Reference, dir: &Path) -> Vec<Vec<f32>> {
+    let expected = dir.join("same-weights.npy");
+    let ids = serde_json::to_string(&reference.ids).unwrap();
+    let output = Command::new(python)
+        .args(["-c", SAME_WEIGHTS_PYTORCH])
+        .arg(tiny_checkpoint())
+        .arg(gguf)
+        .arg(ids)
+        .arg(&expected)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let (shape, values) = read_npy_f32(&expected);
+    rows(&shape, &values, reference.ids.len())
+}
+
 #[test]
 fn the_q8_0_gguf_stays_close_to_pytorch() {
     let Some(python) = python() else { return };
@@ -308,22 +328,64 @@ fn the_q8_0_gguf_stays_close_to_pytorch() {
     drop(model);
 
     let reference = reference();
-    let expected = dir.path().join("same-weights.npy");
-    let ids = serde_json::to_string(&reference.ids).unwrap();
-    let output = Command::new(&python)
-        .args(["-c", SAME_WEIGHTS_PYTORCH])
-        .arg(tiny_checkpoint())
-        .arg(&gguf)
-        .arg(ids)
-        .arg(&expected)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let (shape, values) = read_npy_f32(&expected);
-    let expected = rows(&shape, &values, reference.ids.len());
+    let expected = same_weights_logits(&python, &gguf, &reference, dir.path());
     // The Q8_0 rounding must show, or the matrices were not quantized.
     assert!(max_difference(&expected, &reference.logits).0 > 10.0 * F32_TOLERANCE);
     check(&gguf, &reference, &expected, Q8_0_TOLERANCE, "q8_0");
+}
+
+/// The projections' Q4_0 values in the GGUF against `onnx_tract.q4_0_pack` of the checkpoint's
+/// weights (what `prepare_gemma4.py --quantize q4_0` puts in a bundle): prints how many matrices
+/// were compared and how many differ.
+const Q4_0_SAME_AS_BUNDLE: &str = r#"
+import sys
+sys.path.insert(0, sys.argv[3])
+import gguf, numpy as np
+from safetensors.numpy import load_file
+from onnx_tract import q4_0_pack
+checkpoint, gguf_path = sys.argv[1], sys.argv[2]
+weights = load_file(f"{checkpoint}/model.safetensors")
+names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+         "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+         "ffn_down": "mlp.down_proj"}
+compared = differ = 0
+for t in gguf.GGUFReader(gguf_path).tensors:
+    block, layer, name, _ = (t.name.split(".") + [""] * 4)[:4]
+    if block != "blk" or name not in names:
+        continue
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0, (t.name, t.tensor_type)
+    w = weights[f"model.language_model.layers.{layer}.{names[name]}.weight"].astype(np.float32)
+    stored = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(w.shape)
+    compared += 1
+    differ += int(not np.array_equal(stored, q4_0_pack(w)[2]))
+print(compared, differ)
+"#;
+
+#[test]
+fn the_q4_0_gguf_holds_the_bundles_values_and_stays_close_to_pytorch() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = convert(&python, &tiny_checkpoint(), dir.path(), "q4_0");
+    let model = LlamaModel::load_from_file(backend(), &gguf, &LlamaModelParams::default()).unwrap();
+    assert_eq!(model.meta_val_str("general.file_type").unwrap(), "2", "LLAMA_FTYPE_MOSTLY_Q4_0");
+    drop(model);
+
+    let output = Command::new(&python)
+        .args(["-c", Q4_0_SAME_AS_BUNDLE])
+        .arg(tiny_checkpoint())
+        .arg(&gguf)
+        .arg(repo().join("deploy/models"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let counts = String::from_utf8_lossy(&output.stdout);
+    // 7 projections in 6 layers, less the K/V of the 3 KV-shared layers (as the bundle's 36).
+    assert_eq!(counts.trim(), "36 0", "projections compared, and of them differing from the bundle's");
+
+    let reference = reference();
+    let expected = same_weights_logits(&python, &gguf, &reference, dir.path());
+    assert!(max_difference(&expected, &reference.logits).0 > 10.0 * F32_TOLERANCE);
+    check(&gguf, &reference, &expected, Q8_0_TOLERANCE, "q4_0");
 }
 
 /// The negative control: a checkpoint with two same-shaped weights swapped (layer 1's gate and up

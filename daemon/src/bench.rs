@@ -153,8 +153,8 @@ pub struct PhysicalLimit {
 pub struct BenchReport {
     pub bundle: String,
     pub machine: String,
-    /// The kernel our Q8_0 products run on this CPU.
-    pub q8_0_kernel: String,
+    /// The kernel our block-quantized products (Q8_0, Q4_0 weights) run on this CPU.
+    pub product_kernel: String,
     pub threads: usize,
     pub runs: usize,
     pub load_secs: f64,
@@ -271,7 +271,7 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
     Ok(BenchReport {
         bundle: bundle_name,
         machine: machine(),
-        q8_0_kernel: crate::model::q8_0_kernel().into(),
+        product_kernel: crate::model::block_kernel().into(),
         threads: options.threads,
         runs: options.runs,
         load_secs,
@@ -462,8 +462,8 @@ impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{} on {}, {} threads, {} runs, Q8_0 kernel {}",
-            self.bundle, self.machine, self.threads, self.runs, self.q8_0_kernel
+            "{} on {}, {} threads, {} runs, product kernel {}",
+            self.bundle, self.machine, self.threads, self.runs, self.product_kernel
         )?;
         let megabytes = |mb: Option<f64>| mb.map_or("?".into(), |mb| format!("{mb:.0} MB"));
         write!(f, "load {:.2} s, peak RSS {}", self.load_secs, megabytes(self.peak_rss_mb))?;

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Convert the text decoder of a Hugging Face Gemma 4 checkpoint to a GGUF file for llama.cpp.
 
-    python deploy/models/gemma4_gguf.py --checkpoint DIR --out FILE.gguf [--type f32|f16|q8_0]
+    python deploy/models/gemma4_gguf.py --checkpoint DIR --out FILE.gguf [--type f32|f16|q8_0|q4_0]
 
 DIR is a Gemma 4 checkpoint as `save_pretrained` writes it: config.json, *.safetensors and
 tokenizer.json (tokenizer_config.json, generation_config.json and chat_template.jinja are read
@@ -18,7 +18,10 @@ vendored C++ loader, which is the one that has to read the file.
 
 --type: f32 (default) keeps the checkpoint's values (bf16/f16 widen exactly); f16 stores the
 matrices in f16; q8_0 quantizes every matrix whose rows are a multiple of 32 long with
-gguf.quants (the others go f16). Norms, scalars and rope_freqs stay f32 in every case.
+gguf.quants (the others go f16); q4_0 stores the decoder's projections (q/k/v/o, gate/up/down)
+in Q4_0, quantized by `onnx_tract.q4_0_pack` as `prepare_gemma4.py --quantize q4_0` quantizes
+them (so our bundle and this file hold the same values), and the rest as q8_0 does. Norms,
+scalars and rope_freqs stay f32 in every case.
 
 Tensors are read one at a time through a memory map and written in row chunks, so the memory
 needed is a few chunks, not the model: the E2B per-layer embedding table alone is over 9 GB in f32.
@@ -403,12 +406,33 @@ def add_tokenizer(writer: gguf.GGUFWriter, ckpt: Path, cfg: dict, n_vocab: int) 
 
 # --- writing ---------------------------------------------------------------------------------
 
-def storage_type(shape: tuple[int, ...], wanted: str) -> gguf.GGMLQuantizationType:
+# The decoder's projections, which prepare_gemma4.py --quantize q4_0 stores in Q4_0.
+PROJECTIONS = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
+
+
+def storage_type(name: str, shape: tuple[int, ...], wanted: str) -> gguf.GGMLQuantizationType:
     if len(shape) == 1 or wanted == "f32":
         return gguf.GGMLQuantizationType.F32  # norms, scalars, rope_freqs: ggml multiplies by them in f32
-    if wanted == "q8_0" and shape[-1] % 32 == 0:
+    if wanted == "q4_0" and shape[-1] % 32 == 0 and PROJECTIONS.fullmatch(name):
+        return gguf.GGMLQuantizationType.Q4_0
+    if wanted in ("q8_0", "q4_0") and shape[-1] % 32 == 0:
         return gguf.GGMLQuantizationType.Q8_0
     return gguf.GGMLQuantizationType.F16  # f16, and q8_0's fallback for rows that do not fill 32-blocks
+
+
+def q4_0_blocks(rows: np.ndarray) -> np.ndarray:
+    """GGML Q4_0 blocks of `rows` with the values of onnx_tract.q4_0_pack (our bundle's): per block
+    the f16 scale, then value j in the low nibble of byte j and value j + 16 in its high nibble."""
+    from onnx_tract import q4_0_pack
+
+    n, k = rows.shape
+    packed, scales, _ = q4_0_pack(np.ascontiguousarray(rows, dtype=np.float32))
+    q = np.empty(packed.shape[:-1] + (32,), np.uint8)
+    q[..., 0::2] = packed & 0x0F
+    q[..., 1::2] = packed >> 4
+    qs = q[..., :16] | (q[..., 16:] << 4)
+    d = scales.astype(np.float16).reshape(n, k // 32, 1).view(np.uint8)
+    return np.concatenate([d, qs], axis=-1).reshape(n, -1)
 
 
 def encode(rows: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
@@ -416,6 +440,8 @@ def encode(rows: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
         return np.ascontiguousarray(rows, dtype="<f4")
     if qtype == gguf.GGMLQuantizationType.F16:
         return np.ascontiguousarray(rows, dtype="<f2")
+    if qtype == gguf.GGMLQuantizationType.Q4_0:
+        return q4_0_blocks(rows)
     return gguf.quants.quantize(np.ascontiguousarray(rows, dtype=np.float32), qtype)  # blocks never cross rows
 
 
@@ -445,7 +471,7 @@ def convert(ckpt: Path, out: Path, wanted: str) -> None:
     writer = gguf.GGUFWriter(out, arch)
     writer.add_name(ckpt.resolve().name)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[wanted])
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[wanted])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     sliding = next(layer for layer in layers if layer.sliding)
@@ -486,9 +512,9 @@ def convert(ckpt: Path, out: Path, wanted: str) -> None:
 
     types = []
     for t in planned:
-        qtype = storage_type(t.shape, wanted)
+        qtype = storage_type(t.name, t.shape, wanted)
         types.append(qtype)
-        if qtype == gguf.GGMLQuantizationType.Q8_0:
+        if qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
             byte_shape = gguf.quants.quant_shape_to_byte_shape(t.shape, qtype)
             writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=qtype)
         else:
@@ -520,7 +546,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="Hugging Face Gemma 4 checkpoint directory")
     parser.add_argument("--out", type=Path, required=True, help="GGUF file to write")
-    parser.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f32", help="storage of the matrices")
+    parser.add_argument("--type", choices=("f32", "f16", "q8_0", "q4_0"), default="f32", help="storage of the matrices")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -517,7 +517,7 @@ def quantize_q8_0(m, select=None, log=print):
     `_constant_weight`) that `select(node, weight_name, K, N)` picks into an ai.outpost MatMulQ8_0
     node (daemon/src/model/q8_0_matmul.rs): inputs A, B int8 [N, K], scales f16 [N, K/32]
     (llama.cpp's Q8_0: d = max|w| / 127 per block of 32 along K), attributes K and N.
-    onnxruntime cannot run it: `dequantize_q8_0` gives the graph it can. Returns a list of
+    onnxruntime cannot run it: `runtime_twin` gives the graph it can. Returns a list of
     {node, weight, K, N, rmse, max_abs_err}."""
     from onnx import helper, numpy_helper
 
@@ -603,9 +603,10 @@ def fuse_q8_0_siblings(m, log=print):
     return merged
 
 
-def dequantize_q8_0(m):
-    """A copy of `m` with every MatMulQ8_0 node back as a MatMul with its weight dequantized to
-    f32 (the same values): what onnxruntime runs for the parity checks."""
+def runtime_twin(m):
+    """A copy of `m` that onnxruntime runs as the runtime computes it: every MatMulQ8_0 node back
+    as a MatMul with its weight dequantized to f32 (the same values), and the activations of it
+    and of every MatMulNBits rounded as the runtime's kernels round them (`q8_0_activations`)."""
     import copy
 
     from onnx import helper, numpy_helper
@@ -613,6 +614,7 @@ def dequantize_q8_0(m):
     m = copy.deepcopy(m)
     g = m.graph
     inits = {i.name: i for i in g.initializer}
+    dequantized = set()
     for index, node in enumerate(list(g.node)):
         if node.op_type != "MatMulQ8_0":
             continue
@@ -623,11 +625,56 @@ def dequantize_q8_0(m):
         name = node.input[1] + "_dequantized_t"
         g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
         g.node[index].CopyFrom(helper.make_node("MatMul", [node.input[0], name], list(node.output), name=node.name))
+        dequantized.add(node.output[0])
     _drop_unused(g)
     for i in reversed(range(len(m.opset_import))):
         if m.opset_import[i].domain == Q8_0_DOMAIN:
             del m.opset_import[i]
+    q8_0_activations(m, lambda n: n.output[0] in dequantized or n.op_type == "MatMulNBits")
     return m
+
+
+def q8_0_activations(m, chosen):
+    """In `m` (in place), the first input of every node `chosen(node)` rounded as the runtime's
+    block products round activations (`output_layer_logits` says how): per row and block of 32,
+    d = max|x| / 127, q = x * (1 / d) rounded (halves to even), clipped to +-127, then q * d.
+    With it onnxruntime's float products are the runtime's integer ones up to f32 summation."""
+    from onnx import helper, numpy_helper
+
+    g = m.graph
+    consts = {"blocks": np.array([0, -1, Q8_BLOCK], np.int64), "last": np.array([-1], np.int64),
+              "d127": np.array(127.0, np.float32), "zero": np.array(0.0, np.float32),
+              "lo": np.array(-127.0, np.float32), "hi": np.array(127.0, np.float32)}
+    names = {key: f"q8_0_activations_{key}" for key in consts}
+    nodes = []
+    done = 0
+    for node in g.node:
+        if chosen(node):
+            x, p = node.input[0], f"{node.name or node.output[0]}_q8_0_x"
+            nodes += [
+                helper.make_node("Shape", [x], [p + "_shape"]),
+                # [.., K] -> [rows, K / 32, 32]: Reshape's 0 keeps the first dim, -1 takes the rest.
+                helper.make_node("Reshape", [x, names["blocks"]], [p + "_blocks"]),
+                helper.make_node("Abs", [p + "_blocks"], [p + "_abs"]),
+                helper.make_node("ReduceMax", [p + "_abs", names["last"]], [p + "_max"], keepdims=1),
+                helper.make_node("Div", [p + "_max", names["d127"]], [p + "_d"]),
+                helper.make_node("Equal", [p + "_d", names["zero"]], [p + "_is_zero"]),
+                helper.make_node("Reciprocal", [p + "_d"], [p + "_reciprocal"]),
+                helper.make_node("Where", [p + "_is_zero", names["zero"], p + "_reciprocal"], [p + "_inverse"]),
+                helper.make_node("Mul", [p + "_blocks", p + "_inverse"], [p + "_scaled"]),
+                helper.make_node("Round", [p + "_scaled"], [p + "_rounded"]),
+                helper.make_node("Clip", [p + "_rounded", names["lo"], names["hi"]], [p + "_q"]),
+                helper.make_node("Mul", [p + "_q", p + "_d"], [p + "_dequantized"]),
+                helper.make_node("Reshape", [p + "_dequantized", p + "_shape"], [p]),
+            ]
+            node.input[0] = p
+            done += 1
+        nodes.append(node)
+    if done:
+        del g.node[:]
+        g.node.extend(nodes)
+        g.initializer.extend(numpy_helper.from_array(value, names[key]) for key, value in consts.items())
+    return done
 
 
 def activation_importance(m, feeds, names=None):

@@ -55,7 +55,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from onnx_tract import (OUTPUT_LAYER_FILE, activation_importance, cache_presents,  # noqa: E402
-                        decoder_cache_and_masks, dequantize_q8_0, export_model, fix_string_hashing,
+                        decoder_cache_and_masks, runtime_twin, export_model, fix_string_hashing,
                         fuse_q8_0_siblings, graph_io, Q8_BLOCK,
                         kv_names, maxdiff, output_layer_logits, q8_0_gather_nodes, q8_0_recover, q8_0_rows, quantize_q4_0,
                         quantize_q8_0, read_q8_0_blocks, rename_dims, sha256, split_output_layer,
@@ -698,7 +698,7 @@ def build_quantized(args, f32_dir: Path, out: Path, name, embed_dtype, q4_layers
         assert len(fused) == 2 * n_layers, f"merged {len(fused)} groups, expected q/k/v and gate/up per layer"
         expected = n_layers * len(PROJECTIONS)
         twin = Path(tempfile.mkdtemp(prefix="gemma3-q8_0-twin-")) / "decoder.onnx"
-        onnx.save(dequantize_q8_0(dm), str(twin))
+        onnx.save(runtime_twin(dm), str(twin))
     else:
         done = quantize_q4_0(dm, select=select, search=args.rounding == "search", importance=importance)
         onnx.checker.check_model(dm)

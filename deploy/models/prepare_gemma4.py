@@ -51,7 +51,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnx_tract  # noqa: E402
 from onnx_tract import (OUTPUT_LAYER_FILE, Q8_BLOCK, cache_presents, decoder_cache_and_masks,  # noqa: E402
-                        dequantize_q8_0, export, fix_string_hashing, fold_shape_only_ranges,
+                        runtime_twin, export, fix_string_hashing, fold_shape_only_ranges,
                         fuse_q8_0_siblings, graph_io, kv_names, maxdiff, output_layer_logits, quantize_q4_0,
                         quantize_q8_0, read_q8_0_blocks, rename_dims, save_graph, sha256, split_output_layer,
                         q8_0_rows, write_q8_0_blocks)
@@ -574,9 +574,9 @@ def quantize_graphs(model, paths, quantize, layers, encoders_q8_0=False, log=pri
     of the graph into output_layer.q8_0, and the embed graph replaced by row tables: token rows
     from the output layer (tied), per-layer rows in per_layer_embeddings.q8_0. In place: the
     embed graph's files are deleted and `paths` loses it. Returns (what was rewritten, for the
-    manifest; the decoder onnxruntime can run: the same graph with MatMulQ8_0 weights dequantized,
-    or None when the graph itself runs there). `encoders_q8_0`: the vision and audio encoders'
-    linears become MatMulQ8_0 too (with q8_0; their twins go beside the decoder's)."""
+    manifest; a scratch directory of the graphs onnxruntime runs in their place, as the runtime
+    computes them (`runtime_twin`): decoder.onnx, and vision.onnx and audio.onnx with
+    `encoders_q8_0`, which makes the vision and audio encoders' linears MatMulQ8_0 too)."""
     import onnx
     from onnx import numpy_helper
 
@@ -611,19 +611,18 @@ def quantize_graphs(model, paths, quantize, layers, encoders_q8_0=False, log=pri
     table = split_output_layer(dm, is_head, tc.hidden_size)
     exact = write_q8_0_blocks(paths["decoder"].with_name(OUTPUT_LAYER_FILE), table)
     del table, head
+    # Each twin first: saving a graph with external data moves its weights out of the ModelProto.
+    twins = Path(tempfile.mkdtemp(prefix="gemma4-twin-"))
+    save_graph(runtime_twin(dm), twins / "decoder.onnx")
     save_graph(dm, paths["decoder"])
-    twin = None
     encoders = {}
-    if quantize == "q8_0":
-        twin = Path(tempfile.mkdtemp(prefix="gemma4-q8_0-twin-")) / "decoder.onnx"
-        save_graph(dequantize_q8_0(dm), twin)
-        # E2B's vision tower is most of a scene request's first token.
-        for role in ("vision", "audio") if encoders_q8_0 else ():
-            em = onnx.load(str(paths[role]))
-            encoders[role] = len(quantize_q8_0(em, select=lambda _n, _w, k, _m: k % Q8_BLOCK == 0, log=log))
-            save_graph(em, paths[role])
-            save_graph(dequantize_q8_0(em), twin.with_name(f"{role}.onnx"))
-            del em
+    # E2B's vision tower is most of a scene request's first token.
+    for role in ("vision", "audio") if encoders_q8_0 else ():
+        em = onnx.load(str(paths[role]))
+        encoders[role] = len(quantize_q8_0(em, select=lambda _n, _w, k, _m: k % Q8_BLOCK == 0, log=log))
+        save_graph(runtime_twin(em), twins / f"{role}.onnx")
+        save_graph(em, paths[role])
+        del em
     del dm
 
     # The per-layer table's rows are padded with zeros to whole Q8_0 blocks (the tiny model's
@@ -647,7 +646,7 @@ def quantize_graphs(model, paths, quantize, layers, encoders_q8_0=False, log=pri
             "per_layer_embeddings": {"format": "q8_0", "rows": int(rows), "columns": int(padded),
                                      "layers": tc.num_hidden_layers, "width": tc.hidden_size_per_layer_input,
                                      "scale": float(lm.embed_tokens_per_layer.embed_scale), "exact": ple_exact}}
-    return done, twin
+    return done, twins
 
 
 class RowTables:
@@ -852,20 +851,19 @@ def prepare(ckpt: Path, out: Path, *, name=None, description=None, quantize="non
                 if p.with_name(p.name + ".data").exists():
                     shutil.copyfile(p.with_name(p.name + ".data"), out / (p.name + ".data"))
             q_paths = {k: out / p.name for k, p in paths.items()}
-            done, twin = quantize_graphs(model, q_paths, quantize, set(layers), encoders_q8_0)
+            done, twins = quantize_graphs(model, q_paths, quantize, set(layers), encoders_q8_0)
             try:
                 layer = done["output_layer"]
                 q, d = read_q8_0_blocks(out / OUTPUT_LAYER_FILE, layer["columns"])
                 placeholders = [model.config.image_token_id, model.config.audio_token_id, model.config.video_token_id]
-                quantized = OnnxModel({"decoder": twin or q_paths["decoder"]}, kv_shapes,
+                quantized = OnnxModel({"decoder": twins / "decoder.onnx"}, kv_shapes,
                                       output_layer=(q, d, layer["softcap"]),
                                       tables=RowTables(out, done, placeholders))
                 parity["quantized"] = compare_quantized(f32, quantized, greedy, tok)
                 if encoders_q8_0:
-                    parity["quantized"]["encoders_vs_f32"] = compare_encoders(twin.parent, encoder_inputs, encoder_f32)
+                    parity["quantized"]["encoders_vs_f32"] = compare_encoders(twins, encoder_inputs, encoder_f32)
             finally:
-                if twin is not None:
-                    shutil.rmtree(twin.parent, ignore_errors=True)
+                shutil.rmtree(twins, ignore_errors=True)
             parity["quantized"].update(done)
             weights = {"q4_0": "q4_0 (MatMulNBits block 32, no zero points = tract Q4_0)",
                        "q8_0": "q8_0 (ai.outpost MatMulQ8_0, llama.cpp's Q8_0 rounding; q/k/v and gate/up merged)"}
@@ -909,7 +907,7 @@ def main():
     ap.add_argument("--name", default=None, help="bundle name (default: the checkpoint directory's name)")
     ap.add_argument("--quantize", choices=["none", "q4_0", "q8_0"], default="none")
     ap.add_argument("--encoders", choices=["f32", "q8_0"], default="f32",
-                    help="with --quantize q8_0: the vision and audio encoders' linears in q8_0 too (a faster first "
+                    help="with --quantize q4_0 or q8_0: the vision and audio encoders' linears in q8_0 too (a faster first "
                          "token for a picture; on the tiny random model their soft tokens move by 3-5%% of the "
                          "largest value, not yet measured on real weights)")
     ap.add_argument("--layers", "--q4-layers", dest="layers", default="all",
@@ -922,8 +920,8 @@ def main():
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
         raise SystemExit(f"--checkpoint {ckpt}: not a directory")
-    if args.encoders == "q8_0" and args.quantize != "q8_0":
-        raise SystemExit("--encoders q8_0 goes with --quantize q8_0")
+    if args.encoders == "q8_0" and args.quantize == "none":
+        raise SystemExit("--encoders q8_0 goes with --quantize q4_0 or q8_0")
     ref = Path(args.reference) if args.reference else None
     manifest, greedy, inputs, ok = prepare(ckpt, Path(args.out), name=args.name, quantize=args.quantize,
                                            layers=parse_layers(args.layers),

@@ -2,18 +2,18 @@
 //!
 //! It is the largest matrix of a small model (Gemma 3 270M: 262144 x 640; Gemma 4 E2B:
 //! 262144 x 1536) and decoding reads it whole for every token, so it is kept in Q8_0 and
-//! multiplied by our own kernels (`q8_0.rs`): Gemma's GGUF files store this tied table in Q8_0,
+//! multiplied by our own kernels (`block_matrix.rs`): Gemma's GGUF files store this tied table in Q8_0,
 //! so a bundle prepared from one holds it exactly. Outside the graph, prefill also computes only
 //! the row it samples from.
 
 use std::path::Path;
 
-use super::q8_0::{Q8_0Error, Q8_0Matrix};
+use super::block_matrix::{BlockMatrix, BlockMatrixError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutputLayerError {
     #[error(transparent)]
-    Matrix(#[from] Q8_0Error),
+    Matrix(#[from] BlockMatrixError),
     #[error("the output layer's soft-cap must be a positive number, not {0}")]
     Softcap(f32),
     #[error("token id {id} is outside the vocabulary of {rows} rows")]
@@ -23,7 +23,7 @@ pub enum OutputLayerError {
 /// A `[vocab, hidden]` Q8_0 matrix: `logits = softcap(W x)`.
 #[derive(Debug)]
 pub struct OutputLayer {
-    matrix: Q8_0Matrix,
+    matrix: BlockMatrix,
     /// Gemma's final logit soft-cap: `tanh(logit / cap) * cap`.
     softcap: Option<f32>,
 }
@@ -31,10 +31,10 @@ pub struct OutputLayer {
 impl OutputLayer {
     /// Reads `rows` rows of `columns` values in GGML's Q8_0 block layout from `path`.
     pub fn load(path: &Path, rows: usize, columns: usize, softcap: Option<f32>) -> Result<Self, OutputLayerError> {
-        Self::new(Q8_0Matrix::load(path, rows, columns)?, softcap)
+        Self::new(BlockMatrix::load(path, rows, columns)?, softcap)
     }
 
-    pub fn new(matrix: Q8_0Matrix, softcap: Option<f32>) -> Result<Self, OutputLayerError> {
+    pub fn new(matrix: BlockMatrix, softcap: Option<f32>) -> Result<Self, OutputLayerError> {
         match softcap {
             Some(cap) if !(cap.is_finite() && cap > 0.0) => Err(OutputLayerError::Softcap(cap)),
             _ => Ok(Self { matrix, softcap }),
@@ -83,7 +83,7 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
-    use crate::model::q8_0::BLOCK_BYTES;
+    use crate::model::block_matrix::BLOCK_BYTES;
 
     #[test]
     fn logits_are_soft_capped() {
@@ -92,8 +92,8 @@ mod tests {
         let blocks: Vec<u8> =
             (0..rows * 2 * BLOCK_BYTES).map(|i| if i % BLOCK_BYTES == 1 { 0x20 } else { rng.random() }).collect();
         let hidden: Vec<f32> = (0..columns).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let plain = OutputLayer::new(Q8_0Matrix::from_blocks(&blocks, rows, columns).unwrap(), None).unwrap();
-        let capped = OutputLayer::new(Q8_0Matrix::from_blocks(&blocks, rows, columns).unwrap(), Some(0.5)).unwrap();
+        let plain = OutputLayer::new(BlockMatrix::from_blocks(&blocks, rows, columns).unwrap(), None).unwrap();
+        let capped = OutputLayer::new(BlockMatrix::from_blocks(&blocks, rows, columns).unwrap(), Some(0.5)).unwrap();
         let (mut a, mut b) = (vec![0.0; rows], vec![0.0; rows]);
         plain.logits(&hidden, &mut a, 1).unwrap();
         capped.logits(&hidden, &mut b, 2).unwrap();
@@ -118,7 +118,7 @@ mod tests {
                 [d[0], d[1]].into_iter().chain(b[2..].iter().copied())
             })
             .collect();
-        let layer = OutputLayer::new(Q8_0Matrix::from_blocks(&blocks, rows, columns).unwrap(), None).unwrap();
+        let layer = OutputLayer::new(BlockMatrix::from_blocks(&blocks, rows, columns).unwrap(), None).unwrap();
         let ids = [9, 0, 17, 9];
         let embeddings = layer.embeddings(&ids, scale).unwrap();
         assert_eq!(embeddings.len(), ids.len() * columns);
@@ -137,7 +137,7 @@ mod tests {
     #[test]
     fn a_soft_cap_that_is_not_a_positive_number_is_refused() {
         for cap in [f32::NAN, 0.0, -30.0, f32::INFINITY] {
-            let matrix = Q8_0Matrix::from_blocks(&[], 0, 64).unwrap();
+            let matrix = BlockMatrix::from_blocks(&[], 0, 64).unwrap();
             assert!(OutputLayer::new(matrix, Some(cap)).unwrap_err().to_string().contains("soft-cap"), "{cap}");
         }
     }

@@ -11,7 +11,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::q8_0::{dequantize_blocks, BLOCK, BLOCK_BYTES};
+use super::block_matrix::{dequantize_blocks, BLOCK, BLOCK_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PerLayerEmbeddingsError {
@@ -109,7 +109,7 @@ mod tests {
     use tract_onnx::prelude::f16;
 
     use super::*;
-    use crate::model::q8_0::tests::random_blocks;
+    use crate::model::block_matrix::tests::random_blocks;
 
     fn layout(rows: usize, columns: usize, layers: usize, width: usize) -> PerLayerLayout {
         PerLayerLayout { rows, columns, layers, width, scale: 2.828_427 }

@@ -1,4 +1,4 @@
-//! Threads for our matrix products (`q8_0.rs`) that stay awake between them.
+//! Threads for our matrix products (`block_matrix.rs`) that stay awake between them.
 //!
 //! A decode step makes over a hundred products of a few tens of microseconds each, with tract's
 //! other operators between them. Handing one to a rayon pool from the decoding thread costs

@@ -20,7 +20,7 @@ use tract_onnx::prelude::*;
 
 use super::output_layer::OutputLayer;
 use super::per_layer_embeddings::{PerLayerEmbeddings, PerLayerEmbeddingsError, PerLayerLayout};
-use super::{attention, q8_0, q8_0_matmul};
+use super::{attention, block_matmul, block_matrix};
 use super::{AudioFeatures, Bundle, Constraint, ConstraintError, ImagePatches, Sampler};
 
 /// A loaded, optimised graph ready to run.
@@ -289,7 +289,7 @@ impl Runtime {
         let rows = &hidden[wanted.start * width..wanted.end * width];
         let m = wanted.len();
         let mut logits = vec![0.0f32; m * layer.rows()];
-        layer.logits(rows, &mut logits, q8_0::threads())?;
+        layer.logits(rows, &mut logits, block_matrix::threads())?;
         tensor1(&logits).into_shape(&[1, m, layer.rows()]).map_err(decoder_error)
     }
 
@@ -500,7 +500,7 @@ fn default_patches(bundle: &Bundle) -> Option<usize> {
 /// kernels', for the whole process).
 pub fn use_threads(threads: usize) {
     use tract_linalg::multithread::{set_default_executor, Executor};
-    q8_0::set_threads(threads);
+    block_matrix::set_threads(threads);
     set_default_executor(if threads > 1 { Executor::multithread(threads) } else { Executor::SingleThread });
 }
 
@@ -575,7 +575,7 @@ fn placeholder_ids(bundle: &Bundle) -> Result<Vec<u32>, RuntimeError> {
 fn load_typed(path: &Path) -> Result<TypedModel, RuntimeError> {
     let load_error = |source| RuntimeError::Load { path: path.display().to_string(), source };
     let mut onnx = tract_onnx::onnx();
-    q8_0_matmul::register(&mut onnx);
+    block_matmul::register(&mut onnx);
     onnx.with_ignore_output_shapes(true)
         .with_ignore_value_info(true)
         .model_for_path(path)

@@ -1,22 +1,33 @@
-//! Throughput of the Q8_0 products at the shapes the E2B model runs: one row (decode), 512 rows
-//! (a long prompt) and 2520 rows (an image's patches), in multiply-adds per second.
+//! Throughput of the block-quantized products at the shapes the E2B model runs: one row
+//! (decode), 512 rows (a long prompt) and 2520 rows (an image's patches), in multiply-adds per
+//! second.
 //!
-//! `cargo run --release --example q8_0_products -- [THREADS]`
+//! `cargo run --release --example block_products -- [THREADS] [q8_0|q4_0]`
 
 use std::time::Instant;
 
-use outpost::model::{q8_0_kernel, Q8_0Matrix};
+use outpost::model::{block_kernel, BlockMatrix};
 use tract_onnx::prelude::f16;
 
 fn main() -> anyhow::Result<()> {
     let threads: usize = std::env::args().nth(1).map(|t| t.parse()).transpose()?.unwrap_or(2);
-    println!("kernel {}, {threads} threads", q8_0_kernel());
+    let format = std::env::args().nth(2).unwrap_or_else(|| "q8_0".into());
+    println!("{format} weights, kernel {}, {threads} threads", block_kernel());
     // (rows of the activations, weight rows, columns): the E2B decoder's gate/up and down, the
     // vision encoder's MLP.
     for (m, n, k) in [(1, 12288, 1536), (512, 12288, 1536), (512, 1536, 6144), (2520, 3072, 768), (2520, 768, 3072)] {
-        let quants: Vec<i8> = (0..n * k).map(|i| ((i * 7919) % 255) as i8).collect();
-        let scales: Vec<f16> = (0..n * k / 32).map(|i| f16::from_f32(0.001 + (i % 13) as f32 * 1e-4)).collect();
-        let matrix = Q8_0Matrix::from_parts(&quants, &scales, n, k)?;
+        let scales = (0..n * k / 32).map(|i| 0.001 + (i % 13) as f32 * 1e-4);
+        let matrix = match format.as_str() {
+            "q8_0" => {
+                let quants: Vec<i8> = (0..n * k).map(|i| ((i * 7919) % 255) as i8).collect();
+                BlockMatrix::from_parts(&quants, &scales.map(f16::from_f32).collect::<Vec<_>>(), n, k)?
+            }
+            "q4_0" => {
+                let nibbles: Vec<u8> = (0..n * k / 2).map(|i| ((i * 7919) % 256) as u8).collect();
+                BlockMatrix::from_q4_0_parts(&nibbles, &scales.collect::<Vec<_>>(), n, k)?
+            }
+            other => anyhow::bail!("{other}: the weight format is q8_0 or q4_0"),
+        };
         let activations: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect();
         let mut out = vec![0f32; m * n];
         matrix.multiply(&activations, &mut out, threads)?;

@@ -1,19 +1,22 @@
-//! Q8_0 matrices (GGML's 8-bit block format: per row, blocks of one f16 scale and 32 int8) and
-//! their products with f32 activations, by our own kernels.
+//! Block-quantized matrices in GGML's formats, Q8_0 (per row, blocks of one f16 scale and 32
+//! int8) and Q4_0 (one f16 scale and 32 4-bit values), and their products with f32 activations,
+//! by our own kernels.
 //!
-//! tract multiplies block-quantized weights only in Q4_0, which costs Gemma 3 270M too much
-//! accuracy, and f32 reads four times the bytes of Q8_0: decoding reads every weight once per
-//! token, so bytes are time. Each activation row is quantized to Q8_0 too and each block's dot
-//! product is exact integer arithmetic, as llama.cpp's `q8_0 x q8_0`. The output layer
-//! (`output_layer.rs`) and the decoder's projections (`q8_0_matmul.rs`, a tract operator) use it.
+//! Decoding reads every weight once per token, so bytes are time: f32 reads four times Q8_0's
+//! bytes and eight times Q4_0's. tract multiplies Q4_0 weights by a matrix-vector kernel only,
+//! so a prompt's rows went through it one at a time. Here each activation row is quantized to
+//! Q8_0 and each block's dot product is exact integer arithmetic, as llama.cpp's `q8_0 x q8_0`
+//! and `q4_0 x q8_0`. The output layer (`output_layer.rs`) and the decoder's projections
+//! (`block_matmul.rs`, a tract operator) use it.
 //!
 //! The weights are held in panels of eight rows, interleaved four values at a time, so that one
 //! vector register holds four values of each of eight rows: a dot-product instruction (x86's
 //! VNNI `vpdpbusd`, ARM's `sdot`) against four values of an activation row broadcast to every
 //! lane then gives eight rows' sums at once, with no horizontal additions, and each weight
-//! load serves up to four activation rows (on AVX-512, each activation load two panels).
-//! Kernels: AVX-512 VNNI, AVX2, NEON with and without the dot-product extension, and a scalar
-//! reference every one of them is tested against.
+//! load serves up to four activation rows (on AVX-512, each activation load two panels). Q4_0
+//! packs two such registers in one: group `c`'s values in the low nibbles, group `c + 4`'s in
+//! the high ones. Kernels (`x86.rs`, `arm.rs`): AVX-512 VNNI, AVX2, NEON with and without the
+//! dot-product extension, and a scalar reference every one of them is tested against.
 
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -34,8 +37,10 @@ pub const BLOCK_BYTES: usize = 2 + BLOCK;
 const PANEL: usize = 8;
 /// Values of a row that sit together in a panel: one 32-bit lane.
 const GROUP: usize = 4;
-/// Bytes of one block of a panel: 32 values of each of its rows.
-const PANEL_BLOCK: usize = PANEL * BLOCK;
+/// Bytes of one Q8_0 block of a panel: 32 values of each of its rows.
+const Q8_0_PANEL_BLOCK: usize = PANEL * BLOCK;
+/// Bytes of one Q4_0 block of a panel: 32 nibbles of each of its rows.
+const Q4_0_PANEL_BLOCK: usize = PANEL * BLOCK / 2;
 /// Activation rows one kernel call takes at most.
 const TILE_ROWS: usize = 4;
 /// Panels one kernel call takes at most: the AVX-512 kernel takes two, so that each activation
@@ -44,13 +49,14 @@ const TILE_PANELS: usize = 2;
 /// The sums one kernel call gives: per activation row, the rows of its panels.
 type TileSums = [[f32; PANEL * TILE_PANELS]; TILE_ROWS];
 
-/// How weights are stored: XORed with this. x86 keeps them offset by 128, unsigned, because
-/// VNNI multiplies unsigned bytes by signed ones (the activations are the signed side; the
-/// offset comes back out through each activation block's sum). ARM's `sdot` is signed by signed.
+/// How Q8_0 weights are stored: XORed with this. x86 keeps them offset by 128, unsigned,
+/// because VNNI multiplies unsigned bytes by signed ones (the activations are the signed side;
+/// the offset comes back out through each activation block's sum). ARM's `sdot` is signed by
+/// signed. Q4_0's nibbles are stored as GGML has them everywhere: 0-15 for -8 to 7.
 #[cfg(target_arch = "x86_64")]
-const WEIGHT_BIAS: u8 = 0x80;
+const Q8_0_WEIGHT_BIAS: u8 = 0x80;
 #[cfg(not(target_arch = "x86_64"))]
-const WEIGHT_BIAS: u8 = 0;
+const Q8_0_WEIGHT_BIAS: u8 = 0;
 
 /// Multiply-adds in a product below which it runs on one thread.
 const PARALLEL_MIN_PRODUCTS: usize = 1 << 19;
@@ -80,48 +86,95 @@ pub fn dequantize_blocks(blocks: &[u8], out: &mut [f32]) {
     }
 }
 
+/// How a matrix's weights are stored: GGML's block formats, 32 values a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockFormat {
+    Q8_0,
+    Q4_0,
+}
+
+impl BlockFormat {
+    fn panel_block_bytes(self) -> usize {
+        match self {
+            BlockFormat::Q8_0 => Q8_0_PANEL_BLOCK,
+            BlockFormat::Q4_0 => Q4_0_PANEL_BLOCK,
+        }
+    }
+
+    /// A zero weight, as it is stored.
+    fn zero_byte(self) -> u8 {
+        match self {
+            BlockFormat::Q8_0 => Q8_0_WEIGHT_BIAS,
+            BlockFormat::Q4_0 => 0x88,
+        }
+    }
+}
+
+impl std::fmt::Display for BlockFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BlockFormat::Q8_0 => "Q8_0",
+            BlockFormat::Q4_0 => "Q4_0",
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
-pub enum Q8_0Error {
-    #[error("a Q8_0 matrix {columns} wide: the width must be a multiple of {BLOCK}")]
-    Width { columns: usize },
-    #[error("{path}: {actual} bytes, but {rows} rows of {columns} Q8_0 values take {expected}")]
-    Size { path: String, actual: u64, expected: u64, rows: usize, columns: usize },
+pub enum BlockMatrixError {
+    #[error("a {format} matrix {columns} wide: the width must be a multiple of {BLOCK}")]
+    Width { format: BlockFormat, columns: usize },
+    #[error("{path}: {actual} bytes, but {rows} rows of {columns} {format} values take {expected}")]
+    Size { path: String, format: BlockFormat, actual: u64, expected: u64, rows: usize, columns: usize },
+    #[error(
+        "{values} values and {scales} scales for a {rows} x {columns} {format} matrix: it takes {} and {}",
+        rows * columns, rows * columns / BLOCK
+    )]
+    Parts { format: BlockFormat, values: usize, scales: usize, rows: usize, columns: usize },
     #[error("{path}: {source}")]
     Read { path: String, source: std::io::Error },
     #[error("{got} activations are not whole rows of {columns}")]
     Activations { got: usize, columns: usize },
 }
 
-/// A `[rows, columns]` matrix in Q8_0.
-pub struct Q8_0Matrix {
+/// A `[rows, columns]` matrix in Q8_0 or Q4_0.
+pub struct BlockMatrix {
+    format: BlockFormat,
     rows: usize,
     columns: usize,
-    /// Panel by panel (the last one padded with zero rows), block by block, then for each group
-    /// of four values the eight rows' four in turn: `[panel][block][group][row][4]`, each byte
-    /// XORed with `WEIGHT_BIAS`.
+    /// Panel by panel (the last one padded with zero rows), block by block. Q8_0: for each group
+    /// of four values the eight rows' four in turn, `[panel][block][group][row][4]`, each byte
+    /// XORed with `Q8_0_WEIGHT_BIAS`. Q4_0: `[panel][block][chunk][row][4]`, each byte group
+    /// `chunk`'s nibble low and group `chunk + 4`'s high.
     quants: Vec<u8>,
     /// One scale per block, widened from f16 once at load: `[panel][block][row]`.
     scales: Vec<f32>,
 }
 
-impl std::fmt::Debug for Q8_0Matrix {
+impl std::fmt::Debug for BlockMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q8_0Matrix {{ {} x {} }}", self.rows, self.columns)
+        write!(f, "BlockMatrix {{ {} x {} {} }}", self.rows, self.columns, self.format)
     }
 }
 
-impl Q8_0Matrix {
+impl BlockMatrix {
     /// Reads `rows` rows of `columns` values in GGML's Q8_0 block layout from `path`.
-    pub fn load(path: &Path, rows: usize, columns: usize) -> Result<Self, Q8_0Error> {
+    pub fn load(path: &Path, rows: usize, columns: usize) -> Result<Self, BlockMatrixError> {
         let name = path.display().to_string();
-        let read_error = |source| Q8_0Error::Read { path: name.clone(), source };
-        let mut matrix = Self::zeros(rows, columns)?;
+        let read_error = |source| BlockMatrixError::Read { path: name.clone(), source };
+        let mut matrix = Self::zeros(BlockFormat::Q8_0, rows, columns)?;
         let file = File::open(path).map_err(read_error)?;
         let actual = file.metadata().map_err(read_error)?.len();
         let row_bytes = columns / BLOCK * BLOCK_BYTES;
         let expected = (rows * row_bytes) as u64;
         if actual != expected {
-            return Err(Q8_0Error::Size { path: name, actual, expected, rows, columns });
+            return Err(BlockMatrixError::Size {
+                path: name,
+                format: BlockFormat::Q8_0,
+                actual,
+                expected,
+                rows,
+                columns,
+            });
         }
         // A few thousand rows at a time: the file is not held twice in memory.
         let mut reader = BufReader::new(file);
@@ -131,82 +184,120 @@ impl Q8_0Matrix {
             let take = (rows - row).min(4096);
             let bytes = &mut chunk[..take * row_bytes];
             reader.read_exact(bytes).map_err(read_error)?;
-            matrix.put_blocks(row, bytes);
+            matrix.put_q8_0_blocks(row, bytes);
             row += take;
         }
         Ok(matrix)
     }
 
     /// The matrix from Q8_0 blocks in memory, `rows x columns / 32` of them.
-    pub fn from_blocks(blocks: &[u8], rows: usize, columns: usize) -> Result<Self, Q8_0Error> {
-        let mut matrix = Self::zeros(rows, columns)?;
+    pub fn from_blocks(blocks: &[u8], rows: usize, columns: usize) -> Result<Self, BlockMatrixError> {
+        let mut matrix = Self::zeros(BlockFormat::Q8_0, rows, columns)?;
         let expected = rows * (columns / BLOCK) * BLOCK_BYTES;
-        if blocks.len() != expected {
-            return Err(Q8_0Error::Size {
-                path: "(in memory)".into(),
-                actual: blocks.len() as u64,
-                expected: expected as u64,
-                rows,
-                columns,
-            });
-        }
-        matrix.put_blocks(0, blocks);
+        matrix.check_size(blocks.len(), expected)?;
+        matrix.put_q8_0_blocks(0, blocks);
         Ok(matrix)
     }
 
-    /// The matrix from its int8 values (`rows x columns`, row-major) and one f16 scale per block.
-    pub fn from_parts(quants: &[i8], scales: &[f16], rows: usize, columns: usize) -> Result<Self, Q8_0Error> {
-        let mut matrix = Self::zeros(rows, columns)?;
-        if quants.len() != rows * columns || scales.len() * BLOCK != quants.len() {
-            return Err(Q8_0Error::Size {
-                path: "(in memory)".into(),
-                actual: (quants.len() + 2 * scales.len()) as u64,
-                expected: (rows * columns / BLOCK * BLOCK_BYTES) as u64,
-                rows,
-                columns,
-            });
-        }
+    /// The Q8_0 matrix from its int8 values (`rows x columns`, row-major) and one f16 scale per
+    /// block.
+    pub fn from_parts(quants: &[i8], scales: &[f16], rows: usize, columns: usize) -> Result<Self, BlockMatrixError> {
+        let mut matrix = Self::zeros(BlockFormat::Q8_0, rows, columns)?;
+        matrix.check_parts(quants.len(), scales.len())?;
         let blocks = columns / BLOCK;
         for (row, (values, scales)) in
             quants.chunks_exact(columns.max(1)).zip(scales.chunks_exact(blocks.max(1))).enumerate()
         {
             for (block, (values, scale)) in values.chunks_exact(BLOCK).zip(scales).enumerate() {
-                matrix.put_block(row, block, scale.to_f32(), values.iter().map(|&q| q as u8));
+                matrix.put_block(row, block, scale.to_f32(), values.iter().copied());
             }
         }
         Ok(matrix)
     }
 
-    fn zeros(rows: usize, columns: usize) -> Result<Self, Q8_0Error> {
+    /// The Q4_0 matrix from its nibbles as ONNX's `MatMulNBits` holds them (`[rows, columns /
+    /// 32, 16]` bytes, value `i` of a block in byte `i / 2`, low nibble first, `q - 8` the
+    /// value) and one scale per block.
+    pub fn from_q4_0_parts(
+        nibbles: &[u8],
+        scales: &[f32],
+        rows: usize,
+        columns: usize,
+    ) -> Result<Self, BlockMatrixError> {
+        let mut matrix = Self::zeros(BlockFormat::Q4_0, rows, columns)?;
+        let blocks = columns / BLOCK;
+        matrix.check_parts(2 * nibbles.len(), scales.len())?;
+        for (n, (bytes, &scale)) in nibbles.chunks_exact(BLOCK / 2).zip(scales).enumerate() {
+            let values = bytes.iter().flat_map(|&byte| [byte & 0x0F, byte >> 4]).map(|q| q as i8 - 8);
+            matrix.put_block(n / blocks, n % blocks, scale, values);
+        }
+        Ok(matrix)
+    }
+
+    fn zeros(format: BlockFormat, rows: usize, columns: usize) -> Result<Self, BlockMatrixError> {
         if !columns.is_multiple_of(BLOCK) {
-            return Err(Q8_0Error::Width { columns });
+            return Err(BlockMatrixError::Width { format, columns });
         }
         let padded = rows.div_ceil(PANEL) * PANEL;
         Ok(Self {
+            format,
             rows,
             columns,
-            quants: vec![WEIGHT_BIAS; padded * columns],
+            quants: vec![format.zero_byte(); padded * columns / BLOCK * format.panel_block_bytes() / PANEL],
             scales: vec![0.0; padded * columns / BLOCK],
         })
     }
 
-    /// Places whole rows of GGML blocks, starting at `first_row`.
-    fn put_blocks(&mut self, first_row: usize, blocks: &[u8]) {
+    /// `Ok` when the `actual` bytes given for the matrix are the `expected`.
+    fn check_size(&self, actual: usize, expected: usize) -> Result<(), BlockMatrixError> {
+        if actual == expected {
+            return Ok(());
+        }
+        Err(BlockMatrixError::Size {
+            path: "(in memory)".into(),
+            format: self.format,
+            actual: actual as u64,
+            expected: expected as u64,
+            rows: self.rows,
+            columns: self.columns,
+        })
+    }
+
+    /// `Ok` when `values` and `scales` are the matrix's counts.
+    fn check_parts(&self, values: usize, scales: usize) -> Result<(), BlockMatrixError> {
+        let (rows, columns) = (self.rows, self.columns);
+        if values == rows * columns && scales == rows * columns / BLOCK {
+            return Ok(());
+        }
+        Err(BlockMatrixError::Parts { format: self.format, values, scales, rows, columns })
+    }
+
+    /// Places whole rows of GGML Q8_0 blocks, starting at `first_row`.
+    fn put_q8_0_blocks(&mut self, first_row: usize, blocks: &[u8]) {
         let per_row = self.columns / BLOCK;
         for (n, block) in blocks.chunks_exact(BLOCK_BYTES).enumerate() {
             let scale = f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
-            self.put_block(first_row + n / per_row, n % per_row, scale, block[2..].iter().copied());
+            self.put_block(first_row + n / per_row, n % per_row, scale, block[2..].iter().map(|&q| q as i8));
         }
     }
 
-    /// Places one block of one row: its scale and 32 values (int8 as bytes).
-    fn put_block(&mut self, row: usize, block: usize, scale: f32, values: impl Iterator<Item = u8>) {
+    /// Places one block of one row: its scale and 32 values (within -8..=7 for Q4_0).
+    fn put_block(&mut self, row: usize, block: usize, scale: f32, values: impl Iterator<Item = i8>) {
         let panel_block = row / PANEL * (self.columns / BLOCK) + block;
-        let start = panel_block * PANEL_BLOCK + row % PANEL * GROUP;
+        let start = panel_block * self.format.panel_block_bytes();
         for (index, value) in values.enumerate() {
-            self.quants[start + index / GROUP * PANEL * GROUP + index % GROUP] = value ^ WEIGHT_BIAS;
+            let (at, shift) = place(self.format, row % PANEL, index);
+            let byte = &mut self.quants[start + at];
+            *byte = match self.format {
+                BlockFormat::Q8_0 => value as u8 ^ Q8_0_WEIGHT_BIAS,
+                BlockFormat::Q4_0 => *byte & !(0x0F << shift) | ((value + 8) as u8 & 0x0F) << shift,
+            };
         }
         self.scales[panel_block * PANEL + row % PANEL] = scale;
+    }
+
+    pub fn format(&self) -> BlockFormat {
+        self.format
     }
 
     pub fn rows(&self) -> usize {
@@ -218,20 +309,18 @@ impl Q8_0Matrix {
     }
 
     /// Row `row` as f32 into `out` (`columns` values): each value times its block's scale, as
-    /// llama.cpp dequantizes Q8_0 (`f32(q) * f32(d)`).
+    /// llama.cpp dequantizes (`f32(q) * f32(d)`).
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         for (column, value) in out.iter_mut().enumerate().take(self.columns) {
             *value = f32::from(self.weight(row, column)) * self.scale(row, column / BLOCK);
         }
     }
 
-    /// The weight at `row`, `column`, as stored in the file.
+    /// The weight at `row`, `column`, as GGML's block holds it (`q - 8` for Q4_0).
     fn weight(&self, row: usize, column: usize) -> i8 {
         let panel_block = row / PANEL * (self.columns / BLOCK) + column / BLOCK;
-        let index = column % BLOCK;
-        let byte = self.quants
-            [panel_block * PANEL_BLOCK + index / GROUP * PANEL * GROUP + row % PANEL * GROUP + index % GROUP];
-        (byte ^ WEIGHT_BIAS) as i8
+        let (at, shift) = place(self.format, row % PANEL, column % BLOCK);
+        stored_weight(self.format, self.quants[panel_block * self.format.panel_block_bytes() + at], shift)
     }
 
     /// The scale of `row`'s block `block`.
@@ -241,7 +330,7 @@ impl Q8_0Matrix {
 
     /// `out[m, n] = W[n] . x[m]` for every row `m` of `activations` (`m x columns`) into `out`
     /// (`m x rows`), on `threads` threads.
-    pub fn multiply(&self, activations: &[f32], out: &mut [f32], threads: usize) -> Result<(), Q8_0Error> {
+    pub fn multiply(&self, activations: &[f32], out: &mut [f32], threads: usize) -> Result<(), BlockMatrixError> {
         self.multiply_with(Kernel::best(), activations, out, threads)
     }
 
@@ -254,11 +343,11 @@ impl Q8_0Matrix {
         activations: &[f32],
         out: &mut [f32],
         threads: usize,
-    ) -> Result<(), Q8_0Error> {
+    ) -> Result<(), BlockMatrixError> {
         if !activations.len().is_multiple_of(self.columns.max(1))
             || out.len() * self.columns != activations.len() * self.rows
         {
-            return Err(Q8_0Error::Activations { got: activations.len(), columns: self.columns });
+            return Err(BlockMatrixError::Activations { got: activations.len(), columns: self.columns });
         }
         let m = activations.len() / self.columns.max(1);
         if m == 0 || self.rows == 0 {
@@ -295,7 +384,7 @@ impl Q8_0Matrix {
     /// No other thread writes the outputs of these panels meanwhile.
     unsafe fn products(&self, kernel: Kernel, panels: std::ops::Range<usize>, xs: &[QuantizedRow], out: &SharedRows) {
         let blocks = self.columns / BLOCK;
-        let panel_bytes = self.columns * PANEL;
+        let panel_bytes = blocks * self.format.panel_block_bytes();
         let step = kernel.panels_at_once();
         // Whole kernel calls' worth of panels, about `TILE_BYTES` of weights.
         let tile = (TILE_BYTES / panel_bytes).max(step).next_multiple_of(step);
@@ -307,7 +396,7 @@ impl Q8_0Matrix {
                     let quants = &self.quants[first * panel_bytes..last * panel_bytes];
                     let scales = &self.scales[first * blocks * PANEL..last * blocks * PANEL];
                     let mut sums = [[0.0f32; PANEL * TILE_PANELS]; TILE_ROWS];
-                    kernel.panels(last - first, quants, scales, xs, &mut sums);
+                    kernel.panels(self.format, last - first, quants, scales, xs, &mut sums);
                     let row = first * PANEL;
                     let live = ((last - first) * PANEL).min(self.rows - row);
                     for (m, sums) in sums[..xs.len()].iter().enumerate() {
@@ -337,7 +426,7 @@ struct SharedRows {
     len: usize,
 }
 
-// SAFETY: the threads write disjoint parts (see `Q8_0Matrix::products`).
+// SAFETY: the threads write disjoint parts (see `BlockMatrix::products`).
 unsafe impl Sync for SharedRows {}
 
 impl SharedRows {
@@ -357,9 +446,9 @@ impl SharedRows {
 struct QuantizedRow {
     quants: Vec<i8>,
     scales: Vec<f32>,
-    /// Per block, `-128 x` the sum of its values: what the weights' offset adds to VNNI's sums.
-    #[cfg(target_arch = "x86_64")]
-    offset_corrections: Vec<i32>,
+    /// Per block, the sum of its values: times a weight offset (Q8_0's 128 on x86, Q4_0's 8),
+    /// what that offset adds to a block's integer dot product.
+    sums: Vec<i32>,
 }
 
 impl QuantizedRow {
@@ -397,11 +486,7 @@ impl QuantizedRow {
             scales.push(scale);
         }
         Self {
-            #[cfg(target_arch = "x86_64")]
-            offset_corrections: quants
-                .chunks_exact(BLOCK)
-                .map(|block| -128 * block.iter().map(|&q| i32::from(q)).sum::<i32>())
-                .collect(),
+            sums: quants.chunks_exact(BLOCK).map(|block| block.iter().map(|&q| i32::from(q)).sum()).collect(),
             quants,
             scales,
         }
@@ -510,52 +595,96 @@ impl Kernel {
 
     /// `sums[m][i]` = row `i` of the `panels` panels (`quants`, `scales`: up to
     /// `panels_at_once`, one after the other) . `xs[m]`, for up to four rows of `xs`.
-    fn panels(self, panels: usize, quants: &[u8], scales: &[f32], xs: &[QuantizedRow], sums: &mut TileSums) {
+    fn panels(
+        self,
+        format: BlockFormat,
+        panels: usize,
+        quants: &[u8],
+        scales: &[f32],
+        xs: &[QuantizedRow],
+        sums: &mut TileSums,
+    ) {
         // What the vector kernels read without bounds checks.
         let blocks = xs.first().map_or(0, |x| x.scales.len());
         assert!(
             (1..=TILE_ROWS).contains(&xs.len())
                 && (1..=self.panels_at_once()).contains(&panels)
                 && scales.len() == panels * blocks * PANEL
-                && quants.len() == panels * blocks * PANEL_BLOCK
-                && xs.iter().all(|x| x.scales.len() == blocks && x.quants.len() == blocks * BLOCK),
-            "Q8_0 panels and their activation rows differ in width"
+                && quants.len() == panels * blocks * format.panel_block_bytes()
+                && xs.iter().all(|x| {
+                    x.scales.len() == blocks && x.sums.len() == blocks && x.quants.len() == blocks * BLOCK
+                }),
+            "{format} panels and their activation rows differ in width"
         );
         #[cfg(target_arch = "aarch64")]
-        use arm::{panel_dot_product, panel_neon};
+        use arm::{q4_0_dot_product, q4_0_neon, q8_0_dot_product, q8_0_neon};
         #[cfg(target_arch = "x86_64")]
-        use x86::{panel_avx2, panel_vnni};
+        use x86::{q4_0_avx2, q4_0_vnni, q8_0_avx2, q8_0_vnni};
+        use BlockFormat::{Q4_0, Q8_0};
         // SAFETY: each kernel runs only where `available` found its CPU features, and the sizes
         // it relies on are checked above.
-        match self {
-            Kernel::Reference => panel_reference(quants, scales, xs, sums),
+        match (self, format) {
+            (Kernel::Reference, _) => panel_reference(format, quants, scales, xs, sums),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { for_rows!(xs.len(), panel_avx2(quants, scales, xs, sums)) },
+            (Kernel::Avx2, Q8_0) => unsafe { for_rows!(xs.len(), q8_0_avx2(quants, scales, xs, sums)) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => unsafe {
-                for_rows_and_panels!(xs.len(), panels, panel_vnni(quants, scales, xs, sums))
+            (Kernel::Avx2, Q4_0) => unsafe { for_rows!(xs.len(), q4_0_avx2(quants, scales, xs, sums)) },
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx512Vnni, Q8_0) => unsafe {
+                for_rows_and_panels!(xs.len(), panels, q8_0_vnni(quants, scales, xs, sums))
+            },
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx512Vnni, Q4_0) => unsafe {
+                for_rows_and_panels!(xs.len(), panels, q4_0_vnni(quants, scales, xs, sums))
             },
             #[cfg(target_arch = "aarch64")]
-            Kernel::Neon => unsafe { for_rows!(xs.len(), panel_neon(quants, scales, xs, sums)) },
+            (Kernel::Neon, Q8_0) => unsafe { for_rows!(xs.len(), q8_0_neon(quants, scales, xs, sums)) },
             #[cfg(target_arch = "aarch64")]
-            Kernel::NeonDotProduct => unsafe { for_rows!(xs.len(), panel_dot_product(quants, scales, xs, sums)) },
+            (Kernel::Neon, Q4_0) => unsafe { for_rows!(xs.len(), q4_0_neon(quants, scales, xs, sums)) },
+            #[cfg(target_arch = "aarch64")]
+            (Kernel::NeonDotProduct, Q8_0) => unsafe {
+                for_rows!(xs.len(), q8_0_dot_product(quants, scales, xs, sums))
+            },
+            #[cfg(target_arch = "aarch64")]
+            (Kernel::NeonDotProduct, Q4_0) => unsafe {
+                for_rows!(xs.len(), q4_0_dot_product(quants, scales, xs, sums))
+            },
         }
+    }
+}
+
+/// Where value `index` of a block of row `row` of a panel is stored, within the panel's block:
+/// its byte, and the shift of its nibble (Q4_0) or 0.
+fn place(format: BlockFormat, row: usize, index: usize) -> (usize, u32) {
+    let lane = row * GROUP + index % GROUP;
+    match format {
+        BlockFormat::Q8_0 => (lane + index / GROUP * PANEL * GROUP, 0),
+        BlockFormat::Q4_0 => (lane + index % (BLOCK / 2) / GROUP * PANEL * GROUP, 4 * (index / (BLOCK / 2)) as u32),
+    }
+}
+
+/// The weight as GGML's block holds it (`q - 8` for Q4_0) from its stored byte and shift.
+fn stored_weight(format: BlockFormat, byte: u8, shift: u32) -> i8 {
+    match format {
+        BlockFormat::Q8_0 => (byte ^ Q8_0_WEIGHT_BIAS) as i8,
+        BlockFormat::Q4_0 => (byte >> shift & 0x0F) as i8 - 8,
     }
 }
 
 /// The reference the vector kernels are held to: each block's integer dot product, scaled by
 /// both blocks' scales, summed in block order.
-fn panel_reference(quants: &[u8], scales: &[f32], xs: &[QuantizedRow], sums: &mut TileSums) {
+fn panel_reference(format: BlockFormat, quants: &[u8], scales: &[f32], xs: &[QuantizedRow], sums: &mut TileSums) {
+    let block_bytes = format.panel_block_bytes();
     for (x, sums) in xs.iter().zip(sums.iter_mut()) {
         for (row, sum) in sums[..PANEL].iter_mut().enumerate() {
             *sum = (0..x.scales.len())
                 .map(|block| {
-                    let weights = &quants[block * PANEL_BLOCK..(block + 1) * PANEL_BLOCK];
+                    let weights = &quants[block * block_bytes..(block + 1) * block_bytes];
                     let dot: i32 = (0..BLOCK)
                         .map(|i| {
-                            let weight =
-                                (weights[i / GROUP * PANEL * GROUP + row * GROUP + i % GROUP] ^ WEIGHT_BIAS) as i8;
-                            i32::from(weight) * i32::from(x.quants[block * BLOCK + i])
+                            let (at, shift) = place(format, row, i);
+                            i32::from(stored_weight(format, weights[at], shift))
+                                * i32::from(x.quants[block * BLOCK + i])
                         })
                         .sum();
                     scales[block * PANEL + row] * x.scales[block] * dot as f32
@@ -565,267 +694,10 @@ fn panel_reference(quants: &[u8], scales: &[f32], xs: &[QuantizedRow], sums: &mu
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
-
-    use super::{QuantizedRow, TileSums, BLOCK, GROUP, PANEL, PANEL_BLOCK};
-
-    /// Values `4 group .. 4 group + 4` of `x`'s block `block`, in every 32-bit lane.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn broadcast_group(x: &QuantizedRow, block: usize, group: usize) -> __m256i {
-        // SAFETY: the group lies inside the row (`Kernel::panel` checked its width).
-        _mm256_set1_epi32(unsafe {
-            x.quants.as_ptr().add(block * BLOCK + group * GROUP).cast::<i32>().read_unaligned()
-        })
-    }
-
-    /// `sum + dots x weight scales x x's scale`, lane by lane.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn scale_and_add(sum: __m256, dots: __m256i, weight_scales: __m256, x_scale: f32) -> __m256 {
-        _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(weight_scales, _mm256_set1_ps(x_scale)), sum)
-    }
-
-    /// VNNI's `vpdpbusd` multiplies the weights' bytes, unsigned (offset by 128), by the
-    /// activation's signed ones and adds each four into an i32 lane without saturating; each
-    /// block's sums start from the activation block's correction, which takes the offset out.
-    /// `P` panels at once: AVX-512 has 32 vector registers, room for the sums of two panels
-    /// against four rows, and each broadcast activation value then serves both.
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    pub(super) unsafe fn panel_vnni<const M: usize, const P: usize>(
-        quants: &[u8],
-        scales: &[f32],
-        xs: &[QuantizedRow],
-        sums: &mut TileSums,
-    ) {
-        let xs = &xs[..M];
-        let blocks = xs[0].scales.len();
-        let mut totals = [[_mm256_setzero_ps(); M]; P];
-        for block in 0..blocks {
-            let mut dots = [[_mm256_setzero_si256(); M]; P];
-            for m in 0..M {
-                let correction = _mm256_set1_epi32(xs[m].offset_corrections[block]);
-                for dots in &mut dots {
-                    dots[m] = correction;
-                }
-            }
-            for group in 0..BLOCK / GROUP {
-                let mut weights = [_mm256_setzero_si256(); P];
-                for (p, weights) in weights.iter_mut().enumerate() {
-                    // SAFETY: 32 bytes of this block of panel `p` (`Kernel::panels` checked the
-                    // sizes).
-                    *weights = unsafe {
-                        _mm256_loadu_si256(
-                            quants
-                                .as_ptr()
-                                .add((p * blocks + block) * PANEL_BLOCK + group * PANEL * GROUP)
-                                .cast::<__m256i>(),
-                        )
-                    };
-                }
-                for m in 0..M {
-                    let x = unsafe { broadcast_group(&xs[m], block, group) };
-                    for p in 0..P {
-                        dots[p][m] = _mm256_dpbusd_epi32(dots[p][m], weights[p], x);
-                    }
-                }
-            }
-            for p in 0..P {
-                // SAFETY: this block's eight scales of panel `p`.
-                let weight_scales = unsafe { _mm256_loadu_ps(scales.as_ptr().add((p * blocks + block) * PANEL)) };
-                for m in 0..M {
-                    totals[p][m] =
-                        unsafe { scale_and_add(totals[p][m], dots[p][m], weight_scales, xs[m].scales[block]) };
-                }
-            }
-        }
-        for (p, totals) in totals.iter().enumerate() {
-            for m in 0..M {
-                // SAFETY: eight f32 into an array of `PANEL * TILE_PANELS`, at panel `p`'s place.
-                unsafe { _mm256_storeu_ps(sums[m].as_mut_ptr().add(p * PANEL), totals[m]) };
-            }
-        }
-    }
-
-    /// Without VNNI: `maddubs` multiplies unsigned by signed bytes into pairs of i16, so it takes
-    /// |w| and x with w's sign (a weight of -128 is right this way: its |w| is the byte 128, while
-    /// x, within +-127, never overflows), and `madd` with ones widens each four into an i32 lane.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn panel_avx2<const M: usize>(
-        quants: &[u8],
-        scales: &[f32],
-        xs: &[QuantizedRow],
-        sums: &mut TileSums,
-    ) {
-        let xs = &xs[..M];
-        let bias = _mm256_set1_epi8(super::WEIGHT_BIAS as i8);
-        let ones = _mm256_set1_epi16(1);
-        let mut totals = [_mm256_setzero_ps(); M];
-        for block in 0..xs[0].scales.len() {
-            let mut dots = [_mm256_setzero_si256(); M];
-            for group in 0..BLOCK / GROUP {
-                // SAFETY: 32 bytes of this block's panel (`Kernel::panel` checked the sizes).
-                let weights =
-                    unsafe { quants.as_ptr().add(block * PANEL_BLOCK + group * PANEL * GROUP).cast::<__m256i>() };
-                let weights = _mm256_xor_si256(unsafe { _mm256_loadu_si256(weights) }, bias);
-                let magnitudes = _mm256_sign_epi8(weights, weights);
-                for m in 0..M {
-                    let x = _mm256_sign_epi8(unsafe { broadcast_group(&xs[m], block, group) }, weights);
-                    dots[m] = _mm256_add_epi32(dots[m], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes, x), ones));
-                }
-            }
-            // SAFETY: this block's eight scales.
-            let weight_scales = unsafe { _mm256_loadu_ps(scales.as_ptr().add(block * PANEL)) };
-            for m in 0..M {
-                totals[m] = unsafe { scale_and_add(totals[m], dots[m], weight_scales, xs[m].scales[block]) };
-            }
-        }
-        for m in 0..M {
-            // SAFETY: eight f32 into an array of eight.
-            unsafe { _mm256_storeu_ps(sums[m].as_mut_ptr(), totals[m]) };
-        }
-    }
-}
-
 #[cfg(target_arch = "aarch64")]
-mod arm {
-    use std::arch::aarch64::*;
-    use std::arch::asm;
-
-    use super::{QuantizedRow, TileSums, BLOCK, GROUP, PANEL, PANEL_BLOCK};
-
-    /// `totals += dots x weight scales x x's scale`, for the panel's rows 0-3 and 4-7.
-    #[inline]
-    #[target_feature(enable = "neon")]
-    unsafe fn scale_and_add(
-        totals: &mut [float32x4_t; 2],
-        dots: [int32x4_t; 2],
-        weight_scales: *const f32,
-        x_scale: f32,
-    ) {
-        for half in 0..2 {
-            // SAFETY: this block's eight scales (`Kernel::panel` checked the sizes).
-            let weight_scales = unsafe { vld1q_f32(weight_scales.add(4 * half)) };
-            totals[half] = vfmaq_f32(totals[half], vcvtq_f32_s32(dots[half]), vmulq_n_f32(weight_scales, x_scale));
-        }
-    }
-
-    /// Widening multiplies (i8 x i8 into i16, at most 128 x 128) added pairwise into i32: the
-    /// base NEON of every aarch64 core, the Pi 4's Cortex-A72 included.
-    #[target_feature(enable = "neon")]
-    pub(super) unsafe fn panel_neon<const M: usize>(
-        quants: &[u8],
-        scales: &[f32],
-        xs: &[QuantizedRow],
-        sums: &mut TileSums,
-    ) {
-        let xs = &xs[..M];
-        let mut totals = [[vdupq_n_f32(0.0); 2]; M];
-        for block in 0..xs[0].scales.len() {
-            // Per activation row, sums of pairs of values for rows (0, 1), (2, 3), (4, 5), (6, 7).
-            let mut pairs = [[vdupq_n_s32(0); 4]; M];
-            for group in 0..BLOCK / GROUP {
-                // SAFETY: 32 bytes of this block's panel, and 4 of each row's block.
-                let at = unsafe { quants.as_ptr().add(block * PANEL_BLOCK + group * PANEL * GROUP).cast::<i8>() };
-                let weights = unsafe { [vld1_s8(at), vld1_s8(at.add(8)), vld1_s8(at.add(16)), vld1_s8(at.add(24))] };
-                for m in 0..M {
-                    let x = unsafe {
-                        xs[m].quants.as_ptr().add(block * BLOCK + group * GROUP).cast::<i32>().read_unaligned()
-                    };
-                    let x = vreinterpret_s8_s32(vdup_n_s32(x));
-                    for pair in 0..4 {
-                        pairs[m][pair] = vpadalq_s16(pairs[m][pair], vmull_s8(weights[pair], x));
-                    }
-                }
-            }
-            for m in 0..M {
-                let dots = [vpaddq_s32(pairs[m][0], pairs[m][1]), vpaddq_s32(pairs[m][2], pairs[m][3])];
-                unsafe { scale_and_add(&mut totals[m], dots, scales.as_ptr().add(block * PANEL), xs[m].scales[block]) };
-            }
-        }
-        store(&totals, sums);
-    }
-
-    /// `acc[i] += w[4i..4i + 4] . x[4 LANE..4 LANE + 4]`: ARMv8.2's `sdot` by element. Written
-    /// out because Rust's `vdotq_laneq_s32` is not stable yet.
-    #[inline]
-    #[target_feature(enable = "neon,dotprod")]
-    unsafe fn sdot<const LANE: i32>(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
-        let mut acc = acc;
-        // SAFETY: registers only; the caller's CPU has the dot-product extension.
-        unsafe {
-            asm!(
-                "sdot {acc:v}.4s, {w:v}.16b, {x:v}.4b[{lane}]",
-                acc = inout(vreg) acc,
-                w = in(vreg) w,
-                x = in(vreg) x,
-                lane = const LANE,
-                options(pure, nomem, nostack, preserves_flags)
-            )
-        };
-        acc
-    }
-
-    /// The dot-product extension (Cortex-A76, the Pi 5): `sdot` against one 32-bit lane of the
-    /// activation block gives four rows' sums of four products in one instruction.
-    #[target_feature(enable = "neon,dotprod")]
-    pub(super) unsafe fn panel_dot_product<const M: usize>(
-        quants: &[u8],
-        scales: &[f32],
-        xs: &[QuantizedRow],
-        sums: &mut TileSums,
-    ) {
-        let xs = &xs[..M];
-        let mut totals = [[vdupq_n_f32(0.0); 2]; M];
-        for block in 0..xs[0].scales.len() {
-            let w = unsafe { quants.as_ptr().add(block * PANEL_BLOCK).cast::<i8>() };
-            let mut x = [[vdupq_n_s8(0); 2]; M];
-            for m in 0..M {
-                // SAFETY: the row's 32 values of this block.
-                let at = unsafe { xs[m].quants.as_ptr().add(block * BLOCK) };
-                x[m] = unsafe { [vld1q_s8(at), vld1q_s8(at.add(16))] };
-            }
-            let mut dots = [[vdupq_n_s32(0); 2]; M];
-            // Group g: 16 bytes for rows 0-3 and 16 for rows 4-7, against the x values 4g..4g + 4.
-            macro_rules! group {
-                ($group:literal, $half:literal, $lane:literal) => {
-                    // SAFETY: 32 bytes of this block's panel.
-                    let weights = unsafe { [vld1q_s8(w.add($group * 32)), vld1q_s8(w.add($group * 32 + 16))] };
-                    for m in 0..M {
-                        dots[m][0] = unsafe { sdot::<$lane>(dots[m][0], weights[0], x[m][$half]) };
-                        dots[m][1] = unsafe { sdot::<$lane>(dots[m][1], weights[1], x[m][$half]) };
-                    }
-                };
-            }
-            group!(0, 0, 0);
-            group!(1, 0, 1);
-            group!(2, 0, 2);
-            group!(3, 0, 3);
-            group!(4, 1, 0);
-            group!(5, 1, 1);
-            group!(6, 1, 2);
-            group!(7, 1, 3);
-            for m in 0..M {
-                unsafe {
-                    scale_and_add(&mut totals[m], dots[m], scales.as_ptr().add(block * PANEL), xs[m].scales[block])
-                };
-            }
-        }
-        store(&totals, sums);
-    }
-
-    fn store<const M: usize>(totals: &[[float32x4_t; 2]; M], sums: &mut TileSums) {
-        for (totals, sums) in totals.iter().zip(sums.iter_mut()) {
-            // SAFETY: four f32 into each half of an array of eight.
-            unsafe {
-                vst1q_f32(sums.as_mut_ptr(), totals[0]);
-                vst1q_f32(sums.as_mut_ptr().add(4), totals[1]);
-            }
-        }
-    }
-}
+mod arm;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -868,7 +740,7 @@ pub(crate) mod tests {
             .collect()
     }
 
-    fn dequantized(matrix: &Q8_0Matrix) -> Vec<f32> {
+    fn dequantized(matrix: &BlockMatrix) -> Vec<f32> {
         let (rows, columns) = (matrix.rows(), matrix.columns());
         (0..rows * columns)
             .map(|i| {
@@ -908,25 +780,46 @@ pub(crate) mod tests {
             for (x, row) in xs.iter().zip(activations.chunks_exact(columns)) {
                 let alone = QuantizedRow::of(row);
                 assert_eq!((&x.quants, &x.scales), (&alone.quants, &alone.scales), "{threads} threads");
-                #[cfg(target_arch = "x86_64")]
-                assert_eq!(x.offset_corrections, alone.offset_corrections);
+                assert_eq!(x.sums, alone.sums);
             }
         }
     }
 
-    #[test]
-    fn every_kernel_and_every_split_give_the_products_of_the_blocks() {
-        let mut rng = ChaCha8Rng::seed_from_u64(7);
-        // Not a whole number of panels: the last one is padded.
-        let (rows, columns) = (1031, 640);
-        let blocks = random_blocks(&mut rng, rows, columns);
-        let matrix = Q8_0Matrix::from_blocks(&blocks, rows, columns).unwrap();
-        let m = 9;
-        let activations: Vec<f32> = (0..m * columns).map(|_| rng.random_range(-3.0..3.0)).collect();
-        let expected: Vec<f32> = activations
-            .chunks_exact(columns)
-            .flat_map(|x| products_from_blocks(&blocks, rows, &QuantizedRow::of(x)))
-            .collect();
+    /// Random Q4_0 weights as `MatMulNBits` holds them: every nibble possible, and a scale per
+    /// block.
+    fn random_q4_0(rng: &mut ChaCha8Rng, rows: usize, columns: usize) -> (Vec<u8>, Vec<f32>) {
+        let nibbles = (0..rows * columns / 2).map(|_| rng.random::<u8>()).collect();
+        let scales =
+            (0..rows * columns / BLOCK).map(|_| f16::from_f32(rng.random_range(1e-4..2e-2)).to_f32()).collect();
+        (nibbles, scales)
+    }
+
+    /// `W x` straight from `MatMulNBits`' nibbles, row by row: no panels.
+    fn products_from_q4_0(nibbles: &[u8], scales: &[f32], rows: usize, x: &QuantizedRow) -> Vec<f32> {
+        let per_row = x.scales.len();
+        (0..rows)
+            .map(|row| {
+                (0..per_row)
+                    .map(|b| {
+                        let block = row * per_row + b;
+                        let bytes = &nibbles[block * BLOCK / 2..(block + 1) * BLOCK / 2];
+                        let dot: i32 = (0..BLOCK)
+                            .map(|i| {
+                                let q = i32::from(bytes[i / 2] >> (4 * (i % 2)) & 0x0F);
+                                (q - 8) * i32::from(x.quants[b * BLOCK + i])
+                            })
+                            .sum();
+                        scales[block] * x.scales[b] * dot as f32
+                    })
+                    .sum()
+            })
+            .collect()
+    }
+
+    /// Every kernel of this CPU, at every split of threads and activation rows, gives `expected`
+    /// (`activations`' rows' products, one after the other).
+    fn check_every_kernel_and_split(matrix: &BlockMatrix, activations: &[f32], expected: &[f32]) {
+        let (rows, columns) = (matrix.rows(), matrix.columns());
         let kernels = Kernel::available();
         #[cfg(target_arch = "x86_64")]
         if std::env::var_os("CI").is_none() {
@@ -941,11 +834,12 @@ pub(crate) mod tests {
             {
                 let mut out = vec![0.0; rows_used * rows];
                 matrix.multiply_with(kernel, &activations[..rows_used * columns], &mut out, threads).unwrap();
-                for (index, (&got, &want)) in out.iter().zip(&expected).enumerate() {
+                for (index, (&got, &want)) in out.iter().zip(expected).enumerate() {
                     // Exact integer blocks; only the order of the f32 sums of 20 blocks differs.
                     assert!(
                         (got - want).abs() <= 1e-4 * want.abs().max(1.0),
-                        "{kernel:?}, {rows_used} rows, {threads} threads, output {index}: {got} vs {want}"
+                        "{} {kernel:?}, {rows_used} rows, {threads} threads, output {index}: {got} vs {want}",
+                        matrix.format()
                     );
                 }
             }
@@ -953,20 +847,64 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn every_kernel_and_every_split_give_the_products_of_the_blocks() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        // Not a whole number of panels: the last one is padded.
+        let (rows, columns) = (1031, 640);
+        let m = 9;
+        let activations: Vec<f32> = (0..m * columns).map(|_| rng.random_range(-3.0..3.0)).collect();
+        let xs: Vec<QuantizedRow> = activations.chunks_exact(columns).map(QuantizedRow::of).collect();
+
+        let blocks = random_blocks(&mut rng, rows, columns);
+        let matrix = BlockMatrix::from_blocks(&blocks, rows, columns).unwrap();
+        let expected: Vec<f32> = xs.iter().flat_map(|x| products_from_blocks(&blocks, rows, x)).collect();
+        check_every_kernel_and_split(&matrix, &activations, &expected);
+
+        let (nibbles, scales) = random_q4_0(&mut rng, rows, columns);
+        let matrix = BlockMatrix::from_q4_0_parts(&nibbles, &scales, rows, columns).unwrap();
+        let expected: Vec<f32> = xs.iter().flat_map(|x| products_from_q4_0(&nibbles, &scales, rows, x)).collect();
+        check_every_kernel_and_split(&matrix, &activations, &expected);
+    }
+
+    #[test]
+    fn q4_0_weights_are_placed_where_their_parts_say() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (rows, columns) = (19, 96);
+        let (nibbles, scales) = random_q4_0(&mut rng, rows, columns);
+        let matrix = BlockMatrix::from_q4_0_parts(&nibbles, &scales, rows, columns).unwrap();
+        let mut row = vec![0.0; columns];
+        for r in 0..rows {
+            matrix.dequantize_row(r, &mut row);
+            for (column, &value) in row.iter().enumerate() {
+                let byte = nibbles[(r * columns + column) / 2];
+                let q = i32::from(if column.is_multiple_of(2) { byte & 0x0F } else { byte >> 4 });
+                assert_eq!(value, (q - 8) as f32 * scales[(r * columns + column) / BLOCK], "row {r}, column {column}");
+            }
+        }
+        let error = BlockMatrix::from_q4_0_parts(&nibbles[1..], &scales, rows, columns).unwrap_err().to_string();
+        assert_eq!(error, "1822 values and 57 scales for a 19 x 96 Q4_0 matrix: it takes 1824 and 57");
+    }
+
+    #[test]
     fn products_are_close_to_f32_ones() {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let (rows, columns) = (64, 256);
-        let matrix = Q8_0Matrix::from_blocks(&random_blocks(&mut rng, rows, columns), rows, columns).unwrap();
+        let (nibbles, scales) = random_q4_0(&mut rng, rows, columns);
         let hidden: Vec<f32> = (0..columns).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let weights = dequantized(&matrix);
-        let mut out = vec![0.0; rows];
-        matrix.multiply(&hidden, &mut out, 2).unwrap();
-        for (row, &got) in out.iter().enumerate() {
-            let w = &weights[row * columns..(row + 1) * columns];
-            let exact: f32 = w.iter().zip(&hidden).map(|(w, x)| w * x).sum();
-            let scale: f32 = w.iter().zip(&hidden).map(|(w, x)| (w * x).abs()).sum();
-            // 8-bit activations: each product is off by at most half a step of its block.
-            assert!((got - exact).abs() <= 0.01 * scale, "row {row}: {got} vs {exact} (scale {scale})");
+        for matrix in [
+            BlockMatrix::from_blocks(&random_blocks(&mut rng, rows, columns), rows, columns).unwrap(),
+            BlockMatrix::from_q4_0_parts(&nibbles, &scales, rows, columns).unwrap(),
+        ] {
+            let weights = dequantized(&matrix);
+            let mut out = vec![0.0; rows];
+            matrix.multiply(&hidden, &mut out, 2).unwrap();
+            for (row, &got) in out.iter().enumerate() {
+                let w = &weights[row * columns..(row + 1) * columns];
+                let exact: f32 = w.iter().zip(&hidden).map(|(w, x)| w * x).sum();
+                let scale: f32 = w.iter().zip(&hidden).map(|(w, x)| (w * x).abs()).sum();
+                // 8-bit activations: each product is off by at most half a step of its block.
+                assert!((got - exact).abs() <= 0.01 * scale, "{row} of {matrix:?}: {got} vs {exact} (scale {scale})");
+            }
         }
     }
 
@@ -975,12 +913,14 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("output_layer.q8_0");
         std::fs::write(&path, vec![0u8; 10 * BLOCK_BYTES - 1]).unwrap();
-        let error = Q8_0Matrix::load(&path, 5, 64).unwrap_err().to_string();
+        let error = BlockMatrix::load(&path, 5, 64).unwrap_err().to_string();
         assert!(error.contains("output_layer.q8_0: 339 bytes, but 5 rows of 64 Q8_0 values take 340"), "{error}");
-        assert!(Q8_0Matrix::load(&path, 5, 60).unwrap_err().to_string().contains("multiple of 32"));
-        let matrix = Q8_0Matrix::from_blocks(&[0; 2 * BLOCK_BYTES], 1, 64).unwrap();
+        assert!(BlockMatrix::load(&path, 5, 60).unwrap_err().to_string().contains("multiple of 32"));
+        let matrix = BlockMatrix::from_blocks(&[0; 2 * BLOCK_BYTES], 1, 64).unwrap();
         let error = matrix.multiply(&[0.0; 65], &mut [0.0; 1], 1).unwrap_err().to_string();
         assert_eq!(error, "65 activations are not whole rows of 64");
+        let error = BlockMatrix::from_parts(&[0; 64], &[f16::ZERO; 3], 1, 64).unwrap_err().to_string();
+        assert_eq!(error, "64 values and 3 scales for a 1 x 64 Q8_0 matrix: it takes 64 and 2");
     }
 
     #[test]
@@ -991,8 +931,8 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("output_layer.q8_0");
         std::fs::write(&path, &blocks).unwrap();
-        let loaded = Q8_0Matrix::load(&path, rows, columns).unwrap();
-        let direct = Q8_0Matrix::from_blocks(&blocks, rows, columns).unwrap();
+        let loaded = BlockMatrix::load(&path, rows, columns).unwrap();
+        let direct = BlockMatrix::from_blocks(&blocks, rows, columns).unwrap();
         assert_eq!((loaded.quants == direct.quants, loaded.scales == direct.scales), (true, true));
         // Row 1, block 1: the fourth block of the file.
         let block = &blocks[3 * BLOCK_BYTES..];
@@ -1002,7 +942,7 @@ pub(crate) mod tests {
         let scales: Vec<f16> = (0..rows * columns / BLOCK)
             .map(|b| f16::from_f32(direct.scale(b / (columns / BLOCK), b % (columns / BLOCK))))
             .collect();
-        let parts = Q8_0Matrix::from_parts(&quants, &scales, rows, columns).unwrap();
+        let parts = BlockMatrix::from_parts(&quants, &scales, rows, columns).unwrap();
         assert_eq!((parts.quants == direct.quants, parts.scales == direct.scales), (true, true));
     }
 }
