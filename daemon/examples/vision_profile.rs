@@ -3,7 +3,7 @@
 //! timed node by node, the times summed per operator (per output shape for matrix products).
 //! `unfused` as a fourth argument keeps the exported attention, to compare.
 //!
-//! `cargo run --release --example vision_profile -- BUNDLE/vision.onnx [THREADS] [PATCHES] [unfused]`
+//! `cargo run --release --example vision_profile -- BUNDLE/vision.onnx [THREADS] [SOFT_TOKENS] [unfused]`
 //!
 //! The graph must hold standard ONNX operators only: an `--encoders f32` bundle's.
 
@@ -16,32 +16,32 @@ use tract_onnx::tract_core::plan::{eval, SimpleState};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let path = args.next().context("usage: vision_profile VISION_ONNX [THREADS] [PATCHES]")?;
+    let path = args.next().context("usage: vision_profile VISION_ONNX [THREADS] [SOFT_TOKENS] [unfused]")?;
     let threads: usize = args.next().map(|t| t.parse()).transpose()?.unwrap_or(2);
-    // The default budget: 280 soft tokens of 9 patches.
-    let patches: usize = args.next().map(|p| p.parse()).transpose()?.unwrap_or(2520);
+    let soft_tokens: usize = args.next().map(|p| p.parse()).transpose()?.unwrap_or(280);
     outpost::model::use_threads(threads);
+    // A 4:3 picture, as the station's camera gives: at most budgets its patches fill part of the
+    // grid, and the rest is padding the attention masks out, as in the runtime.
+    let picture = image::RgbImage::from_fn(640, 480, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 128]));
+    let patches = outpost::model::prepare_image(&picture, &outpost::model::ImageParams::gemma4(soft_tokens))?;
+    let real = patches.positions.chunks(2).filter(|p| p[0] >= 0).count();
     let model = tract_onnx::onnx()
         .with_ignore_output_shapes(true)
         .with_ignore_value_info(true)
         .model_for_path(&path)?
         .into_typed()?;
     let count = model.symbols.sym("num_patches");
-    let mut model = model.set_symbols(&HashMap::from([(count, TDim::Val(patches as i64))]))?;
+    let mut model = model.set_symbols(&HashMap::from([(count, TDim::Val(patches.max_patches as i64))]))?;
     let fused = match args.next().as_deref() {
         Some("unfused") => 0,
         _ => outpost::model::fuse_attention(&mut model)?,
     };
     let plan = model.into_optimized()?.into_runnable()?;
-    let pixels =
-        tract_ndarray::Array3::from_shape_fn((1, patches, 768), |(_, p, i)| ((p * 31 + i * 7) % 255) as f32 / 255.0);
-    // A grid as wide as a square picture's.
-    let side = (patches as f64).sqrt().ceil() as usize;
-    let positions = tract_ndarray::Array3::from_shape_fn((1, patches, 2), |(_, p, axis)| match axis {
-        0 => (p % side) as i64,
-        _ => (p / side) as i64,
-    });
+    let (max, values) = (patches.max_patches, patches.patch_values);
+    let pixels = tract_ndarray::Array3::from_shape_vec((1, max, values), patches.pixel_values)?;
+    let positions = tract_ndarray::Array3::from_shape_vec((1, max, 2), patches.positions)?;
     let inputs: TVec<TValue> = tvec!(pixels.into_tensor().into(), positions.into_tensor().into());
+    let patches = format!("{real} of {max}");
     println!("{path}: {patches} patches, {threads} threads, {fused} attentions fused");
     // The first run pays for first-touch allocations; the second is the one reported.
     for run in ["first", "second"] {
