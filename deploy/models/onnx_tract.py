@@ -422,8 +422,8 @@ def quantize_q4_0(m, select=None, min_k=Q4_BLOCK, search=False, importance=None,
     """Rewrites, in the ModelProto `m` (in place), every MatMul whose second input is a constant
     2-D weight W [K, N] (an initializer, or Transpose(perm=[1, 0]) of an initializer [N, K]) into
     a com.microsoft MatMulNBits node (bits=4, block_size=32, K, N; inputs A, B uint8
-    [N, K/32, 16], scales f32 [N * K/32]; no zero points, so the zero point is 8 and tract
-    0.23.9 keeps the weight in its Q4_0 block format).
+    [N, K/32, 16], scales f32 [N * K/32]; no zero points, so the zero point is 8: GGML's Q4_0,
+    which the runtime multiplies with its own kernels, daemon/src/model/block_matmul.rs).
 
     select(node, weight_name, K, N) -> bool chooses the nodes (default: all candidates);
     search: see q4_0_pack; importance: {MatMul input name: mean squared activation [K]}
@@ -515,7 +515,7 @@ Q8_0_DOMAIN = "ai.outpost"
 def quantize_q8_0(m, select=None, log=print):
     """Rewrites, in the ModelProto `m` (in place), every MatMul with a constant weight (see
     `_constant_weight`) that `select(node, weight_name, K, N)` picks into an ai.outpost MatMulQ8_0
-    node (daemon/src/model/q8_0_matmul.rs): inputs A, B int8 [N, K], scales f16 [N, K/32]
+    node (daemon/src/model/block_matmul.rs): inputs A, B int8 [N, K], scales f16 [N, K/32]
     (llama.cpp's Q8_0: d = max|w| / 127 per block of 32 along K), attributes K and N.
     onnxruntime cannot run it: `runtime_twin` gives the graph it can. Returns a list of
     {node, weight, K, N, rmse, max_abs_err}."""

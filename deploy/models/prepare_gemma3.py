@@ -20,7 +20,7 @@ positions past_seq + arange(seq). Every graph is checked with onnxruntime agains
 (prefill, KV-cache decode steps, greedy 32 tokens vs generate).
 
 --quantize q4_0 rewrites decoder projection MatMuls (q/k/v/o, gate/up/down) into com.microsoft
-MatMulNBits (bits 4, block 32, no zero points: tract's Q4_0). Gemma 3 270M is very sensitive to
+MatMulNBits (bits 4, block 32, no zero points: GGML's Q4_0, on our kernels). Gemma 3 270M is very sensitive to
 Q4_0, so by default only the layers measured to keep >= 95% teacher-forced next-token agreement
 with the f32 bundle are quantized (DEFAULT_Q4_LAYERS; --q4-layers all for every layer), with
 llama.cpp's importance-weighted rounding (an importance matrix from CALIBRATION_TEXT). The
@@ -34,7 +34,7 @@ onnxruntime against the f32 ones. --from-f32 DIR reuses an f32 bundle built by t
 GGUF loading, no torch export): the fast way to build both bundles.
 --quantize q8_0 rewrites every layer's projections into ai.outpost MatMulQ8_0 nodes (int8 weights,
 an f16 scale per 32 along K, llama.cpp's Q8_0 rounding) that the runtime registers with tract
-(daemon/src/model/q8_0_matmul.rs), each layer's q/k/v and its gate/up merged into one node and
+(daemon/src/model/block_matmul.rs), each layer's q/k/v and its gate/up merged into one node and
 a Split (one input quantization, one product shared out among threads); onnxruntime checks the
 same graph with the weights dequantized. The output layer and embedding table are as for q4_0.
 Default output: ~/.cache/outpost/bundles/gemma-3-270m-f32, .../gemma-3-270m-q4_0 and
@@ -744,7 +744,7 @@ def build_quantized(args, f32_dir: Path, out: Path, name, embed_dtype, q4_layers
         quant_desc = (f"{layers_desc} for the q/k/v/o and gate/up/down projections of all layers "
                       "(q/k/v and gate/up each merged into one product)")
     else:
-        quant_desc = (f"q4_0 (MatMulNBits block 32, no zero points = tract Q4_0; {rounding}) for the {projs_desc} "
+        quant_desc = (f"q4_0 (MatMulNBits block 32, no zero points = GGML Q4_0; {rounding}) for the {projs_desc} "
                       f"of {layers_desc}" + ("" if q4_layers == list(range(n_layers)) else ", other layers f32"))
     quant_desc = (quant_desc
                   + (f"; lm_head {args.lm_head}" if output_layer is None else

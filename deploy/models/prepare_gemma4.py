@@ -17,10 +17,10 @@ an image and an audio prompt. The figures go into the manifest's `parity`; the s
 1 when a greedy run differs from PyTorch's.
 
 --quantize q4_0 or q8_0 rewrites the decoder's projection weights (q/k/v/o, gate/up/down of the
-layers given by --layers, default all): q4_0 into com.microsoft MatMulNBits (block 32, which tract
-keeps in its Q4_0 block format); q8_0 into ai.outpost MatMulQ8_0 nodes (int8 weights, llama.cpp's
-Q8_0 rounding) that the runtime multiplies with its own kernels (daemon/src/model/q8_0_matmul.rs),
-each layer's q/k/v and its gate/up merged into one node. Either way the output matmul and its
+layers given by --layers, default all): q4_0 into com.microsoft MatMulNBits (4 bits, block 32, no
+zero points: GGML's Q4_0); q8_0 into ai.outpost MatMulQ8_0 nodes (int8 weights, llama.cpp's Q8_0
+rounding), each layer's q/k/v and its gate/up merged into one node. The runtime multiplies both
+with its own kernels (daemon/src/model/block_matmul.rs). Either way the output matmul and its
 soft-cap leave the decoder graph, which then gives hidden_states: output_layer.q8_0 holds the
 matrix as GGML Q8_0 blocks for the runtime's own kernels (daemon/src/model/output_layer.rs), and
 the embed graph is dropped: Gemma 4 ties its token table to the output layer, so token rows are
@@ -28,7 +28,8 @@ read from output_layer.q8_0, and the per-layer embedding table goes to per_layer
 (Q8_0 rows, read from disk a row per token: E2B's is 262144 x 8960, 2.5 GB in Q8_0, more than the
 whole model may hold in memory). The f32 graphs are checked against PyTorch first; the quantized
 ones are then compared with the f32 ones (greedy tokens and teacher-forced next-token agreement,
-onnxruntime running the MatMulQ8_0 weights dequantized), and those figures go into
+onnxruntime running a twin that computes as the runtime does: MatMulQ8_0 weights dequantized,
+activations of the quantized products rounded to Q8_0 first), and those figures go into
 `parity.quantized`.
 
 --reference DIR also writes the PyTorch/onnxruntime outputs of the checks as .npy files and a
@@ -865,7 +866,7 @@ def prepare(ckpt: Path, out: Path, *, name=None, description=None, quantize="non
             finally:
                 shutil.rmtree(twins, ignore_errors=True)
             parity["quantized"].update(done)
-            weights = {"q4_0": "q4_0 (MatMulNBits block 32, no zero points = tract Q4_0)",
+            weights = {"q4_0": "q4_0 (MatMulNBits block 32, no zero points = GGML Q4_0)",
                        "q8_0": "q8_0 (ai.outpost MatMulQ8_0, llama.cpp's Q8_0 rounding; q/k/v and gate/up merged)"}
             quantization = (f"{weights[quantize]} for the {', '.join(PROJECTIONS)} weights of layers "
                             f"{done['layers']} ({done[quantize + '_matmuls']} matmuls); the output layer outside "
