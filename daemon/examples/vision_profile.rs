@@ -4,8 +4,6 @@
 //! `unfused` as a fourth argument keeps the exported attention, to compare.
 //!
 //! `cargo run --release --example vision_profile -- BUNDLE/vision.onnx [THREADS] [SOFT_TOKENS] [unfused]`
-//!
-//! The graph must hold standard ONNX operators only: an `--encoders f32` bundle's.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -25,11 +23,7 @@ fn main() -> anyhow::Result<()> {
     let picture = image::RgbImage::from_fn(640, 480, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 128]));
     let patches = outpost::model::prepare_image(&picture, &outpost::model::ImageParams::gemma4(soft_tokens))?;
     let real = patches.positions.chunks(2).filter(|p| p[0] >= 0).count();
-    let model = tract_onnx::onnx()
-        .with_ignore_output_shapes(true)
-        .with_ignore_value_info(true)
-        .model_for_path(&path)?
-        .into_typed()?;
+    let model = outpost::model::load_graph(std::path::Path::new(&path))?;
     let count = model.symbols.sym("num_patches");
     let mut model = model.set_symbols(&HashMap::from([(count, TDim::Val(patches.max_patches as i64))]))?;
     let fused = match args.next().as_deref() {

@@ -116,6 +116,8 @@ fn q4_0_bundle_with_external_weights_answers_as_onnxruntime_does() {
     let quantized = &bundle.manifest.sections["parity"]["quantized"];
     assert!(bundle.manifest.quantization.starts_with("q4_0"), "{}", bundle.manifest.quantization);
     assert_eq!(quantized["q4_0_matmuls"], 36, "7 projections in 6 layers, less the K/V of the 3 KV-shared layers");
+    // Merged as in Q8_0: q/k/v of the layers that own a cache, gate/up everywhere.
+    assert_eq!(quantized["fused_groups"], 9);
     let decoder_bytes = bundle.manifest.files["decoder"].bytes + bundle.manifest.files["decoder_data"].bytes;
     let f32_decoder_bytes = Bundle::open(&fixtures().join("gemma4-tiny")).unwrap().manifest.files["decoder"].bytes;
     println!("decoder: {decoder_bytes} bytes in Q4_0, {f32_decoder_bytes} in f32");

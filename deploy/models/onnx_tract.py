@@ -35,8 +35,9 @@ def _as_model(x):
 
 def tractify(path):
     """Rewrites needed by tract 0.23: Equal on bool -> Not(Xor); constant Range -> Constant; and
-    one for speed: Pow by a constant 2 or 3 (the RMS norms' squares, GELU's cube) -> Mul, as
-    tract calls powf for each element, several percent of a prefill.
+    two for speed: GELU's tanh form -> FastGelu (`fuse_tanh_gelu`), and Pow by a constant 2 or 3
+    (the RMS norms' squares) -> Mul, as tract calls powf for each element, several percent of a
+    prefill.
     `path` is a file (rewritten in place) or a ModelProto (modified in place, not saved)."""
     import onnx
     from onnx import helper, numpy_helper, shape_inference
@@ -60,7 +61,7 @@ def tractify(path):
                     types[n.output[0]] = a.t.data_type
     for i in m.graph.initializer:
         types[i.name] = i.data_type
-    stats = {"equal_bool": 0, "range_folded": 0, "pow_to_mul": 0}
+    stats = {"equal_bool": 0, "range_folded": 0, "pow_to_mul": 0, "tanh_gelu": fuse_tanh_gelu(m, consts)}
     new_nodes = []
     for n in m.graph.node:
         if n.op_type == "Equal" and all(types.get(x) == onnx.TensorProto.BOOL for x in n.input):
@@ -99,6 +100,61 @@ def tractify(path):
     if from_path:
         save_graph(m, path)
     return stats
+
+
+def fuse_tanh_gelu(m, consts) -> int:
+    """GELU's tanh form, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), which the exporter
+    spells in eight nodes over the whole MLP width, becomes one com.microsoft FastGelu (no bias):
+    tract runs it as a single vectorised pass (its GeluApproximate, through outpostd's parser),
+    onnxruntime as its own fused kernel. Returns how many were fused."""
+    from onnx import helper
+
+    users = {}
+    for n in m.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+
+    def only_user(out, op):
+        found = users.get(out, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op else None
+
+    def other(n, name):
+        if n is None or len(n.input) != 2 or name not in n.input:
+            return None
+        return n.input[1] if n.input[0] == name else n.input[0]
+
+    def scalar(name, value):
+        c = consts.get(name)
+        return c is not None and c.size == 1 and np.isclose(float(c.reshape(())), value, rtol=1e-6, atol=0)
+
+    fused = {}  # id of the last node -> FastGelu node; the other seven are dropped
+    dropped = set()
+    for pow_node in m.graph.node:
+        if pow_node.op_type != "Pow" or not scalar(pow_node.input[1], 3.0):
+            continue
+        x = pow_node.input[0]
+        chain = [pow_node]
+        for op, operand in [("Mul", lambda o: scalar(o, 0.044715)), ("Add", lambda o: o == x),
+                            ("Mul", lambda o: scalar(o, float(np.sqrt(2 / np.pi)))), ("Tanh", None),
+                            ("Add", lambda o: scalar(o, 1.0)), ("Mul", lambda o: scalar(o, 0.5)),
+                            ("Mul", lambda o: o == x)]:
+            n = only_user(chain[-1].output[0], op)
+            if n is None or (operand is not None and not operand(other(n, chain[-1].output[0]))):
+                break
+            chain.append(n)
+        else:
+            last = chain[-1]
+            fused[id(last)] = helper.make_node("FastGelu", [x], list(last.output), domain="com.microsoft",
+                                               name=pow_node.name + "_fast_gelu")
+            dropped.update(id(n) for n in chain[:-1])
+    if not fused:
+        return 0
+    nodes = [fused.get(id(n), n) for n in m.graph.node if id(n) not in dropped]
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(fused)
 
 
 def fold_shape_only_ranges(path: Path):
@@ -287,8 +343,11 @@ def decoder_cache_and_masks(past, seq, sliding_window):
         cache.update(past[2 * i], past[2 * i + 1], i)
     q_pos = torch.arange(seq) + past_len
     k_pos = torch.arange(past_len + seq)
-    causal = k_pos[None, :] <= q_pos[:, None]
-    window = (q_pos[:, None] - k_pos[None, :]) < sliding_window
+    # tract holds integers computed from shapes as symbolic values, one by one: in int32 the
+    # [seq, past + seq] comparisons are plain integer work (they were half a 512-token prefill).
+    q_i32, k_i32 = q_pos.to(torch.int32), k_pos.to(torch.int32)
+    causal = k_i32[None, :] <= q_i32[:, None]
+    window = (q_i32[:, None] - k_i32[None, :]) < sliding_window
     neg = torch.finfo(torch.float32).min
     zero = torch.zeros((), dtype=torch.float32)
     full_mask = torch.where(causal, zero, neg)[None, None]
@@ -557,34 +616,50 @@ def quantize_q8_0(m, select=None, log=print):
     return done
 
 
-def fuse_q8_0_siblings(m, log=print):
-    """Merges, in the ModelProto `m` (in place), the MatMulQ8_0 nodes that read the same input
-    (a layer's q/k/v projections; its gate/up) into one MatMulQ8_0 over their rows stacked,
-    followed by a Split along the last axis into the original outputs. Each output row is the
-    same dot product as before, so the values do not change; the runtime then quantizes the
-    input once and shares one product out among its threads instead of several small ones.
-    Returns a list of {nodes, N} per merged group."""
+def fuse_block_siblings(m, log=print):
+    """Merges, in the ModelProto `m` (in place), the block-quantized products that read the same
+    input (a layer's q/k/v projections; its gate/up), `MatMulQ8_0` or Q4_0 `MatMulNBits`, into
+    one node of the same kind over their rows stacked, followed by a Split along the last axis
+    into the original outputs. Each output row is the same dot product as before, so the values
+    do not change; the runtime then quantizes the input once and shares one larger product out
+    among its threads instead of several small ones. Returns a list of {nodes, N} per merged
+    group."""
     from onnx import helper, numpy_helper
 
     g = m.graph
     inits = {i.name: i for i in g.initializer}
+
+    def attribute(node, name):
+        return next((a.i for a in node.attribute if a.name == name), None)
+
+    def mergeable(node):
+        if node.op_type == "MatMulQ8_0" and node.domain == Q8_0_DOMAIN:
+            return True
+        # Q4_0 as quantize_q4_0 writes it: 4 bits, blocks of 32, no zero points, g_idx or bias.
+        return (node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and len(node.input) == 3
+                and attribute(node, "bits") in (None, 4) and attribute(node, "block_size") == Q4_BLOCK)
+
     groups = {}
     for node in g.node:
-        if node.op_type == "MatMulQ8_0" and node.domain == Q8_0_DOMAIN:
-            groups.setdefault(node.input[0], []).append(node)
-    groups = {a: nodes for a, nodes in groups.items() if len(nodes) > 1}
+        if mergeable(node):
+            groups.setdefault((node.op_type, node.input[0]), []).append(node)
+    groups = {key: nodes for key, nodes in groups.items() if len(nodes) > 1}
     merged, replacement = [], {}
-    for a, nodes in groups.items():
-        k = {attr.i for n in nodes for attr in n.attribute if attr.name == "K"}
-        assert len(k) == 1, f"MatMulQ8_0 nodes reading {a} disagree on K: {sorted(k)}"
-        widths = [next(attr.i for attr in n.attribute if attr.name == "N") for n in nodes]
+    for (op, a), nodes in groups.items():
+        k = {attribute(n, "K") for n in nodes}
+        assert len(k) == 1, f"{op} nodes reading {a} disagree on K: {sorted(k)}"
+        widths = [attribute(n, "N") for n in nodes]
         base = nodes[0].name + "_fused"
+        # B ([N, K] int8 or [N, K / 32, 16] nibbles) and the scales ([N, K / 32] or flat, N major)
+        # both stack along their first axis.
         for part, suffix in ((1, "_B"), (2, "_scales")):
             stacked = np.concatenate([numpy_helper.to_array(inits[n.input[part]]) for n in nodes], axis=0)
             g.initializer.append(numpy_helper.from_array(stacked, base + suffix))
         g.initializer.append(numpy_helper.from_array(np.asarray(widths, np.int64), base + "_widths"))
-        fused = helper.make_node("MatMulQ8_0", [a, base + "_B", base + "_scales"], [base + "_out"], name=base,
-                                 domain=Q8_0_DOMAIN, K=k.pop(), N=sum(widths))
+        fused = helper.make_node(op, [a, base + "_B", base + "_scales"], [base + "_out"], name=base,
+                                 domain=nodes[0].domain)
+        fused.attribute.extend(attr for attr in nodes[0].attribute if attr.name != "N")
+        fused.attribute.append(helper.make_attribute("N", sum(widths)))
         split = helper.make_node("Split", [base + "_out", base + "_widths"], [o for n in nodes for o in n.output],
                                  name=base + "_parts", axis=-1)
         # The merged pair goes where the first of the group was: every member reads only `a`,
@@ -599,7 +674,7 @@ def fuse_q8_0_siblings(m, log=print):
         g.node.extend(new_nodes)
         _drop_unused(g)
     if log:
-        log(f"fuse_q8_0_siblings: {sum(len(x['nodes']) for x in merged)} MatMulQ8_0 -> {len(merged)}")
+        log(f"fuse_block_siblings: {sum(len(x['nodes']) for x in merged)} products -> {len(merged)}")
     return merged
 
 

@@ -56,7 +56,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from onnx_tract import (OUTPUT_LAYER_FILE, activation_importance, cache_presents,  # noqa: E402
                         decoder_cache_and_masks, runtime_twin, export_model, fix_string_hashing,
-                        fuse_q8_0_siblings, graph_io, Q8_BLOCK,
+                        fuse_block_siblings, graph_io, Q8_BLOCK,
                         kv_names, maxdiff, output_layer_logits, q8_0_gather_nodes, q8_0_recover, q8_0_rows, quantize_q4_0,
                         quantize_q8_0, read_q8_0_blocks, rename_dims, sha256, split_output_layer,
                         write_q8_0_blocks)
@@ -694,13 +694,14 @@ def build_quantized(args, f32_dir: Path, out: Path, name, embed_dtype, q4_layers
     twin = None
     if args.quantize == "q8_0":
         done = quantize_q8_0(dm, select=lambda node, weight, k, n: weight_role(weight)[0] is not None)
-        fused = fuse_q8_0_siblings(dm)
+        fused = fuse_block_siblings(dm)
         assert len(fused) == 2 * n_layers, f"merged {len(fused)} groups, expected q/k/v and gate/up per layer"
         expected = n_layers * len(PROJECTIONS)
         twin = Path(tempfile.mkdtemp(prefix="gemma3-q8_0-twin-")) / "decoder.onnx"
         onnx.save(runtime_twin(dm), str(twin))
     else:
         done = quantize_q4_0(dm, select=select, search=args.rounding == "search", importance=importance)
+        fuse_block_siblings(dm)
         onnx.checker.check_model(dm)
         expected = len(q4_layers) * len(q4_projs) + (1 if args.lm_head == "q4_0" else 0)
     stage(f"quantize_{args.quantize}")

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnx_tract  # noqa: E402
 from onnx_tract import (OUTPUT_LAYER_FILE, Q8_BLOCK, cache_presents, decoder_cache_and_masks,  # noqa: E402
                         runtime_twin, export, fix_string_hashing, fold_shape_only_ranges,
-                        fuse_q8_0_siblings, graph_io, kv_names, maxdiff, output_layer_logits, quantize_q4_0,
+                        fuse_block_siblings, graph_io, kv_names, maxdiff, output_layer_logits, quantize_q4_0,
                         quantize_q8_0, read_q8_0_blocks, rename_dims, save_graph, sha256, split_output_layer,
                         q8_0_rows, write_q8_0_blocks)
 
@@ -601,10 +601,10 @@ def quantize_graphs(model, paths, quantize, layers, encoders_q8_0=False, log=pri
         return False
 
     if quantize == "q4_0":
-        matmuls, fused = quantize_q4_0(dm, select=chosen, log=log), []
+        matmuls = quantize_q4_0(dm, select=chosen, log=log)
     else:
         matmuls = quantize_q8_0(dm, select=chosen, log=log)
-        fused = fuse_q8_0_siblings(dm, log=log)
+    fused = fuse_block_siblings(dm, log=log)
 
     def is_head(_name, init):
         return tuple(init.dims) == head.shape[::-1] and np.array_equal(numpy_helper.to_array(init), head.T)

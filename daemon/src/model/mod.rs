@@ -9,6 +9,7 @@ mod block_matrix;
 mod bundle;
 mod chat;
 mod constrained;
+mod fast_gelu;
 mod image_input;
 mod output_layer;
 mod per_layer_embeddings;
@@ -30,7 +31,9 @@ pub use image_input::{
 };
 pub use output_layer::{OutputLayer, OutputLayerError};
 pub use per_layer_embeddings::{PerLayerEmbeddings, PerLayerEmbeddingsError, PerLayerLayout};
-pub use runtime::{last_row, use_threads, values, Embedded, KvCache, LogitRows, Runtime, RuntimeError, SoftTokens};
+pub use runtime::{
+    last_row, load_graph, use_threads, values, Embedded, KvCache, LogitRows, Runtime, RuntimeError, SoftTokens,
+};
 pub use sampling::{argmax, Sampler, Sampling};
 pub use tokenizer::{TextStream, Tokenizer, TokenizerError};
 pub use tools::{

@@ -20,7 +20,7 @@ use tract_onnx::prelude::*;
 
 use super::output_layer::OutputLayer;
 use super::per_layer_embeddings::{PerLayerEmbeddings, PerLayerEmbeddingsError, PerLayerLayout};
-use super::{attention, block_matmul, block_matrix};
+use super::{attention, block_matmul, block_matrix, fast_gelu};
 use super::{AudioFeatures, Bundle, Constraint, ConstraintError, ImagePatches, Sampler};
 
 /// A loaded, optimised graph ready to run.
@@ -150,7 +150,7 @@ impl Runtime {
                 placeholders: placeholder_ids(bundle)?,
             },
             None => {
-                let embed_model = load_typed(&graph("embed")?)?;
+                let embed_model = load_graph(&graph("embed")?)?;
                 let per_layer_inputs = match embed_model.outputs.len() {
                     1 => false,
                     2 => true,
@@ -163,10 +163,10 @@ impl Runtime {
             embedder,
             Embedder::Graph { per_layer_inputs: true, .. } | Embedder::OutputLayerRows { per_layer: Some(_), .. }
         );
-        let decoder_model = load_typed(&graph("decoder")?)?;
+        let decoder_model = load_graph(&graph("decoder")?)?;
         let audio = match bundle.file("audio") {
             Some(path) => {
-                let model = load_typed(&path)?;
+                let model = load_graph(&path)?;
                 let frames = fixed_frames(&model)?;
                 Some((optimise(model, "audio")?, frames))
             }
@@ -479,7 +479,7 @@ impl VisionEncoder {
 
 /// The vision graph at `path` with its `num_patches` input dimension fixed, optimised.
 fn vision_plan(path: &Path, patches: usize) -> Result<Plan, RuntimeError> {
-    let model = load_typed(path)?;
+    let model = load_graph(path)?;
     let count = model.symbols.sym("num_patches");
     let mut fixed = model
         .set_symbols(&HashMap::from([(count, TDim::Val(patches as i64))]))
@@ -572,10 +572,14 @@ fn placeholder_ids(bundle: &Bundle) -> Result<Vec<u32>, RuntimeError> {
     ids.and_then(|ids| ids.collect::<Option<Vec<u32>>>()).ok_or_else(|| RuntimeError::PlaceholderIds(list.to_string()))
 }
 
-fn load_typed(path: &Path) -> Result<TypedModel, RuntimeError> {
+/// The ONNX graph at `path` as a typed model, with our operators (`MatMulQ8_0`, 4-bit
+/// `MatMulNBits`) parsed into our kernels and `FastGelu` into tract's fused GELU: what the
+/// runtime optimises and runs.
+pub fn load_graph(path: &Path) -> Result<TypedModel, RuntimeError> {
     let load_error = |source| RuntimeError::Load { path: path.display().to_string(), source };
     let mut onnx = tract_onnx::onnx();
     block_matmul::register(&mut onnx);
+    fast_gelu::register(&mut onnx);
     onnx.with_ignore_output_shapes(true)
         .with_ignore_value_info(true)
         .model_for_path(path)
