@@ -5,14 +5,14 @@
 //!
 //! `cargo run --release --example decoder_profile -- BUNDLE [THREADS] [TOKENS=512] [PAST=0]`
 
-use std::collections::HashMap;
+#[path = "common/node_times.rs"]
+mod node_times;
+
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::Context;
 use outpost::model::{Bundle, Runtime};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::plan::{eval, SimpleState};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -40,33 +40,10 @@ fn main() -> anyhow::Result<()> {
     println!("{}: {tokens} tokens after {past}, {threads} threads", path.display());
     // The first run pays for first-touch allocations; the others are timed, the last reported.
     for run in ["first", "second", "third"] {
-        let mut times: HashMap<String, (f64, usize)> = HashMap::new();
-        let mut state = SimpleState::new(&plan)?;
-        let start = Instant::now();
-        state.run_plan_with_eval(inputs.clone(), |context, op_state, node, node_inputs| {
-            let node_start = Instant::now();
-            let outputs = eval(context, op_state, node, node_inputs);
-            let name = node.op.name();
-            let output = outputs.as_ref().ok().map(|o| (o[0].datum_type(), o[0].shape().to_vec()));
-            let key = match output {
-                Some((datum, shape)) => format!("{name} {datum:?} {shape:?}"),
-                None => name.to_string(),
-            };
-            let entry = times.entry(key).or_default();
-            entry.0 += node_start.elapsed().as_secs_f64();
-            entry.1 += 1;
-            outputs
-        })?;
-        let total = start.elapsed().as_secs_f64();
-        println!("{run} run: {:.1} ms, {:.1} tokens/s", total * 1e3, tokens as f64 / total);
+        let times = node_times::time_nodes(&plan, &inputs)?;
+        println!("{run} run: {:.1} ms, {:.1} tokens/s", times.seconds * 1e3, tokens as f64 / times.seconds);
         if run == "third" {
-            let nodes: usize = times.values().map(|(_, n)| n).sum();
-            println!("  {nodes} nodes");
-            let mut times: Vec<_> = times.into_iter().collect();
-            times.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
-            for (op, (seconds, nodes)) in times.iter().take(30) {
-                println!("  {op:<60} {nodes:>4} nodes {:>8.2} ms {:>5.1}%", seconds * 1e3, seconds / total * 100.0);
-            }
+            times.print(30);
         }
     }
     Ok(())

@@ -1,16 +1,17 @@
 //! Where the vision encoder's time goes, operator by operator: the bundle's vision graph planned
 //! as the runtime plans it (optimised for a fixed patch count, its attention fused), one run
-//! timed node by node, the times summed per operator (per output shape for matrix products).
+//! timed node by node, the times summed per operator and output shape.
 //! `unfused` as a fourth argument keeps the exported attention, to compare.
 //!
 //! `cargo run --release --example vision_profile -- BUNDLE/vision.onnx [THREADS] [SOFT_TOKENS] [unfused]`
 
+#[path = "common/node_times.rs"]
+mod node_times;
+
 use std::collections::HashMap;
-use std::time::Instant;
 
 use anyhow::Context;
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::plan::{eval, SimpleState};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -39,30 +40,10 @@ fn main() -> anyhow::Result<()> {
     println!("{path}: {patches} patches, {threads} threads, {fused} attentions fused");
     // The first run pays for first-touch allocations; the second is the one reported.
     for run in ["first", "second"] {
-        let mut times: HashMap<String, (f64, usize)> = HashMap::new();
-        let mut state = SimpleState::new(&plan)?;
-        let start = Instant::now();
-        state.run_plan_with_eval(inputs.clone(), |context, op_state, node, node_inputs| {
-            let node_start = Instant::now();
-            let outputs = eval(context, op_state, node, node_inputs);
-            let name = node.op.name();
-            let key = match name.starts_with("OptMatMul") {
-                true => format!("{name} {:?}", node.outputs[0].fact.shape),
-                false => name.to_string(),
-            };
-            let entry = times.entry(key).or_default();
-            entry.0 += node_start.elapsed().as_secs_f64();
-            entry.1 += 1;
-            outputs
-        })?;
-        let total = start.elapsed().as_secs_f64();
-        println!("{run} run: {total:.2} s");
+        let times = node_times::time_nodes(&plan, &inputs)?;
+        println!("{run} run: {:.2} s", times.seconds);
         if run == "second" {
-            let mut times: Vec<_> = times.into_iter().collect();
-            times.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
-            for (op, (seconds, nodes)) in times.iter().take(20) {
-                println!("  {op:<44} {nodes:>4} nodes {seconds:>7.3} s {:>5.1}%", seconds / total * 100.0);
-            }
+            times.print(20);
         }
     }
     Ok(())
