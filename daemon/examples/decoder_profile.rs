@@ -1,9 +1,10 @@
 //! Where the decoder's time goes, operator by operator: the bundle's decoder graph loaded and
 //! optimised as the runtime does, run over TOKENS new positions (the runtime's embeddings of
 //! arbitrary ids) after PAST cached ones (a prefill by default; `1 128` is a decode step), timed
-//! node by node and summed per operator and output shape.
+//! node by node and summed per operator and output shape. `unfused` leaves the graph's attention
+//! as exported (the runtime fuses it, `fuse_attention`).
 //!
-//! `cargo run --release --example decoder_profile -- BUNDLE [THREADS] [TOKENS=512] [PAST=0]`
+//! `cargo run --release --example decoder_profile -- BUNDLE [THREADS] [TOKENS=512] [PAST=0] [unfused]`
 
 #[path = "common/node_times.rs"]
 mod node_times;
@@ -25,7 +26,11 @@ fn main() -> anyhow::Result<()> {
     let ids: Vec<u32> = (0..tokens as u32).map(|i| 1000 + i * 7).collect();
     let embedded = Runtime::load(&bundle)?.embed(&ids)?;
     let path = bundle.file("decoder").context("the bundle has no decoder graph")?;
-    let model = outpost::model::load_graph(&path)?;
+    let mut model = outpost::model::load_graph(&path)?;
+    let fused = match args.next().as_deref() {
+        Some("unfused") => 0,
+        _ => outpost::model::fuse_attention(&mut model, outpost::model::TEXT_QUERY_BLOCK)?,
+    };
     let mut inputs: TVec<TValue> = tvec!(embedded.embeds.into_tvalue());
     inputs.extend(embedded.per_layer);
     // The caches, [1, heads, past, head_dim] each, follow the embeddings.
@@ -37,7 +42,7 @@ fn main() -> anyhow::Result<()> {
         inputs.push(tract_ndarray::ArrayD::from_shape_vec(shape.to_vec(), values)?.into_tensor().into_tvalue());
     }
     let plan = model.into_optimized()?.into_runnable()?;
-    println!("{}: {tokens} tokens after {past}, {threads} threads", path.display());
+    println!("{}: {tokens} tokens after {past}, {threads} threads, {fused} attentions fused", path.display());
     // The first run pays for first-touch allocations; the others are timed, the last reported.
     for run in ["first", "second", "third"] {
         let times = node_times::time_nodes(&plan, &inputs)?;

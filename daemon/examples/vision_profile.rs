@@ -29,7 +29,7 @@ fn main() -> anyhow::Result<()> {
     let mut model = model.set_symbols(&HashMap::from([(count, TDim::Val(patches.max_patches as i64))]))?;
     let fused = match args.next().as_deref() {
         Some("unfused") => 0,
-        _ => outpost::model::fuse_attention(&mut model)?,
+        _ => outpost::model::fuse_attention(&mut model, outpost::model::IMAGE_QUERY_BLOCK)?,
     };
     let plan = model.into_optimized()?.into_runnable()?;
     let (max, values) = (patches.max_patches, patches.patch_values);

@@ -1,20 +1,29 @@
-//! The encoders' attention as one operator, put in place of the exported graph's.
+//! Attention as one operator, put in place of the exported graph's: the image encoder's and the
+//! text decoder's.
 //!
-//! The vision graph exports attention as a product of Q and K^T, an additive mask, a softmax and
-//! a product with V. Over an image's 2520 patches tract then writes a [heads, 2520, 2520] score
-//! tensor per layer (305 MB, mapped fresh and faulted in page by page), and its declutter splits
-//! the first product in two at the rotary halves' Concat: measured here, attention was 54% of the
-//! image encoder. `EncoderAttention` does the same arithmetic per head and per block of query
-//! rows, with the block's scores in a buffer of its own: no large tensor, and sgemm (ndarray's,
-//! `matrixmultiply`) on both products. `fuse` replaces the pattern before the graph is
-//! decluttered, so bundles stay as they are.
+//! The graphs export attention as a product of Q and K^T, an optional scale, an additive mask, a
+//! softmax and a product with V. Over an image's 2520 patches tract then writes a
+//! [heads, 2520, 2520] score tensor per layer (305 MB, mapped fresh and faulted in page by page),
+//! and its declutter splits the first product in two at the rotary halves' Concat: measured here,
+//! attention was 54% of the image encoder. In the decoder, a 512-token prompt's scores are
+//! computed whole although the causal mask hides half of them, and the mask, scale and softmax
+//! are passes of their own over [heads, 512, 512]: a quarter of Gemma 3's prefill.
+//! `FusedAttention` does the same arithmetic per head and per block of query rows, with the
+//! block's scores in a buffer of its own, over only the keys the mask leaves to some row of the
+//! block: no large tensor, no work on masked keys, and sgemm (ndarray's, `matrixmultiply`) on
+//! both products. In the decoder it reads the cache's keys and values as they are, one KV head
+//! for several query heads, where the graph copied them out per query head (and K transposed)
+//! at every step. `fuse` replaces the pattern before the graph is decluttered, so bundles stay as
+//! they are.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use tract_onnx::prelude::tract_ndarray::{linalg::general_mat_mul, ArrayView2, ArrayViewMut2};
+use tract_onnx::prelude::tract_ndarray::{linalg::general_mat_mul, s, ArrayView2, ArrayViewMut2};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::array::MultiBroadcastTo;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
@@ -22,66 +31,138 @@ use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 use super::block_matrix::threads;
 use super::product_threads;
 
-/// Query rows per block: their scores (256 x 2520 f32, 2.6 MB) stay in cache between the two
-/// products.
-const QUERY_BLOCK: usize = 256;
+/// Query rows per block in the image encoder: their scores (256 x 2520 f32, 2.6 MB) stay in
+/// cache between the two products.
+pub const IMAGE_QUERY_BLOCK: usize = 256;
+/// Query rows per block in the decoder: small enough that a causal prompt's early blocks skip
+/// most keys (64 rows of a 512-token prompt: 56% of the scores instead of 100%).
+pub const TEXT_QUERY_BLOCK: usize = 64;
 
-/// How the exported graph writes both products: batch `a`, heads `b`.
+/// How the exported graphs write both products: batch `a`, heads `b`.
 const PRODUCT_AXES: &str = "abmk,abkn->abmn";
 
-/// `softmax(Q K^T + mask) V` per head, for `Q` [1, heads, n, d], `K^T` [1, heads, d, n], an
-/// additive `mask` [1, 1, n, n] and `V` [1, heads, n, d].
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct EncoderAttention;
+/// A mask value at or below this hides its key: `f32::MIN` is what the exporters write, and a
+/// score plus it is far below any row's largest, so its probability is exactly 0.
+const MASKED: f32 = f32::MIN / 2.0;
 
-impl Op for EncoderAttention {
+/// `softmax(scale Q K^T + mask) V` per head, for `Q` [1, heads, queries, d], keys and values as
+/// `layout` says, and an additive `mask` [1, 1, queries, keys].
+///
+/// Keys the mask hides from every row of a block (at or below `MASKED`) are left out of that
+/// block's products and softmax. Each is 0 in the softmax it is left out of, unless it leaves a
+/// row with no visible key at all: such a row (no causal or padding mask makes one) is then
+/// spread over the block's visible keys rather than over all of them.
+#[derive(Debug, Clone)]
+pub struct FusedAttention {
+    /// Multiplies the scores before the mask is added: Gemma 3's `query_pre_attn_scalar^-0.5`,
+    /// 1 where the graph has no scale.
+    pub scale: f32,
+    pub query_block: usize,
+    pub layout: KeyValues,
+}
+
+/// How `FusedAttention` takes its keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyValues {
+    /// `K^T` [1, heads, d, keys] and `V` [1, heads, keys, d]: one of each per query head (the
+    /// vision graph).
+    PerHead,
+    /// `K` and `V` [1, kv_heads, keys, d] as the decoder's cache holds them, each KV head shared
+    /// by `heads / kv_heads` query heads in turn (grouped-query attention).
+    Shared,
+}
+
+// tract compares operators whole (`Eq`): the scale compares by its bits.
+impl PartialEq for FusedAttention {
+    fn eq(&self, other: &Self) -> bool {
+        self.scale.to_bits() == other.scale.to_bits()
+            && self.query_block == other.query_block
+            && self.layout == other.layout
+    }
+}
+
+impl Eq for FusedAttention {}
+
+impl Op for FusedAttention {
     fn name(&self) -> StaticName {
-        "EncoderAttention".into()
+        "FusedAttention".into()
     }
 
     op_as_typed_op!();
 }
 
-impl EvalOp for EncoderAttention {
+impl EvalOp for FusedAttention {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (q, kt, mask, v) = args_4!(inputs);
-        let &[1, heads, n, d] = q.shape() else { bail!("attention queries of shape {:?}", q.shape()) };
-        ensure!(n > 0 && d > 0, "attention queries of shape {:?}", q.shape());
-        ensure!(kt.shape() == [1, heads, d, n], "attention keys of shape {:?} for queries {:?}", kt.shape(), q.shape());
-        ensure!(v.shape() == [1, heads, n, d], "attention values of shape {:?} for queries {:?}", v.shape(), q.shape());
-        ensure!(mask.shape() == [1, 1, n, n], "attention mask of shape {:?} for {n} positions", mask.shape());
-        let (q, kt, v, mask) = (plain(&q)?, plain(&kt)?, plain(&v)?, plain(&mask)?);
-        let mut out = vec![0.0f32; heads * n * d];
-        // Each claim: one head's block of query rows and its rows of the output.
-        let claims = Mutex::new(
-            out.chunks_mut(n * d)
-                .enumerate()
-                .flat_map(|(head, rows)| rows.chunks_mut(QUERY_BLOCK * d).enumerate().map(move |(b, o)| (head, b, o))),
+        let (q, k, mask, v) = args_4!(inputs);
+        let &[1, heads, queries, d] = q.shape() else { bail!("attention queries of shape {:?}", q.shape()) };
+        let (kv_heads, keys, k_shape) = match self.layout {
+            KeyValues::PerHead => {
+                let keys = k.shape().get(3).copied().unwrap_or(0);
+                (heads, keys, [1, heads, d, keys])
+            }
+            KeyValues::Shared => {
+                let (kv_heads, keys) = (k.shape().get(1).copied().unwrap_or(0), k.shape().get(2).copied().unwrap_or(0));
+                (kv_heads, keys, [1, kv_heads, keys, d])
+            }
+        };
+        ensure!(d > 0 && keys > 0, "attention over {keys} keys of width {d}");
+        ensure!(
+            k.shape() == k_shape && kv_heads > 0 && heads % kv_heads == 0,
+            "attention keys of shape {:?} for queries {:?}",
+            k.shape(),
+            q.shape()
         );
+        ensure!(
+            v.shape() == [1, kv_heads, keys, d],
+            "attention values of shape {:?} for keys {:?}",
+            v.shape(),
+            k.shape()
+        );
+        ensure!(
+            mask.shape() == [1, 1, queries, keys],
+            "attention mask of shape {:?} for {queries} queries and {keys} keys",
+            mask.shape()
+        );
+        let (q, k, v, mask) = (plain(&q)?, plain(&k)?, plain(&v)?, plain(&mask)?);
+        let group = heads / kv_heads;
+        let mut out = vec![0.0f32; heads * queries * d];
+        let block = self.query_block.max(1);
+        // Each claim: one head's block of query rows and its rows of the output. The last
+        // blocks of a causal prompt see the most keys: they go first, so that no thread is left
+        // with a large one at the end.
+        let claims = Mutex::new(out.chunks_mut(queries * d).enumerate().flat_map(|(head, rows)| {
+            rows.chunks_mut(block * d).enumerate().rev().map(move |(b, o)| (head, b * block, o))
+        }));
         let failed = AtomicUsize::new(0);
+        let (scale, layout) = (self.scale, self.layout);
         product_threads::run(threads(), &|| {
             let mut scores = Vec::new();
             loop {
                 // A panic elsewhere poisons the lock; the claims themselves are still whole.
                 let claimed = claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner).next();
-                let Some((head, block, out)) = claimed else { break };
-                let first = block * QUERY_BLOCK;
+                let Some((head, first, out)) = claimed else { break };
                 let rows = out.len() / d;
-                let q = &q[(head * n + first) * d..(head * n + first + rows) * d];
-                let (kt, v) = (&kt[head * d * n..(head + 1) * d * n], &v[head * n * d..(head + 1) * n * d]);
-                if attend(q, kt, v, &mask[first * n..(first + rows) * n], (rows, n, d), &mut scores, out).is_err() {
+                let kv_head = head / group;
+                let block = Block {
+                    q: &q[(head * queries + first) * d..(head * queries + first + rows) * d],
+                    k: &k[kv_head * keys * d..(kv_head + 1) * keys * d],
+                    v: &v[kv_head * keys * d..(kv_head + 1) * keys * d],
+                    mask: &mask[first * keys..(first + rows) * keys],
+                    shape: (rows, keys, d),
+                };
+                if block.attend(scale, layout, &mut scores, out).is_err() {
                     failed.fetch_add(1, Ordering::Relaxed);
                 }
             }
         });
         ensure!(failed.load(Ordering::Relaxed) == 0, "attention blocks of inconsistent shapes");
-        Ok(tvec!(tract_ndarray::ArrayD::from_shape_vec(vec![1, heads, n, d], out)?.into_tensor().into_tvalue()))
+        Ok(tvec!(tract_ndarray::ArrayD::from_shape_vec(vec![1, heads, queries, d], out)?.into_tensor().into_tvalue()))
     }
 }
 
-impl TypedOp for EncoderAttention {
+impl TypedOp for FusedAttention {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         Ok(tvec!(f32::fact(inputs[0].shape.to_tvec())))
     }
@@ -93,29 +174,73 @@ fn plain(tensor: &TValue) -> TractResult<&[f32]> {
     tensor.try_as_plain_ram()?.as_slice::<f32>()
 }
 
-/// One block: `out = softmax(q kt + mask) v`, `rows` query rows against `n` keys of width `d`.
-fn attend(
-    q: &[f32],
-    kt: &[f32],
-    v: &[f32],
-    mask: &[f32],
-    (rows, n, d): (usize, usize, usize),
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) -> Result<(), tract_ndarray::ShapeError> {
-    scores.resize(rows * n, 0.0);
-    let mut block = ArrayViewMut2::from_shape((rows, n), &mut scores[..])?;
-    general_mat_mul(1.0, &ArrayView2::from_shape((rows, d), q)?, &ArrayView2::from_shape((d, n), kt)?, 0.0, &mut block);
-    for (row, mask) in scores.chunks_exact_mut(n).zip(mask.chunks_exact(n)) {
-        for (score, mask) in row.iter_mut().zip(mask) {
-            *score += mask;
+/// One head's block of query rows and what they attend over.
+struct Block<'a> {
+    /// [rows, d]
+    q: &'a [f32],
+    /// [d, keys] (`KeyValues::PerHead`) or [keys, d] (`KeyValues::Shared`)
+    k: &'a [f32],
+    /// [keys, d]
+    v: &'a [f32],
+    /// [rows, keys]
+    mask: &'a [f32],
+    /// (rows, keys, d)
+    shape: (usize, usize, usize),
+}
+
+impl Block<'_> {
+    /// `out = softmax(scale q kt + mask) v` over the keys some row of the block sees.
+    fn attend(
+        &self,
+        scale: f32,
+        layout: KeyValues,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) -> Result<(), tract_ndarray::ShapeError> {
+        let (rows, keys, d) = self.shape;
+        let seen = self.visible_keys();
+        let width = seen.len();
+        scores.resize(rows * width, 0.0);
+        let mut block = ArrayViewMut2::from_shape((rows, width), &mut scores[..])?;
+        let kt = match layout {
+            KeyValues::PerHead => ArrayView2::from_shape((d, keys), self.k)?.slice_move(s![.., seen.clone()]),
+            KeyValues::Shared => {
+                ArrayView2::from_shape((keys, d), self.k)?.slice_move(s![seen.clone(), ..]).reversed_axes()
+            }
+        };
+        general_mat_mul(scale, &ArrayView2::from_shape((rows, d), self.q)?, &kt, 0.0, &mut block);
+        for (row, mask) in scores.chunks_exact_mut(width).zip(self.mask.chunks_exact(keys)) {
+            for (score, mask) in row.iter_mut().zip(&mask[seen.clone()]) {
+                *score += mask;
+            }
+            softmax(row);
         }
-        softmax(row);
+        let probabilities = ArrayView2::from_shape((rows, width), &scores[..])?;
+        let v = ArrayView2::from_shape((keys, d), self.v)?;
+        let mut out = ArrayViewMut2::from_shape((rows, d), out)?;
+        general_mat_mul(1.0, &probabilities, &v.slice(s![seen, ..]), 0.0, &mut out);
+        Ok(())
     }
-    let probabilities = ArrayView2::from_shape((rows, n), &scores[..])?;
-    let mut out = ArrayViewMut2::from_shape((rows, d), out)?;
-    general_mat_mul(1.0, &probabilities, &ArrayView2::from_shape((n, d), v)?, 0.0, &mut out);
-    Ok(())
+
+    /// The keys from the first to the last that the mask leaves to some row; all of them where
+    /// it hides every key from every row.
+    fn visible_keys(&self) -> Range<usize> {
+        let keys = self.shape.1;
+        let (mut start, mut end) = (keys, 0);
+        for row in self.mask.chunks_exact(keys) {
+            if let Some(first) = row[..start].iter().position(|&m| m > MASKED) {
+                start = first;
+            }
+            if let Some(last) = row[end..].iter().rposition(|&m| m > MASKED) {
+                end = end + last + 1;
+            }
+        }
+        if start < end {
+            start..end
+        } else {
+            0..keys
+        }
+    }
 }
 
 /// `row` in place: `exp(x - max) / sum`, written in 16 lanes so that it vectorizes.
@@ -170,10 +295,12 @@ fn exp(x: f32) -> f32 {
 /// encode on 2 cores, 11 s with them flushed.
 const FLUSHED_BELOW: f32 = -64.0;
 
-/// Replaces each `EinSum(Q, K^T) + mask -> Softmax -> EinSum(P, V)` of `model` (f32, batch
-/// of one, the mask [1, 1, n, n]) with `EncoderAttention`; returns how many. Run it before
+/// Replaces each `EinSum(Q, K^T) [* scale] + mask -> Softmax -> EinSum(P, V)` of `model` (f32,
+/// batch of one, the mask [1, 1, queries, keys], a scalar constant scale) with
+/// `FusedAttention` of `query_block` rows; returns how many. Where K^T and V are a cache's K
+/// and V repeated per query head (and K transposed), it takes the cache's. Run it before
 /// declutter, which splits the first product.
-pub fn fuse(model: &mut TypedModel) -> TractResult<usize> {
+pub fn fuse(model: &mut TypedModel, query_block: usize) -> TractResult<usize> {
     let softmaxes: Vec<usize> = model
         .nodes()
         .iter()
@@ -186,11 +313,11 @@ pub fn fuse(model: &mut TypedModel) -> TractResult<usize> {
         .collect();
     let mut fused = 0;
     for softmax in softmaxes {
-        let Some((inputs, output)) = attention_around(model, softmax)? else { continue };
+        let Some((inputs, scale, layout, output)) = attention_around(model, softmax)? else { continue };
         let mut patch = TypedModelPatch::default();
         let taps = inputs.iter().map(|&input| patch.tap_model(model, input)).collect::<TractResult<TVec<_>>>()?;
         let name = format!("{}.attention", model.node(output.node).name);
-        let wired = patch.wire_node(name, EncoderAttention, &taps)?;
+        let wired = patch.wire_node(name, FusedAttention { scale, query_block, layout }, &taps)?;
         patch.shunt_outside(model, output, wired[0])?;
         patch.apply(model)?;
         fused += 1;
@@ -198,15 +325,24 @@ pub fn fuse(model: &mut TypedModel) -> TractResult<usize> {
     Ok(fused)
 }
 
-/// The inputs (Q, K^T, mask, V) and the output of the attention whose softmax is `softmax`, if
-/// the nodes around it are that pattern with the shapes `EncoderAttention` takes.
-fn attention_around(model: &TypedModel, softmax: usize) -> TractResult<Option<([OutletId; 4], OutletId)>> {
+/// What `fuse` puts in place of one attention: the inputs (Q, K or K^T, mask, V), the scale,
+/// how keys and values are laid out, and the output it replaces.
+type Attention = ([OutletId; 4], f32, KeyValues, OutletId);
+
+/// The attention whose softmax is `softmax`, if the nodes around it are that pattern with the
+/// shapes `FusedAttention` takes.
+fn attention_around(model: &TypedModel, softmax: usize) -> TractResult<Option<Attention>> {
     let node = model.node(softmax);
     let add = model.node(node.inputs[0].node);
-    if add.op_as::<TypedBinOp>().is_none_or(|op| op.0.name() != "Add") {
+    if !is_binary(add, "Add") {
         return Ok(None);
     }
-    let scores = model.node(add.inputs[0].node);
+    let mut scores = model.node(add.inputs[0].node);
+    let mut scale = 1.0;
+    if is_binary(scores, "Mul") {
+        let Some((product, factor)) = scaled(model, scores)? else { return Ok(None) };
+        (scores, scale) = (product, factor);
+    }
     let [successor] = node.outputs[0].successors.as_slice() else { return Ok(None) };
     let product = model.node(successor.node);
     let is_product = |node: &TypedNode| node.op_as::<EinSum>().is_some_and(|e| e.axes.to_string() == PRODUCT_AXES);
@@ -215,16 +351,70 @@ fn attention_around(model: &TypedModel, softmax: usize) -> TractResult<Option<([
     }
     let inputs = [scores.inputs[0], scores.inputs[1], add.inputs[1], product.inputs[1]];
     let facts = inputs.iter().map(|&i| model.outlet_fact(i)).collect::<TractResult<TVec<_>>>()?;
-    let shapes: Option<TVec<TVec<usize>>> = facts
-        .iter()
-        .map(|fact| fact.shape.as_concrete().filter(|_| fact.datum_type == f32::datum_type()).map(TVec::from))
-        .collect();
-    let Some(shapes) = shapes else { return Ok(None) };
-    let &[1, heads, n, d] = shapes[0].as_slice() else { return Ok(None) };
-    let fits = shapes[1].as_slice() == [1, heads, d, n]
-        && shapes[2].as_slice() == [1, 1, n, n]
-        && shapes[3].as_slice() == [1, heads, n, d];
-    Ok(fits.then_some((inputs, OutletId::new(product.id, 0))))
+    if facts.iter().any(|fact| fact.datum_type != f32::datum_type() || fact.rank() != 4) {
+        return Ok(None);
+    }
+    let [q, kt, mask, v] = [0, 1, 2, 3].map(|i| facts[i].shape.dims());
+    let (heads, queries, d, keys) = (&q[1], &q[2], &q[3], &kt[3]);
+    let one = TDim::Val(1);
+    let fits = q[0] == one
+        && kt == [one.clone(), heads.clone(), d.clone(), keys.clone()]
+        && mask == [one.clone(), one.clone(), queries.clone(), keys.clone()]
+        && v == [one.clone(), heads.clone(), keys.clone(), d.clone()];
+    if !fits {
+        return Ok(None);
+    }
+    let output = OutletId::new(product.id, 0);
+    let shared = (cache_before_repeat(model, inputs[1], true), cache_before_repeat(model, inputs[3], false));
+    if let (Some(k), Some(v)) = shared {
+        let (k_shape, v_shape) = (model.outlet_fact(k)?.shape.dims(), model.outlet_fact(v)?.shape.dims());
+        let kv_heads = &k_shape[1];
+        let divides = matches!((heads.as_i64(), kv_heads.as_i64()), (Some(h), Some(kv)) if kv > 0 && h % kv == 0);
+        if divides && k_shape == [one, kv_heads.clone(), keys.clone(), d.clone()] && v_shape == k_shape {
+            return Ok(Some(([inputs[0], k, inputs[2], v], scale, KeyValues::Shared, output)));
+        }
+    }
+    Ok(Some((inputs, scale, KeyValues::PerHead, output)))
+}
+
+/// The cache tensor [1, kv_heads, keys, d] that `outlet` repeats per query head, as the
+/// exported `repeat_kv` does: a new axis after the KV heads, broadcast along it, merged into
+/// the heads' axis; then, for keys (`transposed`), the last two axes swapped.
+fn cache_before_repeat(model: &TypedModel, outlet: OutletId, transposed: bool) -> Option<OutletId> {
+    let mut node = model.node(outlet.node);
+    let axis_op = |node: &TypedNode| node.op_as::<AxisOp>().cloned();
+    if transposed {
+        if !matches!(axis_op(node)?, AxisOp::Move(2, 3) | AxisOp::Move(3, 2)) {
+            return None;
+        }
+        node = model.node(node.inputs[0].node);
+    }
+    // One KV head leaves its axis of 1 to be removed; more are merged with the repeats.
+    match axis_op(node)? {
+        AxisOp::Rm(1) => {}
+        AxisOp::Reshape(1, from, to) if from.len() == 2 && to.len() == 1 => {}
+        _ => return None,
+    }
+    node = model.node(node.inputs[0].node);
+    node.op_as::<MultiBroadcastTo>()?;
+    node = model.node(node.inputs[0].node);
+    (axis_op(node)? == AxisOp::Add(2)).then_some(node.inputs[0])
+}
+
+fn is_binary(node: &TypedNode, name: &str) -> bool {
+    node.op_as::<TypedBinOp>().is_some_and(|op| op.0.name() == name)
+}
+
+/// The other operand and the factor of `mul`, a product with a scalar f32 constant.
+fn scaled<'m>(model: &'m TypedModel, mul: &TypedNode) -> TractResult<Option<(&'m TypedNode, f32)>> {
+    for (constant, other) in [(1, 0), (0, 1)] {
+        let fact = model.outlet_fact(mul.inputs[constant])?;
+        if let Some(value) = fact.konst.as_ref().filter(|k| k.len() == 1 && k.datum_type() == f32::datum_type()) {
+            let factor = value.cast_to_scalar::<f32>()?;
+            return Ok(Some((model.node(mul.inputs[other].node), factor)));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -236,51 +426,70 @@ mod tests {
 
     use super::*;
 
-    /// `softmax(q k^T + mask) v` in f64, position by position.
-    fn reference(q: &[f32], kt: &[f32], mask: &[f32], v: &[f32], (heads, n, d): (usize, usize, usize)) -> Vec<f32> {
-        let mut out = vec![0.0; heads * n * d];
+    /// Heads, queries, keys and width of one attention.
+    #[derive(Clone, Copy)]
+    struct Shape {
+        heads: usize,
+        kv_heads: usize,
+        queries: usize,
+        keys: usize,
+        d: usize,
+    }
+
+    /// `softmax(scale q k^T + mask) v` in f64, position by position, over every key; `k` and
+    /// `v` laid out as `layout` says.
+    fn reference(q: &[f32], k: &[f32], mask: &[f32], v: &[f32], attention: &FusedAttention, shape: Shape) -> Vec<f32> {
+        let Shape { heads, kv_heads, queries, keys, d } = shape;
+        let key = |head: usize, c: usize, j: usize| match attention.layout {
+            KeyValues::PerHead => k[(head * d + c) * keys + j],
+            KeyValues::Shared => k[(head / (heads / kv_heads) * keys + j) * d + c],
+        };
+        let value = |head: usize, j: usize, c: usize| v[(head / (heads / kv_heads) * keys + j) * d + c];
+        let mut out = vec![0.0; heads * queries * d];
         for head in 0..heads {
-            for i in 0..n {
-                let scores: Vec<f64> = (0..n)
+            for i in 0..queries {
+                let scores: Vec<f64> = (0..keys)
                     .map(|j| {
                         let dot: f64 = (0..d)
-                            .map(|c| f64::from(q[(head * n + i) * d + c]) * f64::from(kt[(head * d + c) * n + j]))
+                            .map(|c| f64::from(q[(head * queries + i) * d + c]) * f64::from(key(head, c, j)))
                             .sum();
-                        dot + f64::from(mask[i * n + j])
+                        dot * f64::from(attention.scale) + f64::from(mask[i * keys + j])
                     })
                     .collect();
                 let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let total: f64 = weights.iter().sum();
                 for c in 0..d {
-                    let value: f64 = (0..n).map(|j| weights[j] * f64::from(v[(head * n + j) * d + c])).sum();
-                    out[(head * n + i) * d + c] = (value / total) as f32;
+                    let value: f64 = (0..keys).map(|j| weights[j] * f64::from(value(head, j, c))).sum();
+                    out[(head * queries + i) * d + c] = (value / total) as f32;
                 }
             }
         }
         out
     }
 
-    #[test]
-    fn blocks_of_queries_give_the_attention_of_the_whole() {
-        let mut rng = ChaCha8Rng::seed_from_u64(5);
-        // More positions than a block, and not a whole number of blocks; every fourth key masked.
-        let (heads, n, d) = (3, QUERY_BLOCK + 37, 16);
+    /// `FusedAttention` on random Q, K and V against `reference`, on one thread and on two.
+    fn check(attention: &FusedAttention, shape: Shape, mask: &[f32], seed: u64) {
+        let Shape { heads, kv_heads, queries, keys, d } = shape;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut values = |count: usize| -> Vec<f32> { (0..count).map(|_| rng.random_range(-2.0..2.0)).collect() };
-        let (q, kt, v) = (values(heads * n * d), values(heads * d * n), values(heads * n * d));
-        let mask: Vec<f32> = (0..n * n).map(|i| if i % 4 == 3 { f32::MIN } else { 0.0 }).collect();
+        let (q, k, v) = (values(heads * queries * d), values(kv_heads * d * keys), values(kv_heads * keys * d));
         let tensor = |shape: &[usize], values: &[f32]| tensor1(values).into_shape(shape).unwrap().into_tvalue();
+        let k_shape = match attention.layout {
+            KeyValues::PerHead => [1, heads, d, keys],
+            KeyValues::Shared => [1, kv_heads, keys, d],
+        };
         let inputs = tvec!(
-            tensor(&[1, heads, n, d], &q),
-            tensor(&[1, heads, d, n], &kt),
-            tensor(&[1, 1, n, n], &mask),
-            tensor(&[1, heads, n, d], &v)
+            tensor(&[1, heads, queries, d], &q),
+            tensor(&k_shape, &k),
+            tensor(&[1, 1, queries, keys], mask),
+            tensor(&[1, kv_heads, keys, d], &v)
         );
+        let want = reference(&q, &k, mask, &v, attention, shape);
         for threads in [1, 2] {
             crate::model::use_threads(threads);
-            let out = EncoderAttention.eval(&EvalContext::out_of_plan(), inputs.clone()).unwrap();
+            let out = attention.eval(&EvalContext::out_of_plan(), inputs.clone()).unwrap();
             let got = out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
-            let want = reference(&q, &kt, &mask, &v, (heads, n, d));
             for (index, (got, want)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (got - want).abs() <= 1e-5 * want.abs().max(1.0),
@@ -289,6 +498,54 @@ mod tests {
             }
         }
         crate::model::use_threads(1);
+    }
+
+    #[test]
+    fn blocks_of_queries_give_the_attention_of_the_whole() {
+        // More positions than a block, and not a whole number of blocks; every fourth score masked.
+        let n = IMAGE_QUERY_BLOCK + 37;
+        let shape = Shape { heads: 3, kv_heads: 3, queries: n, keys: n, d: 16 };
+        let mask: Vec<f32> = (0..n * n).map(|i| if i % 4 == 3 { f32::MIN } else { 0.0 }).collect();
+        let attention = FusedAttention { scale: 1.0, query_block: IMAGE_QUERY_BLOCK, layout: KeyValues::PerHead };
+        check(&attention, shape, &mask, 5);
+    }
+
+    #[test]
+    fn a_causal_prompt_after_a_cache_skips_only_keys_no_row_sees() {
+        // 150 new positions after 70 cached ones, a sliding window of 100, blocks of 64 rows: the
+        // blocks see different ranges of keys, and the window hides the first keys from later rows.
+        // Six query heads on two KV heads of the cache.
+        let (past, queries, window) = (70, 150, 100);
+        let keys = past + queries;
+        let shape = Shape { heads: 6, kv_heads: 2, queries, keys, d: 8 };
+        let mask: Vec<f32> = (0..queries * keys)
+            .map(|index| {
+                let (position, key) = (past + index / keys, index % keys);
+                if key <= position && position - key < window {
+                    0.0
+                } else {
+                    f32::MIN
+                }
+            })
+            .collect();
+        let attention = FusedAttention { scale: 0.3, query_block: TEXT_QUERY_BLOCK, layout: KeyValues::Shared };
+        check(&attention, shape, &mask, 6);
+        // One new position (a decode step) and no mask at all, on one KV head and on as many as
+        // there are query heads.
+        check(&attention, Shape { heads: 4, kv_heads: 1, queries: 1, keys: 9, d: 8 }, &[0.0; 9], 7);
+        check(&attention, Shape { heads: 4, kv_heads: 4, queries: 1, keys: 9, d: 8 }, &[0.0; 9], 8);
+    }
+
+    #[test]
+    fn a_block_sees_from_its_first_visible_key_to_its_last() {
+        let (rows, keys) = (2, 6);
+        let hidden = f32::MIN;
+        let mask = [hidden, hidden, 0.0, hidden, hidden, hidden, hidden, hidden, hidden, -3.0, 0.0, hidden];
+        let block = Block { q: &[], k: &[], v: &[], mask: &mask, shape: (rows, keys, 1) };
+        assert_eq!(block.visible_keys(), 2..5);
+        let nothing_seen = [hidden; 12];
+        let block = Block { mask: &nothing_seen, ..block };
+        assert_eq!(block.visible_keys(), 0..keys);
     }
 
     #[test]
@@ -310,15 +567,32 @@ mod tests {
         assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
     }
 
-    #[test]
-    fn every_attention_of_the_tiny_vision_graph_is_fused() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4-tiny/vision.onnx");
-        let model = crate::model::load_graph(&path).unwrap();
-        let count = model.symbols.sym("num_patches");
-        let mut model = model.set_symbols(&HashMap::from([(count, TDim::Val(36))])).unwrap();
+    /// Fuses every attention of `model`, each taking its keys and values as `layout`.
+    fn fused_in(mut model: TypedModel, query_block: usize, layout: KeyValues) {
         let softmaxes = model.nodes().iter().filter(|node| node.op_is::<Softmax>()).count();
         assert!(softmaxes > 0);
-        assert_eq!(fuse(&mut model).unwrap(), softmaxes);
-        assert_eq!(model.nodes().iter().filter(|node| node.op_is::<EncoderAttention>()).count(), softmaxes);
+        assert_eq!(fuse(&mut model, query_block).unwrap(), softmaxes);
+        let fused: Vec<&FusedAttention> =
+            model.nodes().iter().filter_map(|node| node.op_as::<FusedAttention>()).collect();
+        assert_eq!(fused.len(), softmaxes);
+        assert!(fused.iter().all(|op| op.layout == layout && op.query_block == query_block), "{fused:?}");
+    }
+
+    fn tiny_graph(name: &str) -> TypedModel {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4-tiny").join(name);
+        crate::model::load_graph(&path).unwrap()
+    }
+
+    #[test]
+    fn every_attention_of_the_tiny_vision_graph_is_fused() {
+        let model = tiny_graph("vision.onnx");
+        let count = model.symbols.sym("num_patches");
+        let model = model.set_symbols(&HashMap::from([(count, TDim::Val(36))])).unwrap();
+        fused_in(model, IMAGE_QUERY_BLOCK, KeyValues::PerHead);
+    }
+
+    #[test]
+    fn every_attention_of_the_tiny_decoder_is_fused_over_its_cache_with_its_lengths_symbolic() {
+        fused_in(tiny_graph("decoder.onnx"), TEXT_QUERY_BLOCK, KeyValues::Shared);
     }
 }

@@ -20,7 +20,7 @@ mod tokenizer;
 mod tools;
 
 pub use answer::{Answer, Model, ModelError, Question};
-pub use attention::fuse as fuse_attention;
+pub use attention::{fuse as fuse_attention, IMAGE_QUERY_BLOCK, TEXT_QUERY_BLOCK};
 pub use audio_features::{AudioFeatureParams, AudioFeatures, LogMelExtractor};
 pub use block_matrix::{kernel_name as block_kernel, BlockFormat, BlockMatrix, BlockMatrixError};
 pub use bundle::{sha256_file, Architecture, Bundle, BundleError, BundleFile, Manifest, FORMAT, FORMAT_VERSION};

@@ -163,7 +163,9 @@ impl Runtime {
             embedder,
             Embedder::Graph { per_layer_inputs: true, .. } | Embedder::OutputLayerRows { per_layer: Some(_), .. }
         );
-        let decoder_model = load_graph(&graph("decoder")?)?;
+        let mut decoder_model = load_graph(&graph("decoder")?)?;
+        attention::fuse(&mut decoder_model, attention::TEXT_QUERY_BLOCK)
+            .map_err(|source| RuntimeError::Run { graph: "decoder", source })?;
         let audio = match bundle.file("audio") {
             Some(path) => {
                 let model = load_graph(&path)?;
@@ -484,7 +486,8 @@ fn vision_plan(path: &Path, patches: usize) -> Result<Plan, RuntimeError> {
     let mut fixed = model
         .set_symbols(&HashMap::from([(count, TDim::Val(patches as i64))]))
         .map_err(|source| RuntimeError::Run { graph: "vision", source })?;
-    attention::fuse(&mut fixed).map_err(|source| RuntimeError::Run { graph: "vision", source })?;
+    attention::fuse(&mut fixed, attention::IMAGE_QUERY_BLOCK)
+        .map_err(|source| RuntimeError::Run { graph: "vision", source })?;
     optimise(fixed, "vision")
 }
 
