@@ -107,7 +107,7 @@ impl EvalOp for FusedAttention {
                 (kv_heads, keys, [1, kv_heads, keys, d])
             }
         };
-        ensure!(d > 0 && keys > 0, "attention over {keys} keys of width {d}");
+        ensure!(queries > 0 && d > 0 && keys > 0, "attention of {queries} queries over {keys} keys of width {d}");
         ensure!(
             k.shape() == k_shape && kv_heads > 0 && heads % kv_heads == 0,
             "attention keys of shape {:?} for queries {:?}",
