@@ -50,9 +50,15 @@ impl SceneObservation {
         schemars::schema_for!(SceneObservation)
     }
 
-    /// The constraint for [`Question::constraint`](crate::model::Question::constraint).
+    /// The constraint for [`Question::constraint`](crate::model::Question::constraint): the
+    /// schema, with `confidence` held to two decimals. A JSON number's digits are otherwise
+    /// unbounded, and a model that repeats one (`1.000…`) writes until `max_tokens` and loses the
+    /// report. The published schema leaves this out: validators compute `multipleOf` in floating
+    /// point, and 0.29 / 0.01 is not a whole number there.
     pub fn grammar() -> Grammar {
-        Grammar::JsonSchema(Self::schema().to_value())
+        let mut schema = Self::schema().to_value();
+        schema["properties"]["confidence"]["multipleOf"] = 0.01.into();
+        Grammar::JsonSchema(schema)
     }
 
     /// Instructions for the model: which fields to fill and what each means, from the schema.
@@ -269,6 +275,32 @@ mod tests {
         assert_eq!(json["summary"], observation().summary.as_str());
         assert_eq!(json["timing"]["generated_tokens"], 61);
         assert_eq!(serde_json::from_value::<SceneReport>(json).unwrap(), report);
+    }
+
+    /// Every field of the answer has a bounded length, so a model that repeats itself still ends
+    /// its answer; `confidence`, a number, is the one the schema alone would leave open.
+    #[test]
+    fn the_grammar_ends_confidence_after_two_decimals() {
+        use std::sync::Arc;
+
+        use crate::model::{TokenConstraints, Tokenizer};
+
+        let tokenizer_json = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4-tiny/tokenizer.json");
+        let tokenizer = Arc::new(Tokenizer::load(&tokenizer_json).unwrap());
+        let constraints = TokenConstraints::load(&tokenizer_json, tokenizer.clone(), &[1]).unwrap();
+        let answer = r#"{"summary":"a","labels":[],"people":0,"vehicles":0,"hazards":0,"severity":0,"confidence":"#;
+        let fed = |constraint: &mut crate::model::Constraint, text: &str| {
+            tokenizer.encode(text).unwrap().into_iter().try_for_each(|token| constraint.accept(token))
+        };
+        let mut constraint = constraints.constraint(&SceneObservation::grammar()).unwrap();
+        fed(&mut constraint, &format!("{answer}1.00")).unwrap();
+        assert!(fed(&mut constraint, "0").is_err(), "a third decimal must be refused");
+        let mut constraint = constraints.constraint(&SceneObservation::grammar()).unwrap();
+        fed(&mut constraint, &format!("{answer}0.29,\"language\":\"en\"}}")).unwrap();
+        constraint.check_complete().unwrap();
+        // The schema alone takes any number of decimals.
+        let mut open = constraints.constraint(&Grammar::JsonSchema(SceneObservation::schema().to_value())).unwrap();
+        fed(&mut open, &format!("{answer}1.000000")).unwrap();
     }
 
     #[test]

@@ -332,6 +332,17 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A test that failed waiting on MQTT finds why only in the daemon's log; its debug lines
+        // (an event per motion) would bury the rest.
+        if std::thread::panicking() {
+            let log = self.stderr();
+            let lines: Vec<&str> = log.lines().filter(|line| !line.contains(" DEBUG ")).collect();
+            let tail = &lines[lines.len().saturating_sub(100)..];
+            eprintln!("outpostd's log, its last {} lines above DEBUG:", tail.len());
+            for line in tail {
+                eprintln!("  {line}");
+            }
+        }
     }
 }
 
