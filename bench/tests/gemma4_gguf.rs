@@ -120,21 +120,32 @@ fn tiny_checkpoint() -> PathBuf {
     repo().join("daemon/tests/fixtures/gemma4-tiny-hf")
 }
 
-fn run_converter(python: &Path, checkpoint: &Path, out: &Path, storage: &str) -> Output {
+fn run_converter(python: &Path, checkpoint: &Path, out: &Path, storage: &str, output_layer: &str) -> Output {
     Command::new(python)
         .arg(repo().join("deploy/models/gemma4_gguf.py"))
         .arg("--checkpoint")
         .arg(checkpoint)
         .arg("--out")
         .arg(out)
-        .args(["--type", storage])
+        .args(["--type", storage, "--output-layer", output_layer])
         .output()
         .unwrap()
 }
 
 fn convert(python: &Path, checkpoint: &Path, dir: &Path, storage: &str) -> PathBuf {
-    let out = dir.join(format!("model-{storage}.gguf"));
-    let output = run_converter(python, checkpoint, &out, storage);
+    convert_with_output_layer(python, checkpoint, dir, storage, "q8_0")
+}
+
+/// The GGUF with its token table (tied to the output layer) stored as `output_layer` says.
+fn convert_with_output_layer(
+    python: &Path,
+    checkpoint: &Path,
+    dir: &Path,
+    storage: &str,
+    output_layer: &str,
+) -> PathBuf {
+    let out = dir.join(format!("model-{storage}-{output_layer}.gguf"));
+    let output = run_converter(python, checkpoint, &out, storage, output_layer);
     assert!(output.status.success(), "gemma4_gguf.py --type {storage}: {}", String::from_utf8_lossy(&output.stderr));
     out
 }
@@ -334,9 +345,10 @@ fn the_q8_0_gguf_stays_close_to_pytorch() {
     check(&gguf, &reference, &expected, Q8_0_TOLERANCE, "q8_0");
 }
 
-/// The projections' Q4_0 values in the GGUF against `onnx_tract.q4_0_pack` of the checkpoint's
-/// weights (what `prepare_gemma4.py --quantize q4_0` puts in a bundle): prints how many matrices
-/// were compared and how many differ.
+/// The projections' Q4_0 values in the GGUF, and the token table's where it is Q4_0, against
+/// `onnx_tract.q4_0_pack` of the checkpoint's weights (what `prepare_gemma4.py --quantize q4_0`
+/// and `--output-layer q4_0` put in a bundle): prints how many matrices were compared and how
+/// many differ.
 const Q4_0_SAME_AS_BUNDLE: &str = r#"
 import sys
 sys.path.insert(0, sys.argv[3])
@@ -351,10 +363,14 @@ names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "
 compared = differ = 0
 for t in gguf.GGUFReader(gguf_path).tensors:
     block, layer, name, _ = (t.name.split(".") + [""] * 4)[:4]
-    if block != "blk" or name not in names:
+    if t.name == "token_embd.weight" and t.tensor_type == gguf.GGMLQuantizationType.Q4_0:
+        source = "model.language_model.embed_tokens.weight"
+    elif block == "blk" and name in names:
+        source = f"model.language_model.layers.{layer}.{names[name]}.weight"
+    else:
         continue
     assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0, (t.name, t.tensor_type)
-    w = weights[f"model.language_model.layers.{layer}.{names[name]}.weight"].astype(np.float32)
+    w = weights[source].astype(np.float32)
     stored = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(w.shape)
     compared += 1
     differ += int(not np.array_equal(stored, q4_0_pack(w)[2]))
@@ -370,17 +386,22 @@ fn the_q4_0_gguf_holds_the_bundles_values_and_stays_close_to_pytorch() {
     assert_eq!(model.meta_val_str("general.file_type").unwrap(), "2", "LLAMA_FTYPE_MOSTLY_Q4_0");
     drop(model);
 
-    let output = Command::new(&python)
-        .args(["-c", Q4_0_SAME_AS_BUNDLE])
-        .arg(tiny_checkpoint())
-        .arg(&gguf)
-        .arg(repo().join("deploy/models"))
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let counts = String::from_utf8_lossy(&output.stdout);
+    let same_as_bundle = |gguf: &Path| {
+        let output = Command::new(&python)
+            .args(["-c", Q4_0_SAME_AS_BUNDLE])
+            .arg(tiny_checkpoint())
+            .arg(gguf)
+            .arg(repo().join("deploy/models"))
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
     // 7 projections in 6 layers, less the K/V of the 3 KV-shared layers (as the bundle's 36).
-    assert_eq!(counts.trim(), "36 0", "projections compared, and of them differing from the bundle's");
+    assert_eq!(same_as_bundle(&gguf), "36 0", "projections compared, and of them differing from the bundle's");
+    // With the token table in Q4_0 as well, as `--output-layer q4_0` makes the bundle's.
+    let q4_0_table = convert_with_output_layer(&python, &tiny_checkpoint(), dir.path(), "q4_0", "q4_0");
+    assert_eq!(same_as_bundle(&q4_0_table), "37 0", "the token table is the bundle's output layer");
 
     let reference = reference();
     let expected = same_weights_logits(&python, &gguf, &reference, dir.path());
@@ -439,7 +460,7 @@ fn a_checkpoint_that_cannot_be_converted_is_refused_with_the_reason() {
     ];
     for (checkpoint, message) in cases {
         let out = dir.path().join("out.gguf");
-        let output = run_converter(&python, &checkpoint, &out, "f32");
+        let output = run_converter(&python, &checkpoint, &out, "f32", "q8_0");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{}: {stderr}", checkpoint.display());
         assert!(stderr.contains(&message), "{}: expected {message:?} in {stderr}", checkpoint.display());

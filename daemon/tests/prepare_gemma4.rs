@@ -109,7 +109,8 @@ fn check_quantized(bundle: &Bundle, agreement: f64) {
 fn q4_0_bundle_with_external_weights_answers_as_onnxruntime_does() {
     let Some(python) = prepared_path("OUTPOST_PYTHON") else { return };
     // Every graph keeps its weights in NAME.onnx.data, as the real E2B's large graphs must.
-    let (_work, bundle) = prepare(&python, &["--quantize", "q4_0", "--external-data-over", "0"]);
+    let (_work, bundle) =
+        prepare(&python, &["--quantize", "q4_0", "--output-layer", "q4_0", "--external-data-over", "0"]);
     for role in ["decoder_data", "vision_data", "audio_data"] {
         assert!(bundle.manifest.files.contains_key(role), "{role} is not in the manifest");
     }
@@ -122,6 +123,10 @@ fn q4_0_bundle_with_external_weights_answers_as_onnxruntime_does() {
     let f32_decoder_bytes = Bundle::open(&fixtures().join("gemma4-tiny")).unwrap().manifest.files["decoder"].bytes;
     println!("decoder: {decoder_bytes} bytes in Q4_0, {f32_decoder_bytes} in f32");
     assert!(decoder_bytes * 2 < f32_decoder_bytes);
+    // The output layer (also the token table) in GGML Q4_0 blocks: 512 rows of two 18-byte blocks.
+    assert_eq!(bundle.manifest.sections["text"]["output_layer"]["format"], "q4_0");
+    assert_eq!(bundle.manifest.files["output_layer"].path, "output_layer.q4_0");
+    assert_eq!(bundle.manifest.files["output_layer"].bytes, 512 * 2 * 18);
     // 4 bits cost the tiny random model's near-tied logits much more than 8 (0.65 against 0.93).
     check_quantized(&bundle, 0.6);
 }
@@ -135,6 +140,8 @@ fn q8_0_bundle_runs_its_projections_on_our_kernels_and_answers_as_onnxruntime_do
     assert_eq!(quantized["q8_0_matmuls"], 36, "7 projections in 6 layers, less the K/V of the 3 KV-shared layers");
     // q/k/v of the 3 layers that own a cache, q alone in the shared ones; gate/up everywhere.
     assert_eq!(quantized["fused_groups"], 9);
+    assert_eq!(bundle.manifest.sections["text"]["output_layer"]["format"], "q8_0");
+    assert_eq!(bundle.manifest.files["output_layer"].bytes, 512 * 2 * 34);
     check_quantized(&bundle, 0.9);
 
     // The encoders' linears are Q8_0 too: tract's soft tokens stay near those of the f32 bundle

@@ -2,6 +2,7 @@
 """Convert the text decoder of a Hugging Face Gemma 4 checkpoint to a GGUF file for llama.cpp.
 
     python deploy/models/gemma4_gguf.py --checkpoint DIR --out FILE.gguf [--type f32|f16|q8_0|q4_0]
+        [--output-layer q8_0|q4_0]
 
 DIR is a Gemma 4 checkpoint as `save_pretrained` writes it: config.json, *.safetensors and
 tokenizer.json (tokenizer_config.json, generation_config.json and chat_template.jinja are read
@@ -21,7 +22,8 @@ matrices in f16; q8_0 quantizes every matrix whose rows are a multiple of 32 lon
 gguf.quants (the others go f16); q4_0 stores the decoder's projections (q/k/v/o, gate/up/down)
 in Q4_0, quantized by `onnx_tract.q4_0_pack` as `prepare_gemma4.py --quantize q4_0` quantizes
 them (so our bundle and this file hold the same values), and the rest as q8_0 does. Norms,
-scalars and rope_freqs stay f32 in every case.
+scalars and rope_freqs stay f32 in every case. --output-layer q4_0 stores the token table (tied to
+the output layer) in Q4_0 too, as `prepare_gemma4.py --output-layer q4_0` does.
 
 Tensors are read one at a time through a memory map and written in row chunks, so the memory
 needed is a few chunks, not the model: the E2B per-layer embedding table alone is over 9 GB in f32.
@@ -410,29 +412,16 @@ def add_tokenizer(writer: gguf.GGUFWriter, ckpt: Path, cfg: dict, n_vocab: int) 
 PROJECTIONS = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
 
 
-def storage_type(name: str, shape: tuple[int, ...], wanted: str) -> gguf.GGMLQuantizationType:
+def storage_type(name: str, shape: tuple[int, ...], wanted: str, output_layer: str = "q8_0") -> gguf.GGMLQuantizationType:
     if len(shape) == 1 or wanted == "f32":
         return gguf.GGMLQuantizationType.F32  # norms, scalars, rope_freqs: ggml multiplies by them in f32
+    if output_layer == "q4_0" and name == "token_embd.weight":
+        return gguf.GGMLQuantizationType.Q4_0
     if wanted == "q4_0" and shape[-1] % 32 == 0 and PROJECTIONS.fullmatch(name):
         return gguf.GGMLQuantizationType.Q4_0
     if wanted in ("q8_0", "q4_0") and shape[-1] % 32 == 0:
         return gguf.GGMLQuantizationType.Q8_0
     return gguf.GGMLQuantizationType.F16  # f16, and q8_0's fallback for rows that do not fill 32-blocks
-
-
-def q4_0_blocks(rows: np.ndarray) -> np.ndarray:
-    """GGML Q4_0 blocks of `rows` with the values of onnx_tract.q4_0_pack (our bundle's): per block
-    the f16 scale, then value j in the low nibble of byte j and value j + 16 in its high nibble."""
-    from onnx_tract import q4_0_pack
-
-    n, k = rows.shape
-    packed, scales, _ = q4_0_pack(np.ascontiguousarray(rows, dtype=np.float32))
-    q = np.empty(packed.shape[:-1] + (32,), np.uint8)
-    q[..., 0::2] = packed & 0x0F
-    q[..., 1::2] = packed >> 4
-    qs = q[..., :16] | (q[..., 16:] << 4)
-    d = scales.astype(np.float16).reshape(n, k // 32, 1).view(np.uint8)
-    return np.concatenate([d, qs], axis=-1).reshape(n, -1)
 
 
 def encode(rows: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
@@ -441,6 +430,8 @@ def encode(rows: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     if qtype == gguf.GGMLQuantizationType.F16:
         return np.ascontiguousarray(rows, dtype="<f2")
     if qtype == gguf.GGMLQuantizationType.Q4_0:
+        from onnx_tract import q4_0_blocks
+
         return q4_0_blocks(rows)
     return gguf.quants.quantize(np.ascontiguousarray(rows, dtype=np.float32), qtype)  # blocks never cross rows
 
@@ -453,7 +444,7 @@ def chunks(t: Planned, qtype: gguf.GGMLQuantizationType) -> Iterator[np.ndarray]
         yield encode(t.read(start, min(rows, start + step)), qtype)
 
 
-def convert(ckpt: Path, out: Path, wanted: str) -> None:
+def convert(ckpt: Path, out: Path, wanted: str, output_layer: str = "q8_0") -> None:
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: no such checkpoint directory")
     config = read_json(ckpt / "config.json", "the model configuration")
@@ -512,7 +503,7 @@ def convert(ckpt: Path, out: Path, wanted: str) -> None:
 
     types = []
     for t in planned:
-        qtype = storage_type(t.name, t.shape, wanted)
+        qtype = storage_type(t.name, t.shape, wanted, output_layer)
         types.append(qtype)
         if qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
             byte_shape = gguf.quants.quant_shape_to_byte_shape(t.shape, qtype)
@@ -547,10 +538,14 @@ def main() -> int:
     parser.add_argument("--checkpoint", type=Path, required=True, help="Hugging Face Gemma 4 checkpoint directory")
     parser.add_argument("--out", type=Path, required=True, help="GGUF file to write")
     parser.add_argument("--type", choices=("f32", "f16", "q8_0", "q4_0"), default="f32", help="storage of the matrices")
+    parser.add_argument("--output-layer", choices=("q8_0", "q4_0"), default="q8_0",
+                        help="with --type q8_0 or q4_0: storage of the token table, which is also the output layer")
     args = parser.parse_args()
+    if args.output_layer == "q4_0" and args.type not in ("q8_0", "q4_0"):
+        parser.error("--output-layer q4_0 goes with --type q8_0 or q4_0")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        convert(args.checkpoint, args.out, args.type)
+        convert(args.checkpoint, args.out, args.type, args.output_layer)
     except CheckpointError as e:
         print(f"gemma4_gguf: {e}", file=sys.stderr)
         args.out.unlink(missing_ok=True)

@@ -54,12 +54,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from onnx_tract import (OUTPUT_LAYER_FILE, activation_importance, cache_presents,  # noqa: E402
+from onnx_tract import (OUTPUT_LAYER_FILE, OUTPUT_LAYER_FILES, activation_importance, cache_presents,  # noqa: E402
                         decoder_cache_and_masks, runtime_twin, export_model, fix_string_hashing,
                         fuse_block_siblings, graph_io, Q8_BLOCK,
                         kv_names, maxdiff, output_layer_logits, q8_0_gather_nodes, q8_0_recover, q8_0_rows, quantize_q4_0,
-                        quantize_q8_0, read_q8_0_blocks, rename_dims, sha256, split_output_layer,
-                        write_q8_0_blocks)
+                        quantize_q8_0, read_blocks, read_q8_0_blocks, rename_dims, sha256, split_output_layer,
+                        write_q4_0_blocks, write_q8_0_blocks)
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_GGUF = Path.home() / ".cache/outpost/gemma3-270m/gemma-3-270m-q4_k_m.gguf"
@@ -352,10 +352,12 @@ class OrtLM:
         table (default: the manifest's `text.output_layer.embed_scale`)."""
         self.decoder = ort_session(decoder or bundle / "decoder.onnx")
         self.n_layers, self.nkv, self.hd = n_layers, nkv, hd
-        # A bundle whose decoder gives hidden states: its output layer in f32, as written.
-        layer = bundle / OUTPUT_LAYER_FILE
+        # A bundle whose decoder gives hidden states: its output layer (Q8_0 or Q4_0), as written.
         hidden = self.decoder.get_outputs()[0].shape[-1]
-        self.output_layer = read_q8_0_blocks(layer, hidden) if layer.exists() else None
+        self.output_layer = None
+        for fmt, name in OUTPUT_LAYER_FILES.items():
+            if (bundle / name).exists():
+                self.output_layer = read_blocks(bundle / name, hidden, fmt)
         self.embed = ort_session(bundle / "embed.onnx") if (bundle / "embed.onnx").exists() else None
         if self.embed is None and embed_scale is None:
             embed_scale = json.loads((bundle / "manifest.json").read_text())["text"]["output_layer"]["embed_scale"]
@@ -492,8 +494,8 @@ def write_manifest(out: Path, args, name, quantization, description, info, parit
     import onnx
 
     files = {}
-    for k, fn in (("embed", "embed.onnx"), ("decoder", "decoder.onnx"), ("output_layer", OUTPUT_LAYER_FILE),
-                  ("tokenizer", "tokenizer.json")):
+    for k, fn in (("embed", "embed.onnx"), ("decoder", "decoder.onnx"),
+                  *(("output_layer", f) for f in OUTPUT_LAYER_FILES.values()), ("tokenizer", "tokenizer.json")):
         p = out / fn
         if p.exists() or k in ("decoder", "tokenizer"):
             files[k] = {"path": fn, "sha256": sha256(p), "bytes": p.stat().st_size}
@@ -558,10 +560,11 @@ def main():
                     help="with --quantize q4_0: which projections of those layers (default: all seven)")
     ap.add_argument("--lm-head", choices=["f32", "q4_0"], default="f32",
                     help="with --quantize q4_0: also quantize the 262144 x 640 output matmul")
-    ap.add_argument("--output-layer", choices=["graph", "q8_0"], default="q8_0",
+    ap.add_argument("--output-layer", choices=["graph", "q8_0", "q4_0"], default="q8_0",
                     help="with --quantize q4_0: the output matmul outside the decoder graph, in the runtime's "
-                         "own Q8_0 kernels (default: exact, since the GGUF's tied table is Q8_0), or left in "
-                         "the graph (f32 unless --lm-head q4_0)")
+                         "own Q8_0 kernels (default: exact, since the GGUF's tied table is Q8_0) or Q4_0 ones "
+                         "(half the bytes; also the embedding table, requantized), or left in the graph (f32 "
+                         "unless --lm-head q4_0)")
     ap.add_argument("--rounding", choices=["imatrix", "search", "reference"], default="imatrix",
                     help="Q4_0 rounding: llama.cpp's make_qx_quants weighted by an importance matrix from "
                          "CALIBRATION_TEXT (default), the same with uniform weights, or the plain reference "
@@ -594,6 +597,8 @@ def main():
             name += "-all" if q4_layers == list(range(18)) and q4_projs == PROJECTIONS else "-custom"
         if args.lm_head == "q4_0":
             name += "-lmhead"
+        if args.output_layer == "q4_0":
+            name += "-q4out"
     out = Path(args.out) if args.out else DEFAULT_OUT / (name + ("-f32" if q == "none" else ""))
     gguf = Path(args.gguf)
     print(f"bundle {name} -> {out}")
@@ -643,13 +648,18 @@ def build_quantized(args, f32_dir: Path, out: Path, name, embed_dtype, q4_layers
     dm = onnx.load(str(f32_dir / "decoder.onnx"))
     stage("load f32 decoder")
     output_layer = None
-    if args.output_layer == "q8_0":
+    if args.output_layer in OUTPUT_LAYER_FILES:
         head = split_output_layer(dm, lambda name, _: name == "lm_head.weight_t", text["hidden_size"])
-        exact = write_q8_0_blocks(out / OUTPUT_LAYER_FILE, head)
+        layer_file = OUTPUT_LAYER_FILES[args.output_layer]
+        if args.output_layer == "q4_0":
+            write_q4_0_blocks(out / layer_file, head)
+            exact = False
+        else:
+            exact = write_q8_0_blocks(out / layer_file, head)
         del head
-        output_layer = {"format": "q8_0", "rows": vocab, "columns": text["hidden_size"],
+        output_layer = {"format": args.output_layer, "rows": vocab, "columns": text["hidden_size"],
                         "softcap": text["final_logit_softcap"], "exact": exact}
-        stage(f"{OUTPUT_LAYER_FILE} ({'exact' if exact else 'requantized'})")
+        stage(f"{layer_file} ({'exact' if exact else 'requantized'})")
 
     # ------------------------------------------------------------ embed
     em = onnx.load(str(f32_dir / "embed.onnx"))
@@ -658,11 +668,13 @@ def build_quantized(args, f32_dir: Path, out: Path, name, embed_dtype, q4_layers
     table = numpy_helper.to_array(inits["embed_tokens.weight"])
     scale = float(numpy_helper.to_array(inits["embed_scale"]))
     del em, inits
-    if embed_dtype == "q8_0" and output_layer is not None and tied_to_output_layer(table, out / OUTPUT_LAYER_FILE):
+    if embed_dtype == "q8_0" and output_layer is not None and (
+            output_layer["format"] == "q4_0" or tied_to_output_layer(table, out / OUTPUT_LAYER_FILE)):
         # Gemma ties the two: the runtime reads embeddings from the output layer's rows, and
-        # the table is held once (178 MB less here, 400 MB less for E2B).
+        # the table is held once (178 MB less here, 400 MB less for E2B). A Q4_0 output layer
+        # is the same table, requantized: its rows become the embeddings, as in a Q4_0 GGUF.
         output_layer["embed_scale"] = scale
-        stage("embeddings from the output layer (the same Q8_0 table)")
+        stage(f"embeddings from the output layer (the same table, {output_layer['format']})")
     else:
         write_embed(out / "embed.onnx", table, scale, embed_dtype)
         stage(f"embed.onnx ({embed_dtype})")
@@ -749,7 +761,8 @@ def build_quantized(args, f32_dir: Path, out: Path, name, embed_dtype, q4_layers
                       f"of {layers_desc}" + ("" if q4_layers == list(range(n_layers)) else ", other layers f32"))
     quant_desc = (quant_desc
                   + (f"; lm_head {args.lm_head}" if output_layer is None else
-                     "; the output layer outside the graph in Q8_0 (output_layer.q8_0"
+                     f"; the output layer outside the graph in {output_layer['format'].upper()} "
+                     f"({OUTPUT_LAYER_FILES[output_layer['format']]}"
                      + (", the GGUF's own, exact)" if output_layer["exact"] else ")"))
                   + f"; embedding table {embed_dtype}"
                   + (" (the GGUF's Q8_0, exact)" if embed_dtype == "q8_0" else ""))

@@ -94,6 +94,14 @@ pub enum BlockFormat {
 }
 
 impl BlockFormat {
+    /// Bytes of one block in GGML's files: an f16 scale, then the values.
+    pub fn file_block_bytes(self) -> usize {
+        match self {
+            BlockFormat::Q8_0 => BLOCK_BYTES,
+            BlockFormat::Q4_0 => 2 + BLOCK / 2,
+        }
+    }
+
     fn panel_block_bytes(self) -> usize {
         match self {
             BlockFormat::Q8_0 => Q8_0_PANEL_BLOCK,
@@ -157,24 +165,17 @@ impl std::fmt::Debug for BlockMatrix {
 }
 
 impl BlockMatrix {
-    /// Reads `rows` rows of `columns` values in GGML's Q8_0 block layout from `path`.
-    pub fn load(path: &Path, rows: usize, columns: usize) -> Result<Self, BlockMatrixError> {
+    /// Reads `rows` rows of `columns` values in GGML's `format` block layout from `path`.
+    pub fn load(path: &Path, format: BlockFormat, rows: usize, columns: usize) -> Result<Self, BlockMatrixError> {
         let name = path.display().to_string();
         let read_error = |source| BlockMatrixError::Read { path: name.clone(), source };
-        let mut matrix = Self::zeros(BlockFormat::Q8_0, rows, columns)?;
+        let mut matrix = Self::zeros(format, rows, columns)?;
         let file = File::open(path).map_err(read_error)?;
         let actual = file.metadata().map_err(read_error)?.len();
-        let row_bytes = columns / BLOCK * BLOCK_BYTES;
+        let row_bytes = columns / BLOCK * format.file_block_bytes();
         let expected = (rows * row_bytes) as u64;
         if actual != expected {
-            return Err(BlockMatrixError::Size {
-                path: name,
-                format: BlockFormat::Q8_0,
-                actual,
-                expected,
-                rows,
-                columns,
-            });
+            return Err(BlockMatrixError::Size { path: name, format, actual, expected, rows, columns });
         }
         // A few thousand rows at a time: the file is not held twice in memory.
         let mut reader = BufReader::new(file);
@@ -184,7 +185,7 @@ impl BlockMatrix {
             let take = (rows - row).min(4096);
             let bytes = &mut chunk[..take * row_bytes];
             reader.read_exact(bytes).map_err(read_error)?;
-            matrix.put_q8_0_blocks(row, bytes);
+            matrix.put_file_blocks(row, bytes);
             row += take;
         }
         Ok(matrix)
@@ -195,7 +196,7 @@ impl BlockMatrix {
         let mut matrix = Self::zeros(BlockFormat::Q8_0, rows, columns)?;
         let expected = rows * (columns / BLOCK) * BLOCK_BYTES;
         matrix.check_size(blocks.len(), expected)?;
-        matrix.put_q8_0_blocks(0, blocks);
+        matrix.put_file_blocks(0, blocks);
         Ok(matrix)
     }
 
@@ -272,12 +273,23 @@ impl BlockMatrix {
         Err(BlockMatrixError::Parts { format: self.format, values, scales, rows, columns })
     }
 
-    /// Places whole rows of GGML Q8_0 blocks, starting at `first_row`.
-    fn put_q8_0_blocks(&mut self, first_row: usize, blocks: &[u8]) {
+    /// Places whole rows of GGML blocks of the matrix's format, starting at `first_row`. A
+    /// Q4_0 block holds value `i` in the low nibble of byte `i` and value `i + 16` in its high
+    /// nibble (`block_q4_0`), unlike `MatMulNBits`' pairs.
+    fn put_file_blocks(&mut self, first_row: usize, blocks: &[u8]) {
         let per_row = self.columns / BLOCK;
-        for (n, block) in blocks.chunks_exact(BLOCK_BYTES).enumerate() {
+        for (n, block) in blocks.chunks_exact(self.format.file_block_bytes()).enumerate() {
             let scale = f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
-            self.put_block(first_row + n / per_row, n % per_row, scale, block[2..].iter().map(|&q| q as i8));
+            let (row, index) = (first_row + n / per_row, n % per_row);
+            match self.format {
+                BlockFormat::Q8_0 => self.put_block(row, index, scale, block[2..].iter().map(|&q| q as i8)),
+                BlockFormat::Q4_0 => {
+                    let nibbles = &block[2..];
+                    let low = nibbles.iter().map(|&byte| (byte & 0x0F) as i8 - 8);
+                    let high = nibbles.iter().map(|&byte| (byte >> 4) as i8 - 8);
+                    self.put_block(row, index, scale, low.chain(high));
+                }
+            }
         }
     }
 
@@ -913,9 +925,11 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("output_layer.q8_0");
         std::fs::write(&path, vec![0u8; 10 * BLOCK_BYTES - 1]).unwrap();
-        let error = BlockMatrix::load(&path, 5, 64).unwrap_err().to_string();
+        let error = BlockMatrix::load(&path, BlockFormat::Q8_0, 5, 64).unwrap_err().to_string();
         assert!(error.contains("output_layer.q8_0: 339 bytes, but 5 rows of 64 Q8_0 values take 340"), "{error}");
-        assert!(BlockMatrix::load(&path, 5, 60).unwrap_err().to_string().contains("multiple of 32"));
+        let error = BlockMatrix::load(&path, BlockFormat::Q4_0, 5, 64).unwrap_err().to_string();
+        assert!(error.contains("339 bytes, but 5 rows of 64 Q4_0 values take 180"), "{error}");
+        assert!(BlockMatrix::load(&path, BlockFormat::Q8_0, 5, 60).unwrap_err().to_string().contains("multiple of 32"));
         let matrix = BlockMatrix::from_blocks(&[0; 2 * BLOCK_BYTES], 1, 64).unwrap();
         let error = matrix.multiply(&[0.0; 65], &mut [0.0; 1], 1).unwrap_err().to_string();
         assert_eq!(error, "65 activations are not whole rows of 64");
@@ -931,7 +945,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("output_layer.q8_0");
         std::fs::write(&path, &blocks).unwrap();
-        let loaded = BlockMatrix::load(&path, rows, columns).unwrap();
+        let loaded = BlockMatrix::load(&path, BlockFormat::Q8_0, rows, columns).unwrap();
         let direct = BlockMatrix::from_blocks(&blocks, rows, columns).unwrap();
         assert_eq!((loaded.quants == direct.quants, loaded.scales == direct.scales), (true, true));
         // Row 1, block 1: the fourth block of the file.
@@ -944,5 +958,46 @@ pub(crate) mod tests {
             .collect();
         let parts = BlockMatrix::from_parts(&quants, &scales, rows, columns).unwrap();
         assert_eq!((parts.quants == direct.quants, parts.scales == direct.scales), (true, true));
+    }
+
+    /// GGML's `block_q4_0`: an f16 scale, then value `i` in the low nibble of byte `i` and value
+    /// `i + 16` in the high one.
+    #[test]
+    fn a_q4_0_file_loads_as_ggml_lays_out_its_blocks() {
+        let mut rng = ChaCha8Rng::seed_from_u64(17);
+        let (rows, columns) = (4099, 64);
+        let block_bytes = BlockFormat::Q4_0.file_block_bytes();
+        let mut blocks = Vec::new();
+        for _ in 0..rows * columns / BLOCK {
+            blocks.extend_from_slice(&f16::from_f32(rng.random_range(1e-4..2e-2)).to_bits().to_le_bytes());
+            blocks.extend((0..BLOCK / 2).map(|_| rng.random::<u8>()));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("output_layer.q4_0");
+        std::fs::write(&path, &blocks).unwrap();
+        let matrix = BlockMatrix::load(&path, BlockFormat::Q4_0, rows, columns).unwrap();
+        assert_eq!(matrix.format(), BlockFormat::Q4_0);
+        let mut row = vec![0.0; columns];
+        for r in [0, 1, 7, 8, 4098] {
+            matrix.dequantize_row(r, &mut row);
+            for (column, &value) in row.iter().enumerate() {
+                let block = &blocks[(r * columns + column) / BLOCK * block_bytes..][..block_bytes];
+                let scale = f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
+                let i = column % BLOCK;
+                let nibble = if i < 16 { block[2 + i] & 0x0F } else { block[2 + i - 16] >> 4 };
+                assert_eq!(value, f32::from(nibble as i8 - 8) * scale, "row {r}, column {column}");
+            }
+        }
+        // The same values as MatMulNBits' layout gives, multiplied by the same kernels.
+        let mut nibbles = Vec::new();
+        let mut scales = Vec::new();
+        for block in blocks.chunks_exact(block_bytes) {
+            scales.push(f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32());
+            let values: Vec<u8> =
+                block[2..].iter().map(|b| b & 0x0F).chain(block[2..].iter().map(|b| b >> 4)).collect();
+            nibbles.extend(values.chunks_exact(2).map(|pair| pair[0] | pair[1] << 4));
+        }
+        let parts = BlockMatrix::from_q4_0_parts(&nibbles, &scales, rows, columns).unwrap();
+        assert_eq!((parts.quants == matrix.quants, parts.scales == matrix.scales), (true, true));
     }
 }

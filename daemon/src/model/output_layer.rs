@@ -1,14 +1,15 @@
 //! The output layer (last hidden state to logits over the vocabulary), outside the decoder graph.
 //!
 //! It is the largest matrix of a small model (Gemma 3 270M: 262144 x 640; Gemma 4 E2B:
-//! 262144 x 1536) and decoding reads it whole for every token, so it is kept in Q8_0 and
-//! multiplied by our own kernels (`block_matrix.rs`): Gemma's GGUF files store this tied table in Q8_0,
-//! so a bundle prepared from one holds it exactly. Outside the graph, prefill also computes only
-//! the row it samples from.
+//! 262144 x 1536) and decoding reads it whole for every token, so it is kept in Q8_0 or Q4_0 and
+//! multiplied by our own kernels (`block_matrix.rs`). Gemma's GGUF files store this tied table
+//! in Q8_0, so a bundle prepared from one holds it exactly; Q4_0 halves what a token reads and
+//! what the table holds in memory (E2B: 428 to 227 MB), for some accuracy. Outside the graph,
+//! prefill also computes only the row it samples from.
 
 use std::path::Path;
 
-use super::block_matrix::{BlockMatrix, BlockMatrixError};
+use super::block_matrix::{BlockFormat, BlockMatrix, BlockMatrixError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutputLayerError {
@@ -20,7 +21,7 @@ pub enum OutputLayerError {
     TokenId { id: u32, rows: usize },
 }
 
-/// A `[vocab, hidden]` Q8_0 matrix: `logits = softcap(W x)`.
+/// A `[vocab, hidden]` block-quantized matrix: `logits = softcap(W x)`.
 #[derive(Debug)]
 pub struct OutputLayer {
     matrix: BlockMatrix,
@@ -29,9 +30,15 @@ pub struct OutputLayer {
 }
 
 impl OutputLayer {
-    /// Reads `rows` rows of `columns` values in GGML's Q8_0 block layout from `path`.
-    pub fn load(path: &Path, rows: usize, columns: usize, softcap: Option<f32>) -> Result<Self, OutputLayerError> {
-        Self::new(BlockMatrix::load(path, rows, columns)?, softcap)
+    /// Reads `rows` rows of `columns` values in GGML's `format` block layout from `path`.
+    pub fn load(
+        path: &Path,
+        format: BlockFormat,
+        rows: usize,
+        columns: usize,
+        softcap: Option<f32>,
+    ) -> Result<Self, OutputLayerError> {
+        Self::new(BlockMatrix::load(path, format, rows, columns)?, softcap)
     }
 
     pub fn new(matrix: BlockMatrix, softcap: Option<f32>) -> Result<Self, OutputLayerError> {

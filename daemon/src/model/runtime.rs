@@ -18,6 +18,7 @@ use std::sync::{Mutex, PoisonError};
 
 use tract_onnx::prelude::*;
 
+use super::block_matrix::BlockFormat;
 use super::output_layer::OutputLayer;
 use super::per_layer_embeddings::{PerLayerEmbeddings, PerLayerEmbeddingsError, PerLayerLayout};
 use super::{attention, block_matmul, block_matrix, fast_gelu};
@@ -508,7 +509,7 @@ pub fn use_threads(threads: usize) {
 }
 
 /// The bundle's `output_layer` file, as its manifest describes it in `text.output_layer`:
-/// `{"format": "q8_0", "rows": vocab, "columns": hidden, "softcap": null or a number}`, and
+/// `{"format": "q8_0" or "q4_0", "rows": vocab, "columns": hidden, "softcap": null or a number}`, and
 /// `"embed_scale"` where the layer is also the embedding table (the bundle then has no embed
 /// graph): the scale embeddings are multiplied by.
 fn load_output_layer(bundle: &Bundle) -> Result<Option<(OutputLayer, Option<f32>)>, RuntimeError> {
@@ -521,10 +522,13 @@ fn load_output_layer(bundle: &Bundle) -> Result<Option<(OutputLayer, Option<f32>
             .map(|v| v as usize)
             .ok_or_else(|| RuntimeError::OutputLayerManifest(format!("has no `{key}` count")))
     };
-    match spec.get("format").and_then(|f| f.as_str()) {
-        Some("q8_0") => {}
-        other => return Err(RuntimeError::OutputLayerManifest(format!("format {other:?} is not \"q8_0\""))),
-    }
+    let format = match spec.get("format").and_then(|f| f.as_str()) {
+        Some("q8_0") => BlockFormat::Q8_0,
+        Some("q4_0") => BlockFormat::Q4_0,
+        other => {
+            return Err(RuntimeError::OutputLayerManifest(format!("format {other:?} is neither \"q8_0\" nor \"q4_0\"")))
+        }
+    };
     let number = |key: &str| match spec.get(key) {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(value) => value
@@ -532,7 +536,7 @@ fn load_output_layer(bundle: &Bundle) -> Result<Option<(OutputLayer, Option<f32>
             .map(|v| Some(v as f32))
             .ok_or_else(|| RuntimeError::OutputLayerManifest(format!("{key} {value} is not a number"))),
     };
-    let layer = OutputLayer::load(&path, size("rows")?, size("columns")?, number("softcap")?)?;
+    let layer = OutputLayer::load(&path, format, size("rows")?, size("columns")?, number("softcap")?)?;
     Ok(Some((layer, number("embed_scale")?)))
 }
 
