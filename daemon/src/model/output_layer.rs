@@ -9,6 +9,9 @@
 
 use std::path::Path;
 
+use tract_linalg::element_wise::ElementWise;
+use tract_linalg::Func;
+
 use super::block_matrix::{BlockFormat, BlockMatrix, BlockMatrixError};
 
 #[derive(Debug, thiserror::Error)]
@@ -19,14 +22,18 @@ pub enum OutputLayerError {
     Softcap(f32),
     #[error("token id {id} is outside the vocabulary of {rows} rows")]
     TokenId { id: u32, rows: usize },
+    #[error("the soft-cap's tanh kernel: {0}")]
+    Tanh(String),
 }
 
 /// A `[vocab, hidden]` block-quantized matrix: `logits = softcap(W x)`.
 #[derive(Debug)]
 pub struct OutputLayer {
     matrix: BlockMatrix,
-    /// Gemma's final logit soft-cap: `tanh(logit / cap) * cap`.
-    softcap: Option<f32>,
+    /// Gemma's final logit soft-cap: `tanh(logit / cap) * cap`, with tract's vectorised tanh (a
+    /// rational fit, a few ulps off): libm's, a value at a time, took 5 ms of each of E2B's
+    /// 33 ms decode steps on an AVX2 machine, over 262144 logits.
+    softcap: Option<(f32, Box<dyn ElementWise<f32>>)>,
 }
 
 impl OutputLayer {
@@ -42,10 +49,12 @@ impl OutputLayer {
     }
 
     pub fn new(matrix: BlockMatrix, softcap: Option<f32>) -> Result<Self, OutputLayerError> {
-        match softcap {
-            Some(cap) if !(cap.is_finite() && cap > 0.0) => Err(OutputLayerError::Softcap(cap)),
-            _ => Ok(Self { matrix, softcap }),
-        }
+        let softcap = match softcap {
+            Some(cap) if !(cap.is_finite() && cap > 0.0) => return Err(OutputLayerError::Softcap(cap)),
+            Some(cap) => Some((cap, Func::Tanh.ew_f32().map_err(|e| OutputLayerError::Tanh(e.to_string()))?)),
+            None => None,
+        };
+        Ok(Self { matrix, softcap })
     }
 
     /// Logits per row.
@@ -77,8 +86,10 @@ impl OutputLayer {
     /// The logits of whole hidden rows into `logits` (`rows` per hidden row), on `threads` threads.
     pub fn logits(&self, hidden: &[f32], logits: &mut [f32], threads: usize) -> Result<(), OutputLayerError> {
         self.matrix.multiply(hidden, logits, threads)?;
-        if let Some(cap) = self.softcap {
-            logits.iter_mut().for_each(|logit| *logit = (*logit / cap).tanh() * cap);
+        if let Some((cap, tanh)) = &self.softcap {
+            logits.iter_mut().for_each(|logit| *logit /= cap);
+            tanh.run(logits).map_err(|e| OutputLayerError::Tanh(e.to_string()))?;
+            logits.iter_mut().for_each(|logit| *logit *= cap);
         }
         Ok(())
     }
