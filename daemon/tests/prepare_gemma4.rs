@@ -21,6 +21,15 @@ use tiny_reference::{reference_audio_features, reference_image, reference_json};
 use outpost::model::{Bundle, Runtime, Sampler, Sampling, SoftTokens};
 use serde_json::Value;
 
+/// The tiny model's per-layer inputs' projections in Q8_0: each of the 6 layers' gate (64 to 8)
+/// and the model's projection (64 to 6 x 8); a layer's projection back (8 to 64) has rows too
+/// short for a block.
+const PER_LAYER_Q8_0_MATMULS: u64 = 7;
+
+/// A top-2 logit margin below which tract and onnxruntime may pick different tokens. The tiny
+/// Q4_0 model's answer stays the same through margins of 0.016 and parts at one of 0.007.
+const NEAR_TIE: f64 = 0.01;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
@@ -101,7 +110,15 @@ fn check_quantized(bundle: &Bundle, agreement: f64) {
     let prompt = ids(&reference_json()["greedy"]["text"]["prompt_ids"]);
     let runtime = Runtime::load(bundle).unwrap();
     let expected = ids(&quantized["greedy_text"]["ids"]);
-    assert_eq!(greedy(&runtime, &prompt, expected.len()), expected, "tract vs onnxruntime on the quantized graphs");
+    // tract and onnxruntime sum in different orders: where onnxruntime's two likeliest tokens
+    // were nearly tied, either may come first, and the answers may part from there.
+    let margins: Vec<f64> =
+        quantized["greedy_text"]["top2_margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
+    let decided = margins.iter().position(|&margin| margin < NEAR_TIE).unwrap_or(margins.len());
+    println!("onnxruntime's greedy answer: {decided} tokens before a near tie (margins {margins:.3?})");
+    assert!(decided >= 8, "too few tokens to compare: {margins:?}");
+    let got = greedy(&runtime, &prompt, decided);
+    assert_eq!(got, expected[..decided], "tract vs onnxruntime on the quantized graphs");
     assert!(quantized["teacher_forced"]["agreement_with_f32"].as_f64().unwrap() >= agreement, "{quantized}");
 }
 
@@ -117,6 +134,7 @@ fn q4_0_bundle_with_external_weights_answers_as_onnxruntime_does() {
     let quantized = &bundle.manifest.sections["parity"]["quantized"];
     assert!(bundle.manifest.quantization.starts_with("q4_0"), "{}", bundle.manifest.quantization);
     assert_eq!(quantized["q4_0_matmuls"], 36, "7 projections in 6 layers, less the K/V of the 3 KV-shared layers");
+    assert_eq!(quantized["per_layer_q8_0_matmuls"], PER_LAYER_Q8_0_MATMULS);
     // Merged as in Q8_0: q/k/v of the layers that own a cache, gate/up everywhere.
     assert_eq!(quantized["fused_groups"], 9);
     let decoder_bytes = bundle.manifest.files["decoder"].bytes + bundle.manifest.files["decoder_data"].bytes;
@@ -138,6 +156,7 @@ fn q8_0_bundle_runs_its_projections_on_our_kernels_and_answers_as_onnxruntime_do
     let quantized = &bundle.manifest.sections["parity"]["quantized"];
     assert!(bundle.manifest.quantization.starts_with("q8_0"), "{}", bundle.manifest.quantization);
     assert_eq!(quantized["q8_0_matmuls"], 36, "7 projections in 6 layers, less the K/V of the 3 KV-shared layers");
+    assert_eq!(quantized["per_layer_q8_0_matmuls"], PER_LAYER_Q8_0_MATMULS);
     // q/k/v of the 3 layers that own a cache, q alone in the shared ones; gate/up everywhere.
     assert_eq!(quantized["fused_groups"], 9);
     assert_eq!(bundle.manifest.sections["text"]["output_layer"]["format"], "q8_0");

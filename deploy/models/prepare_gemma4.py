@@ -19,7 +19,9 @@ an image and an audio prompt. The figures go into the manifest's `parity`; the s
 --quantize q4_0 or q8_0 rewrites the decoder's projection weights (q/k/v/o, gate/up/down of the
 layers given by --layers, default all): q4_0 into com.microsoft MatMulNBits (4 bits, block 32, no
 zero points: GGML's Q4_0); q8_0 into ai.outpost MatMulQ8_0 nodes (int8 weights, llama.cpp's Q8_0
-rounding), each layer's q/k/v and its gate/up merged into one node. The runtime multiplies both
+rounding), each layer's q/k/v and its gate/up merged into one node. The per-layer inputs'
+projections (those layers' gate and projection, and the model's projection into every layer's
+input) go to MatMulQ8_0 either way, as gemma4_gguf.py stores them. The runtime multiplies both
 with its own kernels (daemon/src/model/block_matmul.rs). Either way the output matmul and its
 soft-cap leave the decoder graph, which then gives hidden_states: output_layer.q8_0 holds the
 matrix as GGML Q8_0 blocks for the runtime's own kernels (daemon/src/model/output_layer.rs), and
@@ -66,6 +68,10 @@ PATCH_PIXELS = 3 * 16 * 16
 GRAPHS = ("embed", "decoder", "vision", "audio")
 PER_LAYER_FILE = "per_layer_embeddings.q8_0"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The per-layer inputs' projections: each layer's gate and projection back, and the model's
+# projection of the token embedding into every layer's input (E2B: 41 M parameters).
+LAYER_PER_LAYER_PROJECTIONS = ("per_layer_input_gate", "per_layer_projection")
+MODEL_PER_LAYER_PROJECTION = "per_layer_model_projection"
 # The Gemma 4 special tokens the runtime needs, by their text in tokenizer.json.
 SPECIAL_TOKEN_TEXT = {
     "pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>", "mask": "<mask>",
@@ -556,18 +562,30 @@ def check_against_pytorch(model, tok, tokens, wrappers, onnx: OnnxModel, image, 
 # quantization
 # ----------------------------------------------------------------------------------------------
 
-def projection_weights(model):
+def projection_weights(model, names=PROJECTIONS):
     """{(K, N): [(layer, projection, weight [K, N] as the graph holds it)]} for the decoder
-    layers' projections: the exporter names its constants val_N, so weights are told apart by
-    value."""
+    layers' projections called `names`: the exporter names its constants val_N, so weights are
+    told apart by value."""
     from torch import nn
 
     found = {}
     for name, mod in model.model.language_model.layers.named_modules():
         proj = name.rsplit(".", 1)[-1]
-        if isinstance(mod, nn.Linear) and proj in PROJECTIONS:
+        if isinstance(mod, nn.Linear) and proj in names:
             w = mod.weight.detach().numpy().T
             found.setdefault(w.shape, []).append((int(name.split(".")[0]), proj, w))
+    return found
+
+
+def per_layer_projection_weights(model, layers):
+    """projection_weights' map for the per-layer inputs' projections of `layers`, and the
+    model's projection into every layer's input (which serves them all)."""
+    found = {shape: [(layer, proj, w) for layer, proj, w in ws if layer in layers]
+             for shape, ws in projection_weights(model, LAYER_PER_LAYER_PROJECTIONS).items()}
+    model_projection = getattr(model.model.language_model, MODEL_PER_LAYER_PROJECTION, None)
+    if model_projection is not None:
+        w = model_projection.weight.detach().numpy().T
+        found.setdefault(w.shape, []).append((None, MODEL_PER_LAYER_PROJECTION, w))
     return found
 
 
@@ -606,6 +624,16 @@ def quantize_graphs(model, paths, quantize, layers, encoders_q8_0=False, output_
         matmuls = quantize_q4_0(dm, select=chosen, log=log)
     else:
         matmuls = quantize_q8_0(dm, select=chosen, log=log)
+    # The per-layer inputs' projections in Q8_0 either way, as gemma4_gguf.py stores them for
+    # llama.cpp: E2B's 41 M parameters are 165 MB in f32, held and read at every token.
+    per_layer = per_layer_projection_weights(model, layers)
+
+    def chosen_per_layer(_node, weight, k, n):
+        arr = numpy_helper.to_array(inits[weight]) if weight in inits else None
+        return arr is not None and any(np.array_equal(arr, w) for _l, _p, w in per_layer.get((k, n), []))
+
+    per_layer_matmuls = quantize_q8_0(dm, select=chosen_per_layer, log=log)
+    del per_layer
     fused = fuse_block_siblings(dm, log=log)
 
     def is_head(_name, init):
@@ -648,6 +676,7 @@ def quantize_graphs(model, paths, quantize, layers, encoders_q8_0=False, output_
     tied_scale = float(lm.embed_tokens.embed_scale)
     done = {f"{quantize}_matmuls": len(matmuls), "layers": sorted(layers),
             "weight_rmse_max": max((d["rmse"] for d in matmuls), default=0.0),
+            "per_layer_q8_0_matmuls": len(per_layer_matmuls),
             "fused_groups": len(fused), **({"encoder_q8_0_matmuls": encoders} if encoders else {}),
             "output_layer": {"format": output_layer, "rows": tc.vocab_size, "columns": tc.hidden_size,
                              "softcap": tc.final_logit_softcapping, "exact": exact, "embed_scale": tied_scale},
@@ -687,7 +716,8 @@ def compare_quantized(f32: OnnxModel, quantized: OnnxModel, greedy, tok):
     forced = [2] + tok.encode(" ".join(g["text"] for g in greedy.values()), add_special_tokens=False).ids
     a, b = f32.teacher_forced_argmax(forced), quantized.teacher_forced_argmax(forced)
     return {"greedy_text": {"ids": q_ids, "equal_to_f32": q_ids == text["onnx_ids"],
-                            "common_prefix_with_f32": common, "min_top2_margin": min(margins)},
+                            "common_prefix_with_f32": common, "min_top2_margin": min(margins),
+                            "top2_margins": margins},
             "teacher_forced": {"positions": len(forced), "agreement_with_f32": float((a == b).mean())}}
 
 
@@ -876,7 +906,8 @@ def prepare(ckpt: Path, out: Path, *, name=None, description=None, quantize="non
             weights = {"q4_0": "q4_0 (MatMulNBits block 32, no zero points = GGML Q4_0)",
                        "q8_0": "q8_0 (ai.outpost MatMulQ8_0, llama.cpp's Q8_0 rounding; q/k/v and gate/up merged)"}
             quantization = (f"{weights[quantize]} for the {', '.join(PROJECTIONS)} weights of layers "
-                            f"{done['layers']} ({done[quantize + '_matmuls']} matmuls); the output layer outside "
+                            f"{done['layers']} ({done[quantize + '_matmuls']} matmuls); the per-layer inputs' "
+                            f"projections in q8_0 ({done['per_layer_q8_0_matmuls']} matmuls); the output layer outside "
                             f"the graph in {output_layer} ({OUTPUT_LAYER_FILES[output_layer]}), also the token "
                             f"embedding table (tied); the "
                             f"per-layer embeddings in q8_0 rows read from disk ({PER_LAYER_FILE})"
