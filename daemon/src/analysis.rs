@@ -284,7 +284,7 @@ impl Analyzer {
         let bundle = config.resolve_path(&model_config.bundle);
         crate::model::use_threads(model_config.thread_count());
         let started = Instant::now();
-        let model = Model::load(&bundle)
+        let model = Model::load_with(&bundle, model_config.encoders)
             .map_err(|source| AnalysisError::Load { path: bundle.display().to_string(), source })?;
         info!("model {} loaded in {:.1?}", model.bundle.manifest.name, started.elapsed());
         let tools = if config.tools.is_empty() { None } else { Some(ToolSet::new(config.tools.clone())?) };

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::capture::{read_wav, split_jpeg_frames};
 use crate::media::{MediaRef, PEOPLE_MJPEG, SPEECH_WAV};
-use crate::model::{argmax, last_row, LogitRows, Model, ModelError, Question, RuntimeError, Sampling};
+use crate::model::{argmax, last_row, Encoders, LogitRows, Model, ModelError, Question, RuntimeError, Sampling};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -44,6 +44,7 @@ pub struct BenchOptions {
     pub probe_bytes: usize,
     /// Also run the whole station for the gate-to-report latency.
     pub station: bool,
+    pub encoders: Encoders,
 }
 
 impl Default for BenchOptions {
@@ -55,6 +56,7 @@ impl Default for BenchOptions {
             decode_tokens: 128,
             probe_bytes: 256 << 20,
             station: true,
+            encoders: Encoders::Resident,
         }
     }
 }
@@ -78,6 +80,10 @@ pub struct BenchSettings {
     /// quicker runs and for profiling.
     #[arg(long)]
     pub model_only: bool,
+    /// Keep the image and audio encoders in memory (`resident`) or load them for each request
+    /// (`on_demand`); by default as the --config file's `[model] encoders` says, else resident.
+    #[arg(long)]
+    pub encoders: Option<Encoders>,
 }
 
 impl BenchSettings {
@@ -88,6 +94,7 @@ impl BenchSettings {
             prefill_tokens: self.prefill.clone(),
             decode_tokens: self.decode,
             station: !self.model_only,
+            encoders: self.encoders.unwrap_or_default(),
             ..BenchOptions::default()
         }
     }
@@ -157,9 +164,15 @@ pub struct BenchReport {
     pub product_kernel: String,
     pub threads: usize,
     pub runs: usize,
+    pub encoders: Encoders,
     pub load_secs: f64,
+    /// Resident memory once the model is loaded, before it runs.
+    pub loaded_rss_mb: Option<f64>,
     /// Peak resident memory while the model alone was measured.
     pub peak_rss_mb: Option<f64>,
+    /// Peak resident memory during the scene requests (a picture and a short prompt), where the
+    /// bundle sees and Linux lets the peak be restarted.
+    pub scene_peak_rss_mb: Option<f64>,
     /// Peak resident memory once the whole station had run too (its model loaded anew), if it ran.
     pub station_peak_rss_mb: Option<f64>,
     pub prefill: Vec<PrefillFigures>,
@@ -183,8 +196,9 @@ pub struct BenchReport {
 pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchError> {
     crate::model::use_threads(options.threads);
     let loading = Instant::now();
-    let model = Model::load(bundle)?;
+    let model = Model::load_with(bundle, options.encoders)?;
     let load_secs = loading.elapsed().as_secs_f64();
+    let loaded_rss_mb = resident_mb();
     let runtime = model.runtime();
     let longest = options.prefill_tokens.iter().copied().max().unwrap_or(0);
     let text = prompt_ids(&model, longest.max(DECODE_PROMPT_TOKENS))?;
@@ -221,8 +235,11 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
 
     let sees = model.bundle.file("vision").is_some();
     let hears = model.bundle.file("audio").is_some();
-    let (mut scene, mut image_encoder) = (None, None);
+    let (mut scene, mut image_encoder, mut scene_peak_rss_mb) = (None, None, None);
+    let mut earlier_peak_rss_mb = None;
     if sees {
+        earlier_peak_rss_mb = peak_rss_mb();
+        let restarted = restart_peak_rss();
         let picture = sample_picture()?;
         let mut encoder = Vec::new();
         let first_token = Spread::measure::<BenchError>(options.runs, || {
@@ -233,6 +250,7 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
         })?;
         scene = Some(first_token);
         image_encoder = Some(Spread::of(encoder));
+        scene_peak_rss_mb = restarted.then(peak_rss_mb).flatten();
     }
     let audio_encoder = match hears {
         true => {
@@ -260,7 +278,10 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
     let read_bandwidth_gb_per_sec = read_bandwidth(options.probe_bytes, cores);
     let ceiling_tokens_per_sec = read_bandwidth_gb_per_sec * 1e9 / weight_bytes_per_token.max(1) as f64;
     let bundle_name = model.bundle.manifest.name.clone();
-    let model_peak_rss_mb = peak_rss_mb();
+    let model_peak_rss_mb = match (earlier_peak_rss_mb, peak_rss_mb()) {
+        (Some(earlier), Some(later)) => Some(earlier.max(later)),
+        (earlier, later) => later.or(earlier),
+    };
     // The station loads the model itself: one copy in memory at a time.
     drop(model);
     let (gate_to_report_ms, station_failure) = match options.station.then(|| gate_to_report(bundle, options)) {
@@ -274,8 +295,11 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
         product_kernel: crate::model::block_kernel().into(),
         threads: options.threads,
         runs: options.runs,
+        encoders: options.encoders,
         load_secs,
+        loaded_rss_mb,
         peak_rss_mb: model_peak_rss_mb,
+        scene_peak_rss_mb,
         station_peak_rss_mb: options.station.then(peak_rss_mb).flatten(),
         prefill,
         decode_tokens,
@@ -439,10 +463,25 @@ fn sum_words(words: &[u64]) -> u64 {
 
 /// The process's peak resident memory so far (`VmHWM`), where Linux tells it.
 pub fn peak_rss_mb() -> Option<f64> {
+    process_status_mb("VmHWM:")
+}
+
+/// The process's resident memory now (`VmRSS`).
+pub fn resident_mb() -> Option<f64> {
+    process_status_mb("VmRSS:")
+}
+
+fn process_status_mb(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// Starts `VmHWM` again from the resident memory now (Linux 4.0 and later), so that the next
+/// peak is of what runs next; false where it cannot.
+fn restart_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// The CPU model and core count, for the record.
@@ -462,11 +501,28 @@ impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{} on {}, {} threads, {} runs, product kernel {}",
-            self.bundle, self.machine, self.threads, self.runs, self.product_kernel
+            "{} on {}, {} threads, {} runs, product kernel {}{}",
+            self.bundle,
+            self.machine,
+            self.threads,
+            self.runs,
+            self.product_kernel,
+            match self.encoders {
+                Encoders::Resident => "",
+                Encoders::OnDemand => ", encoders loaded on demand",
+            }
         )?;
         let megabytes = |mb: Option<f64>| mb.map_or("?".into(), |mb| format!("{mb:.0} MB"));
-        write!(f, "load {:.2} s, peak RSS {}", self.load_secs, megabytes(self.peak_rss_mb))?;
+        write!(
+            f,
+            "load {:.2} s, RSS {} once loaded, peak RSS {}",
+            self.load_secs,
+            megabytes(self.loaded_rss_mb),
+            megabytes(self.peak_rss_mb)
+        )?;
+        if let Some(mb) = self.scene_peak_rss_mb {
+            write!(f, ", {} during a scene request", megabytes(Some(mb)))?;
+        }
         match self.station_peak_rss_mb {
             Some(mb) => writeln!(f, " (the whole station: {})", megabytes(Some(mb)))?,
             None => writeln!(f)?,

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outpost::config::{self, Config};
-use outpost::model::Bundle;
+use outpost::model::{Bundle, Encoders};
 use outpost::service::{self, ServiceOptions};
 use outpost::{broker, demo};
 use tracing_subscriber::EnvFilter;
@@ -164,7 +164,7 @@ fn model_run(args: &ModelRunArgs) -> anyhow::Result<()> {
 
     use outpost::model::{use_threads, Model, Question, Sampling};
 
-    let (bundle, threads) = chosen_model(&args.model)?;
+    let ChosenModel { bundle, threads, encoders } = chosen_model(&args.model)?;
     use_threads(threads);
     let audio = args.audio.as_deref().map(read_speech).transpose()?;
     let image = match &args.image {
@@ -175,7 +175,7 @@ fn model_run(args: &ModelRunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let loading = std::time::Instant::now();
-    let model = Model::load(&bundle)?;
+    let model = Model::load_with(&bundle, encoders)?;
     eprintln!("loaded {} in {:.2?} ({threads} threads)", model.bundle.manifest.name, loading.elapsed());
     let question = Question {
         prompt: args.prompt.clone(),
@@ -206,8 +206,16 @@ fn model_run(args: &ModelRunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The bundle and thread count a command names, directly or through a config's `[model]`.
-fn chosen_model(choice: &ModelChoice) -> anyhow::Result<(PathBuf, usize)> {
+/// The model a command names, directly or through a config's `[model]`.
+struct ChosenModel {
+    bundle: PathBuf,
+    threads: usize,
+    encoders: Encoders,
+}
+
+/// The bundle, thread count and encoders' residency a command names, directly or through a
+/// config's `[model]`.
+fn chosen_model(choice: &ModelChoice) -> anyhow::Result<ChosenModel> {
     let model_config =
         match &choice.config {
             Some(path) => match config::load(path) {
@@ -227,14 +235,16 @@ fn chosen_model(choice: &ModelChoice) -> anyhow::Result<(PathBuf, usize)> {
         Some((_, model)) => model.thread_count(),
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     });
-    Ok((bundle, threads))
+    let encoders = model_config.map(|(_, model)| model.encoders).unwrap_or_default();
+    Ok(ChosenModel { bundle, threads, encoders })
 }
 
 fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     use std::io::Write;
 
-    let (bundle, threads) = chosen_model(&args.model)?;
-    let options = args.settings.options(threads);
+    let ChosenModel { bundle, threads, encoders } = chosen_model(&args.model)?;
+    let mut options = args.settings.options(threads);
+    options.encoders = args.settings.encoders.unwrap_or(encoders);
     let report =
         outpost::bench::run(&bundle, &options).with_context(|| format!("benchmarking {}", bundle.display()))?;
     let mut stdout = std::io::stdout().lock();

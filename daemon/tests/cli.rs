@@ -110,7 +110,12 @@ fn bench_measures_the_model_and_the_limit_its_weights_set() {
     assert!((limit["ceiling_tokens_per_sec"].as_f64().unwrap() - ceiling).abs() < 1e-6 * ceiling, "{limit}");
     let fraction = report["decode_tokens_per_sec"]["median"].as_f64().unwrap() / ceiling;
     assert!((limit["fraction_reached"].as_f64().unwrap() - fraction).abs() < 1e-9, "{limit}");
-    assert!(report["peak_rss_mb"].as_f64().unwrap() > 0.0);
+    let (loaded, peak) = (report["loaded_rss_mb"].as_f64().unwrap(), report["peak_rss_mb"].as_f64().unwrap());
+    assert!(0.0 < loaded && loaded <= peak, "{report}");
+    // The scene requests' own peak, restarted from the memory held when they began: within the
+    // whole run's.
+    let scene_peak = report["scene_peak_rss_mb"].as_f64().unwrap();
+    assert!(0.0 < scene_peak && scene_peak <= peak, "{report}");
     // A report is the model's whole answer after the gate fired: never quicker than a first token.
     let first_token = report["scene_first_token_ms"]["min"].as_f64().unwrap();
     assert!(report["gate_to_report_ms"]["min"].as_f64().unwrap() > first_token, "{report}");

@@ -147,6 +147,10 @@ fn broken_files_name_file_line_key_and_problem() {
             "station.toml:9:1: model: missing field `bundle`",
         ),
         (
+            &format!("{GOOD}\n[model]\nbundle = \"../daemon/tests/fixtures/gemma4-tiny\"\nencoders = \"lazy\""),
+            "station.toml:11:12: model.encoders: unknown variant `lazy`, expected `resident` or `on_demand`",
+        ),
+        (
             &format!("{GOOD}\n[log]\nlevel = \"loud\""),
             "station.toml:10:1: log.level: `loud` is not a log level or filter: `loud` is none of off, error, warn, info, debug, trace",
         ),

@@ -10,7 +10,7 @@ mod tiny_reference;
 
 use std::path::{Path, PathBuf};
 
-use outpost::model::{values, Bundle, LogitRows, Runtime, Sampler, Sampling};
+use outpost::model::{values, Bundle, Encoders, LogitRows, Runtime, Sampler, Sampling};
 use serde_json::Value;
 use tiny_reference::{reference, reference_audio_features, reference_image, reference_json};
 
@@ -56,29 +56,35 @@ fn prefill_logits_match_pytorch() {
 }
 
 #[test]
-fn image_and_audio_encoders_match_pytorch() {
-    let runtime = runtime();
-    let image = runtime.encode_image(&reference_image()).unwrap();
+fn image_and_audio_encoders_match_pytorch_kept_in_memory_or_loaded_on_demand() {
     let expected = reference("image_embeds.npy");
     let expected_mask = reference("image_mask.npy").bools();
     let hidden = *expected.shape.last().unwrap();
-    let expected_rows: Vec<f32> = expected
+    let expected_image: Vec<f32> = expected
         .f32()
         .chunks(hidden)
         .zip(&expected_mask)
         .filter(|(_, &valid)| valid)
         .flat_map(|(row, _)| row.to_vec())
         .collect();
-    let diff = max_abs_diff(&image.rows, &expected_rows);
-    println!("vision: {} soft tokens, max abs diff {diff:e}", image.count());
-    assert!(diff <= TOLERANCE);
+    let expected_audio = reference("audio_embeds.npy").f32();
+    let bundle = Bundle::open(&bundle_dir()).unwrap();
+    for encoders in [Encoders::Resident, Encoders::OnDemand] {
+        let runtime = Runtime::load_with(&bundle, encoders).unwrap();
+        // Twice: the second run reuses the kept plan, or loads the encoder again.
+        for run in 1..=2 {
+            let image = runtime.encode_image(&reference_image()).unwrap();
+            let diff = max_abs_diff(&image.rows, &expected_image);
+            println!("{encoders:?}, run {run}, vision: {} soft tokens, max abs diff {diff:e}", image.count());
+            assert!(diff <= TOLERANCE);
 
-    let audio = runtime.encode_audio(&reference_audio_features()).unwrap();
-    let expected = reference("audio_embeds.npy");
-    let diff = max_abs_diff(&audio.rows, &expected.f32()[..audio.rows.len()]);
-    println!("audio: {} soft tokens, max abs diff {diff:e}", audio.count());
-    assert_eq!(audio.count(), reference_json()["inputs"]["audio"]["soft_tokens"].as_u64().unwrap() as usize);
-    assert!(diff <= TOLERANCE);
+            let audio = runtime.encode_audio(&reference_audio_features()).unwrap();
+            let diff = max_abs_diff(&audio.rows, &expected_audio[..audio.rows.len()]);
+            println!("{encoders:?}, run {run}, audio: {} soft tokens, max abs diff {diff:e}", audio.count());
+            assert_eq!(audio.count(), reference_json()["inputs"]["audio"]["soft_tokens"].as_u64().unwrap() as usize);
+            assert!(diff <= TOLERANCE);
+        }
+    }
 }
 
 #[test]

@@ -314,6 +314,10 @@ pub struct ModelConfig {
     /// Threads for the model's matrix products; 0 means one per core.
     #[serde(default)]
     pub threads: usize,
+    /// `resident` (kept in memory) or `on_demand` (loaded for each look that sees or hears,
+    /// dropped after it): the image and audio encoders.
+    #[serde(default)]
+    pub encoders: crate::model::Encoders,
 }
 
 impl ModelConfig {

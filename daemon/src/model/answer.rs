@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use super::{
     prepare_image, render_chat, sha256_file, AudioFeatureParams, Bundle, BundleError, ConstraintError,
-    ConstraintTimings, Grammar, ImageInputError, ImageParams, LogMelExtractor, Part, Role, Runtime, RuntimeError,
-    Sampler, Sampling, TokenConstraints, Tokenizer, TokenizerError, ToolSet, Turn,
+    ConstraintTimings, Encoders, Grammar, ImageInputError, ImageParams, LogMelExtractor, Part, Role, Runtime,
+    RuntimeError, Sampler, Sampling, TokenConstraints, Tokenizer, TokenizerError, ToolSet, Turn,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -84,8 +84,13 @@ pub struct Model {
 impl Model {
     /// Opens and checks the bundle in `dir`, then loads its graphs and tokenizer.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        Self::load_with(dir, Encoders::Resident)
+    }
+
+    /// `load`, with the encoders kept in memory or loaded for each request as `encoders` says.
+    pub fn load_with(dir: &Path, encoders: Encoders) -> Result<Self, ModelError> {
         let bundle = Bundle::open(dir)?;
-        let runtime = Runtime::load(&bundle)?;
+        let runtime = Runtime::load_with(&bundle, encoders)?;
         let tokenizer_path = bundle.file("tokenizer").unwrap_or_else(|| dir.join("tokenizer.json"));
         let tokenizer = Arc::new(Tokenizer::load(&tokenizer_path)?);
         let manifest_path = dir.join("manifest.json");

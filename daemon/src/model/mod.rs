@@ -32,7 +32,8 @@ pub use image_input::{
 pub use output_layer::{OutputLayer, OutputLayerError};
 pub use per_layer_embeddings::{PerLayerEmbeddings, PerLayerEmbeddingsError, PerLayerLayout};
 pub use runtime::{
-    last_row, load_graph, use_threads, values, Embedded, KvCache, LogitRows, Runtime, RuntimeError, SoftTokens,
+    last_row, load_graph, use_threads, values, Embedded, Encoders, KvCache, LogitRows, Runtime, RuntimeError,
+    SoftTokens,
 };
 pub use sampling::{argmax, Sampler, Sampling};
 pub use tokenizer::{TextStream, Tokenizer, TokenizerError};

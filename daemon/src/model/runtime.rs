@@ -63,6 +63,21 @@ pub enum RuntimeError {
     PlaceholderIds(String),
 }
 
+/// Whether the image and audio encoders stay in memory between the requests that use them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum Encoders {
+    /// Loaded with the model and kept: a request pays only for running them.
+    #[default]
+    Resident,
+    /// Loaded for each request that uses them and dropped after it: E2B's hold 550 MB (Q8_0)
+    /// that the model then needs only while a picture or a clip is encoded, for the time it
+    /// takes to load one with each request. They are still loaded once at start, so that a
+    /// graph that does not load fails the start rather than a request.
+    OnDemand,
+}
+
 /// Which positions a decoder run gives logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitRows {
@@ -126,8 +141,8 @@ pub struct Runtime {
     decoder: Plan,
     /// Hidden states to logits outside the graph, where the bundle has one.
     output_layer: Option<OutputLayer>,
-    vision: Option<VisionEncoder>,
-    audio: Option<Plan>,
+    vision: Option<EncoderGraph>,
+    audio: Option<EncoderGraph>,
     /// `(kv_heads, head_dim)` of each cache-owning layer, in input order.
     cache_shapes: Vec<(usize, usize)>,
     /// The audio encoder is exported for a fixed number of feature frames (30 s).
@@ -139,7 +154,33 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn load(bundle: &Bundle) -> Result<Self, RuntimeError> {
+        Self::load_with(bundle, Encoders::Resident)
+    }
+
+    /// Loads `bundle`, its encoders kept in memory or loaded for each request as `encoders` says.
+    pub fn load_with(bundle: &Bundle, encoders: Encoders) -> Result<Self, RuntimeError> {
         let graph = |role: &'static str| bundle.file(role).ok_or(RuntimeError::MissingGraph(role));
+        // The encoders first: loaded on demand, each is dropped before the decoder loads, and
+        // the start's peak memory is not the sum of them all.
+        let keep = encoders == Encoders::Resident;
+        let audio = match bundle.file("audio") {
+            Some(path) => {
+                let model = load_graph(&path)?;
+                let frames = fixed_frames(&model)?;
+                let plan = optimise(model, "audio")?;
+                Some((EncoderGraph::new("audio", path, keep, audio_plan, Some((frames, plan))), frames))
+            }
+            None => None,
+        };
+        let (audio, audio_frames) = audio.unzip();
+        let vision = match bundle.file("vision") {
+            Some(path) => {
+                let plan =
+                    default_patches(bundle).map(|patches| vision_plan(&path, patches).map(|plan| (patches, plan)));
+                Some(EncoderGraph::new("vision", path, keep, vision_plan, plan.transpose()?))
+            }
+            None => None,
+        };
         let (output_layer, embed_scale) = load_output_layer(bundle)?.unzip();
         let embedder = match embed_scale.flatten() {
             Some(scale) if !scale.is_finite() => {
@@ -167,15 +208,6 @@ impl Runtime {
         let mut decoder_model = load_graph(&graph("decoder")?)?;
         attention::fuse(&mut decoder_model, attention::TEXT_QUERY_BLOCK)
             .map_err(|source| RuntimeError::Run { graph: "decoder", source })?;
-        let audio = match bundle.file("audio") {
-            Some(path) => {
-                let model = load_graph(&path)?;
-                let frames = fixed_frames(&model)?;
-                Some((optimise(model, "audio")?, frames))
-            }
-            None => None,
-        };
-        let audio_frames = audio.as_ref().map(|(_, frames)| *frames);
         let cache_shapes = cache_shapes(&decoder_model, if per_layer_inputs { 2 } else { 1 })?;
         let special = bundle.manifest.sections.get("special_tokens");
         let token = |name: &str| special.and_then(|s| s.get(name)).and_then(|v| v.as_u64()).map(|v| v as u32);
@@ -190,8 +222,8 @@ impl Runtime {
             embedder,
             decoder: optimise(decoder_model, "decoder")?,
             output_layer,
-            vision: bundle.file("vision").map(|path| VisionEncoder::load(path, default_patches(bundle))).transpose()?,
-            audio: audio.map(|(plan, _)| plan),
+            vision,
+            audio,
             audio_frames: audio_frames.unwrap_or(0),
             cache_shapes,
             image_token: token("image"),
@@ -290,27 +322,29 @@ impl Runtime {
             )));
         }
         let rows = &hidden[wanted.start * width..wanted.end * width];
-        let m = wanted.len();
-        let mut logits = vec![0.0f32; m * layer.rows()];
-        layer.logits(rows, &mut logits, block_matrix::threads())?;
-        tensor1(&logits).into_shape(&[1, m, layer.rows()]).map_err(decoder_error)
+        // Written in place: a copy of 262144 logits a step costs as much as a small layer.
+        let mut logits = Tensor::zero::<f32>(&[1, wanted.len(), layer.rows()]).map_err(decoder_error)?;
+        {
+            let mut written = logits.try_as_plain_ram_mut().map_err(decoder_error)?;
+            layer.logits(rows, written.as_slice_mut::<f32>().map_err(decoder_error)?, block_matrix::threads())?;
+        }
+        Ok(logits)
     }
 
     /// Soft tokens of one prepared picture.
     pub fn encode_image(&self, patches: &ImagePatches) -> Result<SoftTokens, RuntimeError> {
         let vision = self.vision.as_ref().ok_or(RuntimeError::MissingGraph("vision"))?;
-        let plan = vision.plan(patches.max_patches)?;
         let err = |source| RuntimeError::Run { graph: "vision", source };
         let pixels =
             tensor1(&patches.pixel_values).into_shape(&[1, patches.max_patches, patches.patch_values]).map_err(err)?;
         let positions = tensor1(&patches.positions).into_shape(&[1, patches.max_patches, 2]).map_err(err)?;
-        let outputs = run(&plan, "vision", tvec!(pixels.into_tvalue(), positions.into_tvalue()))?;
+        let outputs = vision.run(patches.max_patches, tvec!(pixels.into_tvalue(), positions.into_tvalue()))?;
         soft_tokens(&outputs, "vision")
     }
 
     /// Soft tokens of one clip's log-mel features, padded to the encoder's fixed frame count.
     pub fn encode_audio(&self, features: &AudioFeatures) -> Result<SoftTokens, RuntimeError> {
-        let plan = self.audio.as_ref().ok_or(RuntimeError::MissingGraph("audio"))?;
+        let audio = self.audio.as_ref().ok_or(RuntimeError::MissingGraph("audio"))?;
         if features.frames > self.audio_frames {
             return Err(RuntimeError::AudioTooLong { frames: features.frames, max: self.audio_frames });
         }
@@ -321,7 +355,7 @@ impl Runtime {
         let err = |source| RuntimeError::Run { graph: "audio", source };
         let values = tensor1(&values).into_shape(&[1, self.audio_frames, features.mel_bins]).map_err(err)?;
         let mask = tensor1(&mask).into_shape(&[1, self.audio_frames]).map_err(err)?;
-        let outputs = run(plan, "audio", tvec!(values.into_tvalue(), mask.into_tvalue()))?;
+        let outputs = audio.run(self.audio_frames, tvec!(values.into_tvalue(), mask.into_tvalue()))?;
         soft_tokens(&outputs, "audio")
     }
 
@@ -445,39 +479,76 @@ impl Runtime {
     }
 }
 
-/// The vision encoder, optimised for one patch count. tract's optimiser mis-types the graph's
-/// attention mask while the count is a symbol (a `Where`), and without optimisation its
-/// products run on reference kernels; pictures are padded to their budget's count, so a
-/// station (one budget) keeps one plan. Another budget rebuilds it from the file, after the old
-/// one is dropped, so the weights are held once.
-struct VisionEncoder {
+/// An encoder's graph and its plan, optimised for one input size (the vision encoder's patch
+/// count: tract's optimiser mis-types the graph's attention mask while the count is a symbol,
+/// a `Where`, and without optimisation its products run on reference kernels). Pictures are
+/// padded to their budget's count, so a station (one budget) needs one plan; another size
+/// rebuilds it from the file, after the old one is dropped, so the weights are held once. With
+/// `keep` false the plan is built for each run and dropped after it.
+struct EncoderGraph {
+    graph: &'static str,
     path: PathBuf,
+    keep: bool,
+    build: fn(&Path, usize) -> Result<Plan, RuntimeError>,
     plan: Mutex<Option<(usize, Plan)>>,
 }
 
-impl VisionEncoder {
-    /// Loads the graph at `path`, optimised for `patches` when given (the bundle's default budget).
-    fn load(path: PathBuf, patches: Option<usize>) -> Result<Self, RuntimeError> {
-        let plan = match patches {
-            Some(patches) => Some((patches, vision_plan(&path, patches)?)),
-            None => None,
+impl EncoderGraph {
+    /// `plan`, built at load for a size, is held only if the plans are kept.
+    fn new(
+        graph: &'static str,
+        path: PathBuf,
+        keep: bool,
+        build: fn(&Path, usize) -> Result<Plan, RuntimeError>,
+        plan: Option<(usize, Plan)>,
+    ) -> Self {
+        let plan = if keep {
+            plan
+        } else {
+            drop(plan);
+            return_freed_memory();
+            None
         };
-        Ok(Self { path, plan: Mutex::new(plan) })
+        Self { graph, path, keep, build, plan: Mutex::new(plan) }
     }
 
-    fn plan(&self, patches: usize) -> Result<Plan, RuntimeError> {
-        // A plan is swapped in whole, so one left by a panic elsewhere is still a good one.
-        let mut held = self.plan.lock().unwrap_or_else(PoisonError::into_inner);
-        match held.as_ref() {
-            Some((count, plan)) if *count == patches => Ok(plan.clone()),
-            _ => {
-                *held = None;
-                let plan = vision_plan(&self.path, patches)?;
-                *held = Some((patches, plan.clone()));
-                Ok(plan)
-            }
+    /// Runs the plan for `size` on `inputs`.
+    fn run(&self, size: usize, inputs: TVec<TValue>) -> Result<TVec<TValue>, RuntimeError> {
+        if !self.keep {
+            let outputs = run(&(self.build)(&self.path, size)?, self.graph, inputs);
+            return_freed_memory();
+            return outputs;
         }
+        let plan = {
+            // A plan is swapped in whole, so one left by a panic elsewhere is still a good one.
+            let mut held = self.plan.lock().unwrap_or_else(PoisonError::into_inner);
+            match held.as_ref() {
+                Some((count, plan)) if *count == size => plan.clone(),
+                _ => {
+                    *held = None;
+                    let plan = (self.build)(&self.path, size)?;
+                    *held = Some((size, plan.clone()));
+                    plan
+                }
+            }
+        };
+        run(&plan, self.graph, inputs)
     }
+}
+
+/// Hands the memory a dropped encoder held back to the system: glibc keeps freed heap pages for
+/// later allocations, and the resident memory would not fall.
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only releases memory that no allocation holds.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// The audio graph at `path`, optimised (its frame count is fixed in the graph).
+fn audio_plan(path: &Path, _frames: usize) -> Result<Plan, RuntimeError> {
+    optimise(load_graph(path)?, "audio")
 }
 
 /// The vision graph at `path` with its `num_patches` input dimension fixed, optimised.
