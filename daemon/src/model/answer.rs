@@ -105,6 +105,7 @@ impl Model {
         if let Some(eos) = special.and_then(|s| s.get("eos")).and_then(|v| v.as_u64()) {
             stop_ids.push(eos as u32);
         }
+        super::runtime::return_freed_memory();
         Ok(Self {
             bundle,
             runtime,
