@@ -11,9 +11,9 @@
 //! `FusedAttention` does the same arithmetic per head and per block of query rows, with the
 //! block's scores in a buffer of its own, over only the keys the mask leaves to some row of the
 //! block: no large tensor, no work on masked keys, and sgemm (ndarray's, `matrixmultiply`) on
-//! both products, or plain dot products for a decode step's few rows. In the decoder it reads the cache's keys and values as they are, one KV head
-//! for several query heads, where the graph copied them out per query head (and K transposed)
-//! at every step. `fuse` replaces the pattern before the graph is decluttered, so bundles stay as
+//! both products, or plain dot products for a decode step's few rows. In the decoder it reads
+//! the cache's keys and values as they are, one KV head for several query heads, where the graph
+//! copied them out per query head (and K transposed) at every step. `fuse` replaces the pattern before the graph is decluttered, so bundles stay as
 //! they are.
 
 use std::ops::Range;
