@@ -538,7 +538,8 @@ impl EncoderGraph {
 
 /// Hands freed heap memory back to the system: glibc keeps it for later allocations, and the
 /// resident memory would not fall. Loading leaves much of it (parsing the tokenizer's and the
-/// graphs' files: 170 MB of E2B-shaped's 660 MB once loaded), and so does a dropped encoder.
+/// graphs' files: 240 MB of the 660 MB E2B-shaped held once loaded), and so does a dropped
+/// encoder.
 pub(super) fn return_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `malloc_trim` only releases memory that no allocation holds.
