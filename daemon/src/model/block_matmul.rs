@@ -8,8 +8,9 @@
 //!   dequantized to f32, and `daemon/tests/gemma3_270m.rs` checks tract on the graph itself.
 //! - `com.microsoft` `MatMulNBits` (`quantize_q4_0`) with bits 4, block size 32 and no zero
 //!   points or bias, which is Q4_0: inputs A, B uint8 `[N, K / 32, 16]` (two values a byte, low
-//!   nibble first, `q - 8`), scales float `[N * K / 32]`. Other `MatMulNBits` go to tract's
-//!   own parser, which multiplies them by its matrix-vector kernel.
+//!   nibble first, `q - 8`), scales float `[N * K / 32]` (held in f16, as GGML's Q4_0 holds
+//!   them). Other `MatMulNBits` go to tract's own parser, which multiplies them by its
+//!   matrix-vector kernel.
 
 use std::sync::{Arc, OnceLock};
 

@@ -15,8 +15,10 @@
 //! lane then gives eight rows' sums at once, with no horizontal additions, and each weight
 //! load serves up to four activation rows (on AVX-512, each activation load two panels). Q4_0
 //! packs two such registers in one: group `c`'s values in the low nibbles, group `c + 4`'s in
-//! the high ones. Kernels (`x86.rs`, `arm.rs`): AVX-512 VNNI, AVX2, NEON with and without the
-//! dot-product extension, and a scalar reference every one of them is tested against.
+//! the high ones. The scales stay in f16, as in GGML's blocks: in f32 they were a tenth of a
+//! Q4_0 matrix's bytes, and decoding reads every one. Kernels (`x86.rs`, `arm.rs`): AVX-512 VNNI,
+//! AVX2 (with F16C), NEON with and without the dot-product extension, and a scalar reference
+//! every one of them is tested against.
 
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -154,8 +156,10 @@ pub struct BlockMatrix {
     /// XORed with `Q8_0_WEIGHT_BIAS`. Q4_0: `[panel][block][chunk][row][4]`, each byte group
     /// `chunk`'s nibble low and group `chunk + 4`'s high.
     quants: Vec<u8>,
-    /// One scale per block, widened from f16 once at load: `[panel][block][row]`.
-    scales: Vec<f32>,
+    /// One scale per block, `[panel][block][row]`, in f16 as GGML keeps them: a decode step reads
+    /// every one, and in f32 they were a tenth of a Q4_0 matrix's bytes. The kernels widen eight
+    /// at a time (F16C's `vcvtph2ps`, ARM's `fcvtl`).
+    scales: Vec<f16>,
 }
 
 impl std::fmt::Debug for BlockMatrix {
@@ -210,7 +214,7 @@ impl BlockMatrix {
             quants.chunks_exact(columns.max(1)).zip(scales.chunks_exact(blocks.max(1))).enumerate()
         {
             for (block, (values, scale)) in values.chunks_exact(BLOCK).zip(scales).enumerate() {
-                matrix.put_block(row, block, scale.to_f32(), values.iter().copied());
+                matrix.put_block(row, block, *scale, values.iter().copied());
             }
         }
         Ok(matrix)
@@ -218,7 +222,9 @@ impl BlockMatrix {
 
     /// The Q4_0 matrix from its nibbles as ONNX's `MatMulNBits` holds them (`[rows, columns /
     /// 32, 16]` bytes, value `i` of a block in byte `i / 2`, low nibble first, `q - 8` the
-    /// value) and one scale per block.
+    /// value) and one scale per block, rounded to f16 as GGML's Q4_0 holds it (the bundles'
+    /// scripts round them so already; another graph's f32 scales move by at most 1/4096 of
+    /// themselves, far inside the 4-bit values' own steps).
     pub fn from_q4_0_parts(
         nibbles: &[u8],
         scales: &[f32],
@@ -230,7 +236,7 @@ impl BlockMatrix {
         matrix.check_parts(2 * nibbles.len(), scales.len())?;
         for (n, (bytes, &scale)) in nibbles.chunks_exact(BLOCK / 2).zip(scales).enumerate() {
             let values = bytes.iter().flat_map(|&byte| [byte & 0x0F, byte >> 4]).map(|q| q as i8 - 8);
-            matrix.put_block(n / blocks, n % blocks, scale, values);
+            matrix.put_block(n / blocks, n % blocks, f16::from_f32(scale), values);
         }
         Ok(matrix)
     }
@@ -245,7 +251,7 @@ impl BlockMatrix {
             rows,
             columns,
             quants: vec![format.zero_byte(); padded * columns / BLOCK * format.panel_block_bytes() / PANEL],
-            scales: vec![0.0; padded * columns / BLOCK],
+            scales: vec![f16::ZERO; padded * columns / BLOCK],
         })
     }
 
@@ -279,7 +285,7 @@ impl BlockMatrix {
     fn put_file_blocks(&mut self, first_row: usize, blocks: &[u8]) {
         let per_row = self.columns / BLOCK;
         for (n, block) in blocks.chunks_exact(self.format.file_block_bytes()).enumerate() {
-            let scale = f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
+            let scale = f16::from_bits(u16::from_le_bytes([block[0], block[1]]));
             let (row, index) = (first_row + n / per_row, n % per_row);
             match self.format {
                 BlockFormat::Q8_0 => self.put_block(row, index, scale, block[2..].iter().map(|&q| q as i8)),
@@ -294,7 +300,7 @@ impl BlockMatrix {
     }
 
     /// Places one block of one row: its scale and 32 values (within -8..=7 for Q4_0).
-    fn put_block(&mut self, row: usize, block: usize, scale: f32, values: impl Iterator<Item = i8>) {
+    fn put_block(&mut self, row: usize, block: usize, scale: f16, values: impl Iterator<Item = i8>) {
         let panel_block = row / PANEL * (self.columns / BLOCK) + block;
         let start = panel_block * self.format.panel_block_bytes();
         for (index, value) in values.enumerate() {
@@ -337,7 +343,7 @@ impl BlockMatrix {
 
     /// The scale of `row`'s block `block`.
     fn scale(&self, row: usize, block: usize) -> f32 {
-        self.scales[(row / PANEL * (self.columns / BLOCK) + block) * PANEL + row % PANEL]
+        self.scales[(row / PANEL * (self.columns / BLOCK) + block) * PANEL + row % PANEL].to_f32()
     }
 
     /// `out[m, n] = W[n] . x[m]` for every row `m` of `activations` (`m x columns`) into `out`
@@ -561,7 +567,10 @@ impl Kernel {
         #[allow(unused_mut)]
         let mut kernels = vec![Kernel::Reference];
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
             kernels.push(Kernel::Avx2);
             if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl") {
                 kernels.push(Kernel::Avx512Vnni);
@@ -612,7 +621,7 @@ impl Kernel {
         format: BlockFormat,
         panels: usize,
         quants: &[u8],
-        scales: &[f32],
+        scales: &[f16],
         xs: &[QuantizedRow],
         sums: &mut TileSums,
     ) {
@@ -685,7 +694,7 @@ fn stored_weight(format: BlockFormat, byte: u8, shift: u32) -> i8 {
 
 /// The reference the vector kernels are held to: each block's integer dot product, scaled by
 /// both blocks' scales, summed in block order.
-fn panel_reference(format: BlockFormat, quants: &[u8], scales: &[f32], xs: &[QuantizedRow], sums: &mut TileSums) {
+fn panel_reference(format: BlockFormat, quants: &[u8], scales: &[f16], xs: &[QuantizedRow], sums: &mut TileSums) {
     let block_bytes = format.panel_block_bytes();
     for (x, sums) in xs.iter().zip(sums.iter_mut()) {
         for (row, sum) in sums[..PANEL].iter_mut().enumerate() {
@@ -699,7 +708,7 @@ fn panel_reference(format: BlockFormat, quants: &[u8], scales: &[f32], xs: &[Qua
                                 * i32::from(x.quants[block * BLOCK + i])
                         })
                         .sum();
-                    scales[block * PANEL + row] * x.scales[block] * dot as f32
+                    scales[block * PANEL + row].to_f32() * x.scales[block] * dot as f32
                 })
                 .sum();
         }

@@ -8,17 +8,39 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
+use tract_onnx::prelude::f16;
+
 use super::{QuantizedRow, TileSums, BLOCK, GROUP, PANEL, Q4_0_PANEL_BLOCK, Q8_0_PANEL_BLOCK};
 
 /// `totals += dots x weight scales x x's scale`, for the panel's rows 0-3 and 4-7.
 #[inline]
 #[target_feature(enable = "neon")]
-unsafe fn scale_and_add(totals: &mut [float32x4_t; 2], dots: [int32x4_t; 2], weight_scales: *const f32, x_scale: f32) {
+unsafe fn scale_and_add(totals: &mut [float32x4_t; 2], dots: [int32x4_t; 2], weight_scales: *const f16, x_scale: f32) {
+    // SAFETY: this block's eight scales (`Kernel::panels` checked the sizes).
+    let weight_scales = unsafe { widen(vld1q_u16(weight_scales.cast::<u16>())) };
     for half in 0..2 {
-        // SAFETY: this block's eight scales (`Kernel::panels` checked the sizes).
-        let weight_scales = unsafe { vld1q_f32(weight_scales.add(4 * half)) };
-        totals[half] = vfmaq_f32(totals[half], vcvtq_f32_s32(dots[half]), vmulq_n_f32(weight_scales, x_scale));
+        totals[half] = vfmaq_f32(totals[half], vcvtq_f32_s32(dots[half]), vmulq_n_f32(weight_scales[half], x_scale));
     }
+}
+
+/// Eight f16 as f32, exactly: `fcvtl`/`fcvtl2`, in every ARMv8 core's NEON. Written out because
+/// Rust's f16 vector types are not stable yet.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn widen(halves: uint16x8_t) -> [float32x4_t; 2] {
+    let (low, high): (float32x4_t, float32x4_t);
+    // SAFETY: registers only.
+    unsafe {
+        asm!(
+            "fcvtl {low:v}.4s, {halves:v}.4h",
+            "fcvtl2 {high:v}.4s, {halves:v}.8h",
+            halves = in(vreg) halves,
+            low = out(vreg) low,
+            high = out(vreg) high,
+            options(pure, nomem, nostack, preserves_flags)
+        )
+    };
+    [low, high]
 }
 
 /// Four values of `x`'s block `block` from value `4 group`, in both 32-bit lanes.
@@ -43,7 +65,7 @@ unsafe fn pairs_to_dots(pairs: &[int32x4_t; 4], correction: i32) -> [int32x4_t; 
 #[target_feature(enable = "neon")]
 pub(super) unsafe fn q8_0_neon<const M: usize>(
     quants: &[u8],
-    scales: &[f32],
+    scales: &[f16],
     xs: &[QuantizedRow],
     sums: &mut TileSums,
 ) {
@@ -75,7 +97,7 @@ pub(super) unsafe fn q8_0_neon<const M: usize>(
 #[target_feature(enable = "neon")]
 pub(super) unsafe fn q4_0_neon<const M: usize>(
     quants: &[u8],
-    scales: &[f32],
+    scales: &[f16],
     xs: &[QuantizedRow],
     sums: &mut TileSums,
 ) {
@@ -140,7 +162,7 @@ unsafe fn block_of(x: &QuantizedRow, block: usize) -> [int8x16_t; 2] {
 #[target_feature(enable = "neon,dotprod")]
 pub(super) unsafe fn q8_0_dot_product<const M: usize>(
     quants: &[u8],
-    scales: &[f32],
+    scales: &[f16],
     xs: &[QuantizedRow],
     sums: &mut TileSums,
 ) {
@@ -181,7 +203,7 @@ pub(super) unsafe fn q8_0_dot_product<const M: usize>(
 #[target_feature(enable = "neon,dotprod")]
 pub(super) unsafe fn q4_0_dot_product<const M: usize>(
     quants: &[u8],
-    scales: &[f32],
+    scales: &[f16],
     xs: &[QuantizedRow],
     sums: &mut TileSums,
 ) {

@@ -7,6 +7,8 @@
 
 use std::arch::x86_64::*;
 
+use tract_onnx::prelude::f16;
+
 use super::{QuantizedRow, TileSums, BLOCK, GROUP, PANEL, Q4_0_PANEL_BLOCK, Q8_0_PANEL_BLOCK};
 
 /// Values `4 group .. 4 group + 4` of `x`'s block `block`, in every 32-bit lane.
@@ -35,18 +37,20 @@ unsafe fn offset_correction(x: &QuantizedRow, block: usize, offset: i32) -> __m2
 /// Adds each panel's totals, times its block's scales, and stores them: `P` panels' sums of `M`
 /// activation rows for one block.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn scale_block<const M: usize, const P: usize>(
     totals: &mut [[__m256; M]; P],
     dots: &[[__m256i; M]; P],
-    scales: &[f32],
+    scales: &[f16],
     blocks: usize,
     block: usize,
     xs: &[QuantizedRow],
 ) {
     for p in 0..P {
-        // SAFETY: this block's eight scales of panel `p` (`Kernel::panels` checked the sizes).
-        let weight_scales = unsafe { _mm256_loadu_ps(scales.as_ptr().add((p * blocks + block) * PANEL)) };
+        // SAFETY: this block's eight f16 scales of panel `p` (`Kernel::panels` checked the sizes).
+        let weight_scales = unsafe {
+            _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add((p * blocks + block) * PANEL).cast::<__m128i>()))
+        };
         for m in 0..M {
             totals[p][m] = unsafe { scale_and_add(totals[p][m], dots[p][m], weight_scales, xs[m].scales[block]) };
         }
@@ -75,10 +79,10 @@ unsafe fn load(quants: &[u8], at: usize) -> __m256i {
 /// Q8_0 by VNNI's `vpdpbusd`, which adds each four products into an i32 lane without
 /// saturating. `P` panels at once: AVX-512 has 32 vector registers, room for the sums of two
 /// panels against four rows, and each broadcast activation value then serves both.
-#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
 pub(super) unsafe fn q8_0_vnni<const M: usize, const P: usize>(
     quants: &[u8],
-    scales: &[f32],
+    scales: &[f16],
     xs: &[QuantizedRow],
     sums: &mut TileSums,
 ) {
@@ -112,10 +116,10 @@ pub(super) unsafe fn q8_0_vnni<const M: usize, const P: usize>(
 
 /// Q4_0 by VNNI: each 32 bytes of a panel's block hold group `c` in their low nibbles and group
 /// `c + 4` in their high ones, so one load gives two groups' weights with an `and` and a shift.
-#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
 pub(super) unsafe fn q4_0_vnni<const M: usize, const P: usize>(
     quants: &[u8],
-    scales: &[f32],
+    scales: &[f16],
     xs: &[QuantizedRow],
     sums: &mut TileSums,
 ) {
@@ -155,10 +159,10 @@ pub(super) unsafe fn q4_0_vnni<const M: usize, const P: usize>(
 /// Q8_0 without VNNI: `maddubs` multiplies unsigned by signed bytes into pairs of i16, so it
 /// takes |w| and x with w's sign (a weight of -128 is right this way: its |w| is the byte 128,
 /// while x, within +-127, never overflows), and `madd` with ones widens each four into an i32.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn q8_0_avx2<const M: usize>(
     quants: &[u8],
-    scales: &[f32],
+    scales: &[f16],
     xs: &[QuantizedRow],
     sums: &mut TileSums,
 ) {
@@ -185,10 +189,10 @@ pub(super) unsafe fn q8_0_avx2<const M: usize>(
 
 /// Q4_0 without VNNI: the nibbles (0-15) are `maddubs`'s unsigned side as they are; a low and a
 /// high group's pairs (each within 2 x 15 x 127) add in i16 before `madd` widens them.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn q4_0_avx2<const M: usize>(
     quants: &[u8],
-    scales: &[f32],
+    scales: &[f16],
     xs: &[QuantizedRow],
     sums: &mut TileSums,
 ) {
