@@ -653,8 +653,9 @@ fn placeholder_ids(bundle: &Bundle) -> Result<Vec<u32>, RuntimeError> {
 }
 
 /// The ONNX graph at `path` as a typed model, with our operators (`MatMulQ8_0`, 4-bit
-/// `MatMulNBits`) parsed into our kernels and `FastGelu` into tract's fused GELU: what the
-/// runtime optimises and runs.
+/// `MatMulNBits`) parsed into our kernels (their weights read into our matrices before tract
+/// types the graph, so that they are not held twice) and `FastGelu` into tract's fused GELU:
+/// what the runtime optimises and runs.
 pub fn load_graph(path: &Path) -> Result<TypedModel, RuntimeError> {
     let load_error = |source| RuntimeError::Load { path: path.display().to_string(), source };
     let mut onnx = tract_onnx::onnx();
@@ -663,7 +664,10 @@ pub fn load_graph(path: &Path) -> Result<TypedModel, RuntimeError> {
     onnx.with_ignore_output_shapes(true)
         .with_ignore_value_info(true)
         .model_for_path(path)
-        .and_then(|model| model.into_typed())
+        .and_then(|mut model| {
+            block_matmul::read_weights_into_matrices(&mut model)?;
+            model.into_typed()
+        })
         .map_err(load_error)
 }
 
