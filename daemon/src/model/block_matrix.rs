@@ -15,7 +15,7 @@
 //! lane then gives eight rows' sums at once, with no horizontal additions, and each weight
 //! load serves up to four activation rows (on AVX-512, each activation load two panels). Q4_0
 //! packs two such registers in one: group `c`'s values in the low nibbles, group `c + 4`'s in
-//! the high ones. The scales stay in f16, as in GGML's blocks: in f32 they were a tenth of a
+//! the high ones. The scales stay in f16, as in GGML's blocks: in f32 they were a fifth of a
 //! Q4_0 matrix's bytes, and decoding reads every one. Kernels (`x86.rs`, `arm.rs`): AVX-512 VNNI,
 //! AVX2 (with F16C), NEON with and without the dot-product extension, and a scalar reference
 //! every one of them is tested against.
@@ -157,7 +157,7 @@ pub struct BlockMatrix {
     /// `chunk`'s nibble low and group `chunk + 4`'s high.
     quants: Vec<u8>,
     /// One scale per block, `[panel][block][row]`, in f16 as GGML keeps them: a decode step reads
-    /// every one, and in f32 they were a tenth of a Q4_0 matrix's bytes. The kernels widen eight
+    /// every one, and in f32 they were a fifth of a Q4_0 matrix's bytes. The kernels widen eight
     /// at a time (F16C's `vcvtph2ps`, ARM's `fcvtl`).
     scales: Vec<f16>,
 }
