@@ -168,14 +168,17 @@ pub fn read_weights_into_matrices(model: &mut InferenceModel) -> TractResult<()>
         else {
             continue;
         };
-        let constant = |outlet: OutletId| model.nodes[outlet.node].op_as::<Const>().map(|c| c.val().clone());
-        // Anything else is left to `wire`, which names what is wrong.
-        let (Some(weight), Some(scales)) = (constant(node.inputs[1]), constant(node.inputs[2])) else {
+        let constant = |index: usize| {
+            let outlet = *node.inputs.get(index)?;
+            Some((outlet, model.nodes[outlet.node].op_as::<Const>()?.val().clone()))
+        };
+        // Anything else (a missing input, one that is not a constant) is left to the type
+        // checks and `wire`, which name what is wrong.
+        let (Some((weight_outlet, weight)), Some((_, scales))) = (constant(1), constant(2)) else {
             continue;
         };
         let matrix = Arc::new(parsed.matrix(&node.name, &weight, &scales)?);
         let read = BlockMatMulNode { matrix: Some(matrix), ..parsed.clone() };
-        let weight_outlet = node.inputs[1];
         model.nodes[id].op = expand(read);
         if model.outlet_successors(weight_outlet).len() == 1 {
             // The constant is held by its op and by its output's fact: both let go of it here.
@@ -428,6 +431,17 @@ mod tests {
         let mut model = onnx.model_for_proto_model(&proto).unwrap();
         let error = read_weights_into_matrices(&mut model).unwrap_err();
         assert!(format!("{error:#}").contains("the weight is [32, 64], not [16, 64]"), "{error:#}");
+    }
+
+    #[test]
+    fn a_node_without_its_scales_is_an_error_not_a_panic() {
+        let mut onnx = tract_onnx::onnx();
+        register(&mut onnx);
+        let mut proto = q8_0_model(&[0; 32 * 64], &[f16::ZERO; 32 * 2], 32, 64);
+        proto.graph.as_mut().unwrap().node[0].input.truncate(2);
+        let mut model = onnx.model_for_proto_model(&proto).unwrap();
+        read_weights_into_matrices(&mut model).unwrap();
+        assert!(model.into_typed().is_err());
     }
 
     #[test]
