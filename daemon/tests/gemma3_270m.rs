@@ -148,6 +148,7 @@ fn teacher_forced_argmax(runtime: &Runtime, ids: &[u32]) -> Vec<u32> {
         let logits = runtime.decode(runtime.embed(chunk).unwrap(), &mut cache, LogitRows::All).unwrap();
         let vocab = *logits.shape().last().unwrap();
         predicted.extend(values::<f32>(&logits).unwrap().chunks(vocab).map(argmax));
+        assert!(cache.grows_in_place(), "the next chunk would copy the cache");
     }
     predicted
 }

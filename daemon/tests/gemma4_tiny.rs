@@ -53,6 +53,7 @@ fn prefill_logits_match_pytorch() {
     println!("prefill logits: max abs diff {diff:e}");
     assert!(diff <= TOLERANCE, "prefill logits differ by {diff}");
     assert_eq!(cache.positions(), prompt.len());
+    assert!(cache.grows_in_place(), "the next step would copy the cache");
 }
 
 #[test]

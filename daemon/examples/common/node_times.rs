@@ -13,12 +13,13 @@ pub struct NodeTimes {
     pub by_operator: Vec<(String, f64, usize)>,
 }
 
-/// Runs `plan` once on `inputs`, timing every node.
-pub fn time_nodes(plan: &Arc<TypedRunnableModel>, inputs: &TVec<TValue>) -> TractResult<NodeTimes> {
+/// Runs `plan` once on `inputs`, timing every node. The inputs are the run's alone, as the
+/// runtime's are: an operator that may write one in place (the decoder's cache) finds it so.
+pub fn time_nodes(plan: &Arc<TypedRunnableModel>, inputs: TVec<TValue>) -> TractResult<NodeTimes> {
     let mut times: HashMap<String, (f64, usize)> = HashMap::new();
     let mut state = SimpleState::new(plan)?;
     let start = Instant::now();
-    state.run_plan_with_eval(inputs.clone(), |context, op_state, node, node_inputs| {
+    state.run_plan_with_eval(inputs, |context, op_state, node, node_inputs| {
         let node_start = Instant::now();
         let outputs = eval(context, op_state, node, node_inputs);
         let name = node.op.name();

@@ -29,6 +29,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
 use super::block_matrix::threads;
+use super::kv_cache::KvRows;
 use super::product_threads;
 
 /// Query rows per block in the image encoder: their scores (256 x 2520 f32, 2.6 MB) stay in
@@ -127,7 +128,12 @@ impl EvalOp for FusedAttention {
             "attention mask of shape {:?} for {queries} queries and {keys} keys",
             mask.shape()
         );
-        let (q, k, v, mask) = (plain(&q)?, plain(&k)?, plain(&v)?, plain(&mask)?);
+        let (q, mask) = (plain(&q)?, plain(&mask)?);
+        // The decoder's cache may sit in buffers with room to grow, its heads further apart.
+        let ((k, k_stride), (v, v_stride)) = match self.layout {
+            KeyValues::PerHead => ((plain(&k)?, d * keys), (plain(&v)?, keys * d)),
+            KeyValues::Shared => (KvRows::rows_of(&k)?, KvRows::rows_of(&v)?),
+        };
         let group = heads / kv_heads;
         let mut out = vec![0.0f32; heads * queries * d];
         let block = self.query_block.max(1);
@@ -149,8 +155,8 @@ impl EvalOp for FusedAttention {
                 let kv_head = head / group;
                 let block = Block {
                     q: &q[(head * queries + first) * d..(head * queries + first + rows) * d],
-                    k: &k[kv_head * keys * d..(kv_head + 1) * keys * d],
-                    v: &v[kv_head * keys * d..(kv_head + 1) * keys * d],
+                    k: &k[kv_head * k_stride..kv_head * k_stride + keys * d],
+                    v: &v[kv_head * v_stride..kv_head * v_stride + keys * d],
                     mask: &mask[first * keys..(first + rows) * keys],
                     shape: (rows, keys, d),
                 };

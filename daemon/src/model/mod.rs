@@ -11,6 +11,7 @@ mod chat;
 mod constrained;
 mod fast_gelu;
 mod image_input;
+mod kv_cache;
 mod output_layer;
 mod per_layer_embeddings;
 mod product_threads;
@@ -29,6 +30,7 @@ pub use constrained::{Constraint, ConstraintError, ConstraintTimings, Grammar, G
 pub use image_input::{
     prepare as prepare_image, target_size, ImageInputError, ImageParams, ImagePatches, SOFT_TOKEN_BUDGETS,
 };
+pub use kv_cache::{append_in_place as append_cache_in_place, with_room as cache_with_room};
 pub use output_layer::{OutputLayer, OutputLayerError};
 pub use per_layer_embeddings::{PerLayerEmbeddings, PerLayerEmbeddingsError, PerLayerLayout};
 pub use runtime::{

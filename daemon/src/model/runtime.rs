@@ -21,7 +21,7 @@ use tract_onnx::prelude::*;
 use super::block_matrix::BlockFormat;
 use super::output_layer::OutputLayer;
 use super::per_layer_embeddings::{PerLayerEmbeddings, PerLayerEmbeddingsError, PerLayerLayout};
-use super::{attention, block_matmul, block_matrix, fast_gelu};
+use super::{attention, block_matmul, block_matrix, fast_gelu, kv_cache};
 use super::{AudioFeatures, Bundle, Constraint, ConstraintError, ImagePatches, Sampler};
 
 /// A loaded, optimised graph ready to run.
@@ -113,6 +113,12 @@ impl KvCache {
 
     pub fn layer(&self, index: usize) -> Option<(&Tensor, &Tensor)> {
         self.layers.get(index).map(|(k, v)| (&**k, &**v))
+    }
+
+    /// Whether every layer's keys and values sit in buffers the next step appends to in place
+    /// (where the decoder's attention is fused over them), rather than being copied.
+    pub fn grows_in_place(&self) -> bool {
+        self.layers.iter().all(|(k, v)| kv_cache::grows_in_place(k) && kv_cache::grows_in_place(v))
     }
 }
 
@@ -207,6 +213,7 @@ impl Runtime {
         );
         let mut decoder_model = load_graph(&graph("decoder")?)?;
         attention::fuse(&mut decoder_model, attention::TEXT_QUERY_BLOCK)
+            .and_then(|_| kv_cache::append_in_place(&mut decoder_model))
             .map_err(|source| RuntimeError::Run { graph: "decoder", source })?;
         let cache_shapes = cache_shapes(&decoder_model, if per_layer_inputs { 2 } else { 1 })?;
         let special = bundle.manifest.sections.get("special_tokens");
