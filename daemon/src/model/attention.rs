@@ -135,6 +135,13 @@ impl EvalOp for FusedAttention {
             KeyValues::Shared => (KvRows::rows_of(&k)?, KvRows::rows_of(&v)?),
         };
         let group = heads / kv_heads;
+        if self.layout == KeyValues::Shared && queries <= FEW_ROWS {
+            let cache = Cache { k, k_stride, v, v_stride, kv_heads, keys, d };
+            let out = attend_over_cache(q, mask, &cache, heads, queries, self.scale)?;
+            return Ok(tvec!(tract_ndarray::ArrayD::from_shape_vec(vec![1, heads, queries, d], out)?
+                .into_tensor()
+                .into_tvalue()));
+        }
         let mut out = vec![0.0f32; heads * queries * d];
         let block = self.query_block.max(1);
         // Each claim: one head's block of query rows and its rows of the output. The last
@@ -180,6 +187,129 @@ impl TypedOp for FusedAttention {
 
 fn plain(tensor: &TValue) -> TractResult<&[f32]> {
     tensor.try_as_plain_ram()?.as_slice::<f32>()
+}
+
+/// The keys and values `[kv_heads, keys, d]` of a decoder's cache, each head's rows `*_stride`
+/// values apart.
+struct Cache<'a> {
+    k: &'a [f32],
+    k_stride: usize,
+    v: &'a [f32],
+    v_stride: usize,
+    kv_heads: usize,
+    keys: usize,
+    d: usize,
+}
+
+/// Keys one thread takes at the least in a decode step: fewer are not worth a hand-off.
+const KEYS_PER_PART: usize = 64;
+
+/// `softmax(scale Q K^T + mask) V` for a decode step's few query rows (`[heads, queries, d]`)
+/// over the cache. The query heads that share a KV head are taken together, key by key, so
+/// each key and value is read once, not once per query head (E2B: 8 heads to a KV head, whose
+/// cache outgrows a Pi's 512 KiB L2 after a few hundred positions). Threads take parts of the
+/// keys, each a softmax of its own (largest score, sum, weighted values), merged after.
+fn attend_over_cache(
+    q: &[f32],
+    mask: &[f32],
+    cache: &Cache,
+    heads: usize,
+    queries: usize,
+    scale: f32,
+) -> TractResult<Vec<f32>> {
+    let Cache { kv_heads, keys, d, .. } = *cache;
+    let group = heads / kv_heads;
+    let seen = Block { q, k: &[], v: &[], mask, shape: (queries, keys, d) }.visible_keys();
+    let parts = threads().div_ceil(kv_heads).min(seen.len().div_ceil(KEYS_PER_PART)).max(1);
+    let part_keys = seen.len().div_ceil(parts);
+    // Per KV head and part: the largest score, the sum and the weighted values of each of its
+    // query rows (its heads' rows, head by head).
+    let rows = group * queries;
+    let partial = rows * (d + 2);
+    let mut partials = vec![0.0f32; kv_heads * parts * partial];
+    let claims = Mutex::new(partials.chunks_mut(partial).enumerate().map(|(claim, out)| {
+        let start = (seen.start + claim % parts * part_keys).min(seen.end);
+        (claim / parts, start..(start + part_keys).min(seen.end), out)
+    }));
+    product_threads::run(threads(), &|| {
+        let mut scores = Vec::new();
+        loop {
+            // A panic elsewhere poisons the lock; the claims themselves are still whole.
+            let claimed = claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner).next();
+            let Some((kv_head, range, out)) = claimed else { break };
+            let q = &q[kv_head * rows * d..(kv_head + 1) * rows * d];
+            attend_part(q, mask, cache, kv_head, range, scale, &mut scores, out);
+        }
+    });
+    let mut out = vec![0.0f32; heads * queries * d];
+    for (kv_head, out) in out.chunks_exact_mut(rows * d).enumerate() {
+        let parts = &partials[kv_head * parts * partial..(kv_head + 1) * parts * partial];
+        for (row, out) in out.chunks_exact_mut(d).enumerate() {
+            let largest = parts.chunks_exact(partial).map(|part| part[row]).fold(f32::NEG_INFINITY, f32::max);
+            let mut total = 0.0;
+            for part in parts.chunks_exact(partial) {
+                let (max, sum) = (part[row], part[rows + row]);
+                let values = &part[2 * rows + row * d..2 * rows + (row + 1) * d];
+                let weight = exp(max - largest);
+                total += weight * sum;
+                for (out, value) in out.iter_mut().zip(values) {
+                    *out += weight * value;
+                }
+            }
+            let scale = 1.0 / total;
+            out.iter_mut().for_each(|x| *x *= scale);
+        }
+    }
+    Ok(out)
+}
+
+/// One part of `attend_over_cache`: the query rows `q` (`[rows, d]`, the heads sharing
+/// `kv_head`, each with the mask's rows) over the keys `range`, into `out`: each row's largest
+/// score, then each row's sum of `e^(score - largest)`, then each row's values weighted by them.
+#[allow(clippy::too_many_arguments)]
+fn attend_part(
+    q: &[f32],
+    mask: &[f32],
+    cache: &Cache,
+    kv_head: usize,
+    range: Range<usize>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (keys, d, width) = (cache.keys, cache.d, range.len());
+    let rows = q.len() / d;
+    let queries = mask.len() / keys;
+    let k = &cache.k[kv_head * cache.k_stride..][range.start * d..range.end * d];
+    let v = &cache.v[kv_head * cache.v_stride..][range.start * d..range.end * d];
+    scores.clear();
+    scores.resize(rows * width, 0.0);
+    for (key_index, key) in k.chunks_exact(d).enumerate() {
+        for (row, query) in q.chunks_exact(d).enumerate() {
+            let masked = mask[(row % queries) * keys + range.start + key_index];
+            scores[row * width + key_index] = scale * dot(query, key) + masked;
+        }
+    }
+    let (maxima, rest) = out.split_at_mut(rows);
+    let (sums, weighted) = rest.split_at_mut(rows);
+    for ((row, max), sum) in scores.chunks_exact_mut(width).zip(maxima.iter_mut()).zip(sums.iter_mut()) {
+        *max = reduce(row, f32::NEG_INFINITY, f32::max);
+        for x in row.iter_mut() {
+            *x = exp(*x - *max);
+        }
+        *sum = reduce(row, 0.0, |a, b| a + b);
+    }
+    weighted.fill(0.0);
+    for (key_index, value) in v.chunks_exact(d).enumerate() {
+        for (row, out) in weighted.chunks_exact_mut(d).enumerate() {
+            let p = scores[row * width + key_index];
+            if p != 0.0 {
+                for (out, value) in out.iter_mut().zip(value) {
+                    *out += p * value;
+                }
+            }
+        }
+    }
 }
 
 /// One head's block of query rows and what they attend over.
@@ -517,7 +647,7 @@ mod tests {
         out
     }
 
-    /// `FusedAttention` on random Q, K and V against `reference`, on one thread and on two.
+    /// `FusedAttention` on random Q, K and V against `reference`, on one, two and three threads.
     fn check(attention: &FusedAttention, shape: Shape, mask: &[f32], seed: u64) {
         let Shape { heads, kv_heads, queries, keys, d } = shape;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -535,7 +665,7 @@ mod tests {
             tensor(&[1, kv_heads, keys, d], &v)
         );
         let want = reference(&q, &k, mask, &v, attention, shape);
-        for threads in [1, 2] {
+        for threads in [1, 2, 3] {
             crate::model::use_threads(threads);
             let out = attention.eval(&EvalContext::out_of_plan(), inputs.clone()).unwrap();
             let got = out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
@@ -596,6 +726,19 @@ mod tests {
         let keys = past + queries;
         let mask = causal_mask(past, queries, window);
         check(&attention, Shape { heads: 4, kv_heads: 2, queries, keys, d: 40 }, &mask, 9);
+    }
+
+    #[test]
+    fn a_decode_step_over_a_long_cache_is_split_among_threads_and_merged() {
+        let attention = FusedAttention { scale: 0.2, query_block: TEXT_QUERY_BLOCK, layout: KeyValues::Shared };
+        // E2B's eight query heads on one KV head, one new position past a sliding window of 512:
+        // the first keys hidden, the rest in parts of at least `KEYS_PER_PART`.
+        let (past, window) = (699, 512);
+        let mask = causal_mask(past, 1, window);
+        check(&attention, Shape { heads: 8, kv_heads: 1, queries: 1, keys: past + 1, d: 32 }, &mask, 10);
+        // Two new positions, two KV heads, a part that holds a row's only visible keys.
+        let mask = causal_mask(298, 2, 3);
+        check(&attention, Shape { heads: 8, kv_heads: 2, queries: 2, keys: 300, d: 16 }, &mask, 11);
     }
 
     #[test]
