@@ -13,9 +13,7 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
-use outpost::bench::{
-    peak_rss_mb, repeat_to, BenchOptions, PrefillFigures, Spread, DECODE_PROMPT_TOKENS, PROMPT_PARAGRAPH,
-};
+use outpost::bench::{peak_rss_mb, repeat_to, BenchOptions, PrefillFigures, Spread, PROMPT_PARAGRAPH};
 use outpost::model::argmax;
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +27,7 @@ pub struct LlamaCppReport {
     pub peak_rss_mb: Option<f64>,
     pub prefill: Vec<PrefillFigures>,
     pub decode_tokens: usize,
+    pub decode_after: usize,
     pub decode_tokens_per_sec: Spread,
     /// llama.cpp's tokenizer gives the prompt paragraph the same ids as the bundle's.
     pub same_prompt_ids: bool,
@@ -47,10 +46,10 @@ pub fn run(gguf: &Path, options: &BenchOptions, our_paragraph: &[u32]) -> anyhow
 
     let theirs = model.vocab().tokenize(PROMPT_PARAGRAPH.as_bytes(), false, false);
     let same_prompt_ids = theirs.iter().map(|t| t.0 as i64).eq(our_paragraph.iter().map(|&id| i64::from(id)));
-    let longest = options.prefill_tokens.iter().copied().max().unwrap_or(0).max(DECODE_PROMPT_TOKENS);
+    let longest = options.prefill_tokens.iter().copied().max().unwrap_or(0).max(options.decode_after);
     let text: Vec<LlamaToken> = repeat_to(our_paragraph, longest).into_iter().map(|id| LlamaToken(id as i32)).collect();
 
-    let positions = longest.max(DECODE_PROMPT_TOKENS + options.decode_tokens);
+    let positions = longest.max(options.decode_after + options.decode_tokens);
     let threads = i32::try_from(options.threads).context("thread count")?;
     // One batch takes the longest prompt whole, as one call of our decoder does.
     let batch_size = u32::try_from(longest).context("prompt length")?.max(512);
@@ -76,10 +75,10 @@ pub fn run(gguf: &Path, options: &BenchOptions, our_paragraph: &[u32]) -> anyhow
 
     let decode_tokens_per_sec = Spread::measure::<anyhow::Error>(options.runs, || {
         context.clear_kv_cache();
-        let mut batch = prompt_batch(&text[..DECODE_PROMPT_TOKENS])?;
+        let mut batch = prompt_batch(&text[..options.decode_after])?;
         context.decode(&mut batch).context("llama.cpp prefill")?;
         let started = Instant::now();
-        for position in DECODE_PROMPT_TOKENS..DECODE_PROMPT_TOKENS + options.decode_tokens {
+        for position in options.decode_after..options.decode_after + options.decode_tokens {
             // Greedy over the whole vocabulary, as ours: every step costs the same.
             let next = LlamaToken(argmax(last_logits(&context, &batch)) as i32);
             batch.clear();
@@ -97,6 +96,7 @@ pub fn run(gguf: &Path, options: &BenchOptions, our_paragraph: &[u32]) -> anyhow
         peak_rss_mb: peak_rss_mb(),
         prefill,
         decode_tokens: options.decode_tokens,
+        decode_after: options.decode_after,
         decode_tokens_per_sec,
         same_prompt_ids,
     })

@@ -107,6 +107,7 @@ fn llama_cpp_in_child(cli: &Cli, options: &BenchOptions, paragraph: &[u32]) -> a
         .arg(&cli.gguf)
         .args(["--threads", &options.threads.to_string(), "--runs", &options.runs.to_string()])
         .args(["--prefill", &prefill.join(","), "--decode", &options.decode_tokens.to_string()])
+        .args(["--decode-after", &options.decode_after.to_string()])
         .args(["--llama-cpp-side", &ids.join(",")])
         .output()
         .context("starting the llama.cpp side")?;
@@ -159,7 +160,7 @@ fn print_table(out: &mut impl Write, report: &SideBySide) -> std::io::Result<()>
         let name = format!("prefill {} tokens (tokens/s)", figures.tokens);
         writeln!(out, "{name:<34} {} {:>11.2}x", figures.tokens_per_sec, ratio)?;
     }
-    let name = format!("decode {} tokens (tokens/s)", theirs.decode_tokens);
+    let name = format!("decode {} tokens after {} (tokens/s)", theirs.decode_tokens, theirs.decode_after);
     writeln!(out, "{name:<34} {} {:>11.2}x", theirs.decode_tokens_per_sec, ratios.decode)?;
     writeln!(out, "load: ours {:.2}x as fast", ratios.load)
 }

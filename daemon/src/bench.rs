@@ -38,8 +38,9 @@ pub struct BenchOptions {
     pub threads: usize,
     /// Prompt lengths whose prefill is timed.
     pub prefill_tokens: Vec<usize>,
-    /// Tokens decoded one by one after a short prompt.
+    /// Tokens decoded one by one after a prompt of `decode_after` tokens.
     pub decode_tokens: usize,
+    pub decode_after: usize,
     /// Bytes the memory-bandwidth probe reads, more than the caches hold.
     pub probe_bytes: usize,
     /// Also run the whole station for the gate-to-report latency.
@@ -54,6 +55,7 @@ impl Default for BenchOptions {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             prefill_tokens: vec![128, 512],
             decode_tokens: 128,
+            decode_after: DECODE_PROMPT_TOKENS,
             probe_bytes: 256 << 20,
             station: true,
             encoders: Encoders::Resident,
@@ -73,6 +75,10 @@ pub struct BenchSettings {
     /// Tokens decoded after a short prompt.
     #[arg(long, default_value_t = 128)]
     pub decode: usize,
+    /// The prompt's length before the decoded tokens: a scene request's (an image's 280 soft
+    /// tokens and its text) is some 400, where attention reads more of the cache each step.
+    #[arg(long, default_value_t = DECODE_PROMPT_TOKENS)]
+    pub decode_after: usize,
     /// Print the figures as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -93,6 +99,7 @@ impl BenchSettings {
             threads,
             prefill_tokens: self.prefill.clone(),
             decode_tokens: self.decode,
+            decode_after: self.decode_after,
             station: !self.model_only,
             encoders: self.encoders.unwrap_or_default(),
             ..BenchOptions::default()
@@ -179,6 +186,8 @@ pub struct BenchReport {
     pub station_peak_rss_mb: Option<f64>,
     pub prefill: Vec<PrefillFigures>,
     pub decode_tokens: usize,
+    /// The prompt's length before them.
+    pub decode_after: usize,
     pub decode_tokens_per_sec: Spread,
     /// One sample picture at the default budget and a short prompt, to the first token.
     pub scene_first_token_ms: Option<Spread>,
@@ -203,11 +212,20 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
     let loaded_rss_mb = resident_mb();
     let runtime = model.runtime();
     let longest = options.prefill_tokens.iter().copied().max().unwrap_or(0);
-    let text = prompt_ids(&model, longest.max(DECODE_PROMPT_TOKENS))?;
+    let text = prompt_ids(&model, longest.max(options.decode_after))?;
+    let (decode_tokens, decode_after) = (options.decode_tokens, options.decode_after);
+    // Every length is checked before anything is measured.
+    for &tokens in &options.prefill_tokens {
+        check_context(&model, "prefill", tokens)?;
+    }
+    check_context(
+        &model,
+        &format!("decoding {decode_tokens} tokens after a {decode_after}-token prompt"),
+        decode_after + decode_tokens,
+    )?;
 
     let mut prefill = Vec::new();
     for &tokens in &options.prefill_tokens {
-        check_context(&model, "prefill", tokens)?;
         let rates = Spread::measure::<BenchError>(options.runs, || {
             let mut cache = runtime.empty_cache()?;
             let started = Instant::now();
@@ -217,18 +235,12 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
         prefill.push(PrefillFigures { tokens, tokens_per_sec: rates });
     }
 
-    let decode_tokens = options.decode_tokens;
-    check_context(
-        &model,
-        &format!("decoding {decode_tokens} tokens after a {DECODE_PROMPT_TOKENS}-token prompt"),
-        DECODE_PROMPT_TOKENS + decode_tokens,
-    )?;
     // The machine's limit, whatever the thread count under test: every core reads.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut probes = BandwidthProbes::new(options.probe_bytes, cores);
     let decode_rates = Spread::measure::<BenchError>(options.runs, || {
         let mut cache = runtime.empty_cache()?;
-        let mut logits = runtime.decode(runtime.embed(&text[..DECODE_PROMPT_TOKENS])?, &mut cache, LogitRows::Last)?;
+        let mut logits = runtime.decode(runtime.embed(&text[..decode_after])?, &mut cache, LogitRows::Last)?;
         let started = Instant::now();
         for _ in 0..decode_tokens {
             // Greedy, and never stopped by an end-of-turn token: every step costs the same.
@@ -307,6 +319,7 @@ pub fn run(bundle: &Path, options: &BenchOptions) -> Result<BenchReport, BenchEr
         station_peak_rss_mb: options.station.then(peak_rss_mb).flatten(),
         prefill,
         decode_tokens,
+        decode_after,
         decode_tokens_per_sec: decode_rates,
         scene_first_token_ms: scene,
         image_encoder_ms: image_encoder,
@@ -376,7 +389,7 @@ fn check_context(model: &Model, what: &str, needed: usize) -> Result<(), BenchEr
     }
 }
 
-/// The prompt the timed decoding follows.
+/// The prompt the timed decoding follows, by default.
 pub const DECODE_PROMPT_TOKENS: usize = 16;
 
 /// The text every prompt of the bench is made of, here and on the llama.cpp side (`bench/`).
@@ -568,7 +581,7 @@ impl fmt::Display for BenchReport {
         writeln!(
             f,
             "{:<34} {}",
-            format!("decode {} tokens (tokens/s)", self.decode_tokens),
+            format!("decode {} tokens after {} (tokens/s)", self.decode_tokens, self.decode_after),
             self.decode_tokens_per_sec
         )?;
         let rows = [

@@ -81,11 +81,24 @@ fn tiny_model() -> String {
 
 #[test]
 fn bench_measures_the_model_and_the_limit_its_weights_set() {
-    let output = outpostd(&["bench", &tiny_model(), "--runs", "2", "--prefill", "16,48", "--decode", "8", "--json"]);
+    let output = outpostd(&[
+        "bench",
+        &tiny_model(),
+        "--runs",
+        "2",
+        "--prefill",
+        "16,48",
+        "--decode",
+        "8",
+        "--decode-after",
+        "40",
+        "--json",
+    ]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["bundle"], "gemma4-tiny-random");
     assert_eq!((report["runs"].as_u64(), report["decode_tokens"].as_u64()), (Some(2), Some(8)));
+    assert_eq!(report["decode_after"].as_u64(), Some(40));
     let lengths: Vec<_> = report["prefill"].as_array().unwrap().iter().map(|p| p["tokens"].as_u64().unwrap()).collect();
     assert_eq!(lengths, [16, 48]);
     let spreads = report["prefill"]
@@ -124,7 +137,7 @@ fn bench_measures_the_model_and_the_limit_its_weights_set() {
     let table = String::from_utf8(table.stdout).unwrap();
     for row in [
         "prefill 16 tokens (tokens/s)",
-        "decode 4 tokens (tokens/s)",
+        "decode 4 tokens after 16 (tokens/s)",
         "image encoder (ms)",
         "gate firing to report PUBACK (ms)",
         "limit: ",
@@ -139,4 +152,8 @@ fn bench_refuses_a_prompt_longer_than_the_context() {
     assert!(!output.status.success());
     let said = String::from_utf8_lossy(&output.stderr);
     assert!(said.contains("prefill needs 5000 positions, but the model's context holds 4096"), "{said}");
+    let output = outpostd(&["bench", &tiny_model(), "--runs", "1", "--decode", "100", "--decode-after", "4000"]);
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains("decoding 100 tokens after a 4000-token prompt"), "{said}");
 }
