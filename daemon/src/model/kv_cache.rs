@@ -218,7 +218,7 @@ impl EvalOp for KvAppend {
         let &[1, heads, _, width] = past.shape() else { bail!("a cache of shape {:?}", past.shape()) };
         let &[1, new_heads, count, new_width] = new.shape() else { bail!("new cache rows of shape {:?}", new.shape()) };
         ensure!(
-            (new_heads, new_width) == (heads, width),
+            (new_heads, new_width) == (heads, width) && width > 0,
             "new cache rows of shape {:?} after a cache of {:?}",
             new.shape(),
             past.shape()
@@ -347,6 +347,17 @@ mod tests {
         assert_ne!(buffer_address(&kept), buffer_address(&longer));
         // And a tensor deep-cloned by tract reads the same.
         assert_eq!(values::<f32>(&kept.deep_clone()), values::<f32>(&kept));
+    }
+
+    #[test]
+    fn rows_of_another_shape_or_of_no_width_are_an_error_not_a_panic() {
+        let append = |past: Tensor, new: Tensor| {
+            KvAppend.eval(&EvalContext::out_of_plan(), tvec!(past.into_tvalue(), new.into_tvalue()))
+        };
+        assert!(append(rows(1, 0, 3, 4), rows(2, 3, 1, 4)).is_err());
+        assert!(append(rows(1, 0, 3, 4), rows(1, 3, 1, 5)).is_err());
+        assert!(append(rows(1, 0, 0, 0), rows(1, 0, 1, 0)).is_err());
+        assert!(with_room(tensor1(&[1.0f32, 2.0])).is_err());
     }
 
     #[test]
