@@ -10,6 +10,7 @@ mod bundle;
 mod chat;
 mod constrained;
 mod fast_gelu;
+mod half_tables;
 mod image_input;
 mod kv_cache;
 mod output_layer;

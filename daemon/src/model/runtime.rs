@@ -21,7 +21,7 @@ use tract_onnx::prelude::*;
 use super::block_matrix::BlockFormat;
 use super::output_layer::OutputLayer;
 use super::per_layer_embeddings::{PerLayerEmbeddings, PerLayerEmbeddingsError, PerLayerLayout};
-use super::{attention, block_matmul, block_matrix, fast_gelu, kv_cache};
+use super::{attention, block_matmul, block_matrix, fast_gelu, half_tables, kv_cache};
 use super::{AudioFeatures, Bundle, Constraint, ConstraintError, ImagePatches, Sampler};
 
 /// A loaded, optimised graph ready to run.
@@ -673,7 +673,9 @@ pub fn load_graph(path: &Path) -> Result<TypedModel, RuntimeError> {
         .model_for_path(path)
         .and_then(|mut model| {
             block_matmul::read_weights_into_matrices(&mut model)?;
-            model.into_typed()
+            let mut model = model.into_typed()?;
+            half_tables::halve_tables(&mut model)?;
+            Ok(model)
         })
         .map_err(load_error)
 }
